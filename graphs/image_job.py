@@ -1,0 +1,334 @@
+"""The image job: request → plan → read → infer → geolocate → merge → write, wired with Dask.
+
+``image_job(request)`` gives the lazy collections (one object array of
+:class:`~pipeline.infer.ChunkResult` per image) for users who want to persist or inspect them;
+``run_job`` computes them on a cluster, chunk by chunk, and reduces the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import dask.array as da
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from pipeline import events as ev
+from pipeline.detections import Detections
+from pipeline.geolocate import empty_features, to_features
+from pipeline.infer import ChunkResult, detect_chunk
+from pipeline.io import ImageError, ImageInfo, SensorModel, describe, open_image, sensor_model
+from pipeline.merge import distill
+from pipeline.metrics import StageTimer
+from pipeline.models import ModelSpec, check_model
+from pipeline.request import ImageRequest
+from pipeline.sinks import Sink, make_sink
+from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image of a job, planned from its header alone."""
+
+    url: str
+    info: ImageInfo
+    grid: TileGrid
+    sensor_model: SensorModel
+
+
+@dataclass
+class ImageOutcome:
+    """What happened to one image."""
+
+    url: str
+    status: str = ev.SUCCESS
+    reason: str | None = None
+    plan: ImagePlan | None = None
+    tiles: int = 0
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    raw_detections: int = 0
+    before_merge: int = 0
+    after_merge: int = 0
+    timer: StageTimer = field(default_factory=StageTimer)
+    chunks: list[ChunkResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        info = self.plan.info if self.plan else None
+        return {
+            "url": self.url,
+            "status": self.status,
+            "reason": self.reason,
+            "width": info.width if info else None,
+            "height": info.height if info else None,
+            "bands": info.bands if info else None,
+            "dtype": info.dtype if info else None,
+            "georeferenced": bool(self.plan and self.plan.sensor_model.georeferenced),
+            "tiles": self.tiles,
+            "failedTiles": self.failed_tiles,
+            "detections": {
+                "model": self.raw_detections,
+                "beforeMerge": self.before_merge,
+                "afterMerge": self.after_merge,
+            },
+            "seconds": self.timer.as_dict(),
+        }
+
+
+def model_spec(request: ImageRequest) -> ModelSpec:
+    """The picklable model description that workers build their adapter from."""
+    processor = request.image_processor
+    return ModelSpec(
+        type=processor.type,
+        name=processor.name,
+        parameters=dict(request.image_processor_parameters),
+        tile_format=request.tile_format,
+        tile_compression=request.tile_compression,
+        assumed_role=processor.assumed_role,
+    )
+
+
+def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
+    """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`)."""
+    info = describe(url)
+    if info.width < 1 or info.height < 1 or info.bands < 1:
+        raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
+    chunk = chunk_size(request.tile_size, request.tile_overlap, chunk_target)
+    grid = TileGrid(info.width, info.height, request.tile_size, request.tile_overlap, chunk)
+    return ImagePlan(url, info, grid, sensor_model(info))
+
+
+def _chunk_task(
+    block: np.ndarray,
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str,
+    bits: int | None,
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    assert block_info is not None
+    _, row, col = block_info[0]["chunk-location"]
+    origin = (col * grid.chunk, row * grid.chunk)
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = detect_chunk(block, origin, (row, col), grid, spec, range_adjustment, bits)
+    return out
+
+
+def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
+    """Lazy ``(chunks_y, chunks_x)`` object array of :class:`ChunkResult` for one image.
+
+    Each chunk holds a whole number of tile strides; ``map_overlap`` adds a halo of
+    ``overlap`` pixels on the right and bottom only, which is exactly what the chunk's last
+    tiles reach into.
+    """
+    grid = plan.grid
+    pixels = open_image(plan.url, chunks=grid.chunk).data
+    overlap = grid.overlap
+    return da.map_overlap(
+        _chunk_task,
+        pixels,
+        depth={0: 0, 1: (0, overlap), 2: (0, overlap)},
+        boundary="none",
+        trim=False,
+        dtype=object,
+        drop_axis=0,
+        chunks=((1,) * grid.chunks_y, (1,) * grid.chunks_x),
+        grid=grid,
+        spec=spec,
+        range_adjustment=request.range_adjustment,
+        bits=plan.info.bits,
+        name=f"detect-{plan.url.rsplit('/', 1)[-1]}",
+    )
+
+
+def image_job(request: ImageRequest) -> dict[str, da.Array]:
+    """The lazy Dask collections of a job: ``{image url: chunk results}`` (unreadable
+    images are left out; :func:`run_job` reports them)."""
+    spec = model_spec(request)
+    check_model(spec)
+    graphs = {}
+    for url in request.image_urls:
+        try:
+            graphs[url] = chunk_results(plan_image(request, url), request, spec)
+        except ImageError as exc:
+            log.warning("%s", exc)
+    return graphs
+
+
+@dataclass
+class JobResult:
+    """What a job produced: the features, the summary and where the outputs went."""
+
+    features: gpd.GeoDataFrame
+    summary: dict[str, Any]
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary["status"])
+
+
+ProgressFactory = Callable[[int], Any]
+
+
+def _reduce_image(outcome: ImageOutcome, request: ImageRequest) -> gpd.GeoDataFrame:
+    """Merge and geolocate the chunk results of one image."""
+    plan = outcome.plan
+    assert plan is not None
+    detections = Detections.concat(c.detections for c in outcome.chunks)
+    outcome.before_merge = len(detections)
+    with outcome.timer.stage("merge"):
+        merged = distill(detections, request.distillation)
+    outcome.after_merge = len(merged)
+    with outcome.timer.stage("geolocate"):
+        features = to_features(
+            merged,
+            plan.sensor_model,
+            image_url=plan.url,
+            job_id=request.job_id,
+            feature_properties=request.merged_feature_properties,
+        )
+    return features
+
+
+def _finish_image(outcome: ImageOutcome) -> None:
+    outcome.failed_tiles.sort(key=lambda t: (t["window"][1], t["window"][0]))
+    if outcome.status == ev.FAILED:
+        return
+    if outcome.failed_tiles and len(outcome.failed_tiles) >= outcome.tiles:
+        outcome.status = ev.FAILED
+        outcome.reason = f"all {outcome.tiles} tiles failed: {outcome.failed_tiles[0]['reason']}"
+    elif outcome.failed_tiles:
+        outcome.status = ev.PARTIAL
+        outcome.reason = f"{len(outcome.failed_tiles)} of {outcome.tiles} tiles failed"
+
+
+def job_status(outcomes: list[ImageOutcome]) -> str:
+    """SUCCESS if every image succeeded, FAILED if none produced anything, else PARTIAL."""
+    statuses = {o.status for o in outcomes}
+    if statuses == {ev.SUCCESS}:
+        return ev.SUCCESS
+    if statuses == {ev.FAILED}:
+        return ev.FAILED
+    return ev.PARTIAL
+
+
+def run_job(
+    request: ImageRequest,
+    client: Any,
+    *,
+    progress: ProgressFactory | None = None,
+    bus: ev.EventBus | None = None,
+    sinks: list[Sink] | None = None,
+    chunk_target: int = DEFAULT_CHUNK_TARGET,
+) -> JobResult:
+    """Run ``request`` on ``client`` (a ``distributed.Client``) and write its outputs."""
+    from distributed import as_completed
+
+    bus = bus or ev.EventBus()
+    started = datetime.now(timezone.utc)
+    began = time.perf_counter()
+    spec = model_spec(request)
+    check_model(spec)
+    sinks = sinks if sinks is not None else [make_sink(o) for o in request.all_outputs]
+    bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
+
+    outcomes = [ImageOutcome(url) for url in request.image_urls]
+    futures: dict[Any, tuple[ImageOutcome, tuple[int, int]]] = {}
+    for outcome in outcomes:
+        with outcome.timer.stage("plan"):
+            try:
+                outcome.plan = plan_image(request, outcome.url, chunk_target)
+                results = chunk_results(outcome.plan, request, spec)
+            except ImageError as exc:
+                outcome.status, outcome.reason = ev.FAILED, str(exc)
+                bus.emit(ev.FAILED, request.job_id, outcome.url, str(exc))
+                continue
+        outcome.tiles = outcome.plan.grid.n_tiles
+        delayed = results.to_delayed()
+        for (row, col), item in np.ndenumerate(delayed):
+            futures[client.compute(item)] = (outcome, (row, col))
+
+    total_tiles = sum(o.tiles for o in outcomes)
+    bar = progress(total_tiles) if progress else None
+    done_tiles = 0
+    for future in as_completed(list(futures)):
+        outcome, chunk = futures.pop(future)
+        assert outcome.plan is not None
+        if future.status == "finished":
+            result: ChunkResult = future.result()[0, 0]
+        else:
+            reason = _future_error(future)
+            log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
+            result = ChunkResult.failed(chunk, outcome.plan.grid.chunk_tiles(*chunk), reason)
+        future.release()
+        outcome.chunks.append(result)
+        outcome.failed_tiles.extend(result.failed_tiles)
+        outcome.raw_detections += result.raw_detections
+        outcome.timer.add("model", result.model_seconds)
+        done_tiles += result.tiles
+        if bar is not None:
+            bar.update(result.tiles)
+    if bar is not None:
+        bar.close()
+
+    frames = []
+    for outcome in outcomes:
+        if outcome.plan is None:
+            continue
+        _finish_image(outcome)
+        if outcome.status != ev.FAILED:
+            frames.append(_reduce_image(outcome, request))
+        outcome.chunks.clear()
+        bus.emit(outcome.status, request.job_id, outcome.url, outcome.reason or "",
+                 failedTiles=len(outcome.failed_tiles))
+
+    status = job_status(outcomes)
+    georeferenced = all(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
+    features = (
+        gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+        if frames
+        else empty_features(georeferenced)
+    )
+    written: list[str] = []
+    write_began = time.perf_counter()
+    if status != ev.FAILED:
+        for sink in sinks:
+            written.extend(sink.write_features(request.job_id, features))
+    summary = {
+        "jobId": request.job_id,
+        "jobName": request.job_name,
+        "status": status,
+        "model": {"type": spec.type, "name": spec.name},
+        "tileSize": request.tile_size,
+        "tileOverlap": request.tile_overlap,
+        "features": len(features) if status != ev.FAILED else 0,
+        "images": [o.summary() for o in outcomes],
+        "startTime": started.isoformat(),
+        "endTime": datetime.now(timezone.utc).isoformat(),
+        "seconds": {
+            "total": round(time.perf_counter() - began, 4),
+            "write": round(time.perf_counter() - write_began, 4),
+        },
+        "outputs": list(written),
+    }
+    for sink in sinks:
+        written.append(sink.write_summary(request.job_id, summary))
+    bus.emit(status, request.job_id, message=f"{summary['features']} features")
+    return JobResult(features, summary, written)
+
+
+def _future_error(future: Any) -> str:
+    try:
+        exc = future.exception()
+    except Exception as err:  # noqa: BLE001 - a cancelled future has no exception object
+        return f"task {future.status}: {err}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,61 @@
+"""Status events: one place that logs what happened and tells subscribers (SNS, notebooks)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger("pipeline.events")
+
+STARTED, IN_PROGRESS, SUCCESS, PARTIAL, FAILED = (
+    "STARTED",
+    "IN_PROGRESS",
+    "SUCCESS",
+    "PARTIAL",
+    "FAILED",
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A job or image status change."""
+
+    status: str
+    job_id: str
+    image_url: str | None = None
+    message: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Logs every event and passes it to each subscriber; a failing subscriber is logged."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+    def emit(self, status: str, job_id: str, image_url: str | None = None, message: str = "",
+             **fields: Any) -> Event:
+        event = Event(status, job_id, image_url, message, fields)
+        where = f" {image_url}" if image_url else ""
+        log.info("%s %s%s %s", status, job_id, where, message)
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            try:
+                subscriber(event)
+            except Exception as exc:  # noqa: BLE001 - a subscriber must not break the job
+                log.warning("status subscriber failed: %s", exc)
+        return event

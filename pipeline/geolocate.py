@@ -1,0 +1,97 @@
+"""Pixel detections → a GeoDataFrame of lon/lat features (vectorised, shapely 2).
+
+Each feature's geometry is the box as a polygon through the image's sensor model (EPSG:4326,
+x = lon). The properties follow OSML Model Runner: ``imageBBox``, ``imageGeometry``,
+``featureClasses``, ``center_longitude``/``center_latitude``, ``inferenceMetadata``,
+``image_url``, and the request's ``featureProperties`` merged in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from pipeline.detections import Detections
+from pipeline.io import SensorModel
+
+# Box corners in the order NW, NE, SE, SW (pixel frame), closed.
+_CORNERS = np.array([[0, 1], [2, 1], [2, 3], [0, 3], [0, 1]])
+
+FEATURE_COLUMNS = (
+    "id",
+    "imageBBox",
+    "imageGeometry",
+    "featureClasses",
+    "center_longitude",
+    "center_latitude",
+    "inferenceMetadata",
+    "image_url",
+)
+
+
+def box_rings(boxes: np.ndarray) -> np.ndarray:
+    """``N × 5 × 2`` closed rings of the box corners, in pixels."""
+    return boxes[:, _CORNERS.ravel()].reshape(len(boxes), 5, 2)
+
+
+def feature_ids(image_url: str, detections: Detections) -> list[str]:
+    """Deterministic feature ids: the same detection of the same image gets the same id."""
+    return [
+        hashlib.sha1(f"{image_url}|{box.tolist()}|{cls}".encode()).hexdigest()[:20]
+        for box, cls in zip(detections.boxes, detections.classes, strict=True)
+    ]
+
+
+def to_features(
+    detections: Detections,
+    model: SensorModel,
+    *,
+    image_url: str,
+    job_id: str,
+    feature_properties: dict[str, Any] | None = None,
+    extra_columns: dict[str, Any] | None = None,
+    inference_time: datetime | None = None,
+) -> gpd.GeoDataFrame:
+    """The features of one image's detections (boxes in full-image pixels)."""
+    n = len(detections)
+    rings = box_rings(detections.boxes)
+    lon, lat = model.pixel_to_lonlat(rings[..., 0].ravel(), rings[..., 1].ravel())
+    ground = np.stack([lon, lat], axis=-1).reshape(n, 5, 2)
+    geometry = shapely.orient_polygons(shapely.polygons(ground)) if n else np.empty(0, dtype=object)
+    cx, cy = detections.centers
+    center_lon, center_lat = model.pixel_to_lonlat(cx, cy)
+    when = (inference_time or datetime.now(timezone.utc)).isoformat()
+    columns: dict[str, Any] = {
+        "id": feature_ids(image_url, detections),
+        "imageBBox": [list(map(float, box)) for box in detections.boxes],
+        "imageGeometry": [
+            {"type": "Polygon", "coordinates": [ring.tolist()]} for ring in rings
+        ],
+        "featureClasses": [
+            [{"iri": str(cls), "score": float(score)}]
+            for cls, score in zip(detections.classes, detections.scores, strict=True)
+        ],
+        "center_longitude": center_lon if model.georeferenced else np.full(n, np.nan),
+        "center_latitude": center_lat if model.georeferenced else np.full(n, np.nan),
+        "inferenceMetadata": [{"jobId": job_id, "inferenceDT": when}] * n,
+        "image_url": [image_url] * n,
+    }
+    for key, value in (extra_columns or {}).items():
+        columns[key] = [value] * n
+    for key, value in (feature_properties or {}).items():
+        columns[key] = [value] * n
+    crs = "EPSG:4326" if model.georeferenced else None
+    return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+
+
+def empty_features(georeferenced: bool = True) -> gpd.GeoDataFrame:
+    """A GeoDataFrame with the feature columns and no rows."""
+    crs = "EPSG:4326" if georeferenced else None
+    return gpd.GeoDataFrame(
+        {name: [] for name in FEATURE_COLUMNS}, geometry=gpd.GeoSeries([], crs=crs), crs=crs
+    )

@@ -1,0 +1,110 @@
+"""The infer stage: one chunk's pixels → its tiles → the model → owned detections.
+
+Pure with respect to Dask: it takes numpy pixels and plain values and returns a
+:class:`ChunkResult`. ``graphs`` decides where and when it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.detections import Detections
+from pipeline.models import ModelSpec, load_model
+from pipeline.tiling import TileGrid, cut_tiles, owned, to_uint8
+
+log = logging.getLogger(__name__)
+
+#: tiles that fail with the whole batch are retried one by one this many times
+TILE_RETRIES = 1
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk produced: owned detections in full-image pixels, and its tile tally."""
+
+    chunk: tuple[int, int]
+    detections: Detections = field(default_factory=Detections)
+    tiles: int = 0
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    model_seconds: float = 0.0
+    raw_detections: int = 0
+
+    @classmethod
+    def failed(cls, chunk: tuple[int, int], windows: np.ndarray, reason: str) -> ChunkResult:
+        """Every tile of the chunk failed for ``reason`` (a read error, a lost task)."""
+        return cls(
+            chunk,
+            tiles=len(windows),
+            failed_tiles=[{"window": [int(v) for v in w], "reason": reason} for w in windows],
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _predict(spec: ModelSpec, tiles: np.ndarray, offsets: np.ndarray) -> list[Detections | BaseException]:
+    model = load_model(spec)
+    try:
+        results = model.predict(tiles, offsets)
+    except Exception as exc:  # noqa: BLE001 - a failing batch is retried tile by tile
+        if len(tiles) == 1:
+            return [exc]
+        log.warning("batch of %d tiles failed (%s); retrying one by one", len(tiles), _one_line(exc))
+        results = []
+        for k in range(len(tiles)):
+            for attempt in range(TILE_RETRIES + 1):
+                try:
+                    results.extend(model.predict(tiles[k : k + 1], offsets[k : k + 1]))
+                    break
+                except Exception as tile_exc:  # noqa: BLE001
+                    if attempt == TILE_RETRIES:
+                        results.append(tile_exc)
+    return results
+
+
+def detect_chunk(
+    pixels: np.ndarray,
+    origin: tuple[int, int],
+    chunk: tuple[int, int],
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str = "NONE",
+    bits: int | None = None,
+) -> ChunkResult:
+    """Run the model over the tiles that ``chunk`` owns.
+
+    ``pixels`` is ``(bands, h, w)`` starting at full-image ``origin`` ``(x, y)``, holding the
+    chunk and its halo (every tile window of the chunk lies inside it).
+    """
+    windows = grid.chunk_tiles(*chunk)
+    result = ChunkResult(chunk, tiles=len(windows))
+    if not len(windows):
+        return result
+    cores = grid.cores(windows)
+    batch_size = spec.batch_size or load_model(spec).batch_size
+    parts = []
+    for start in range(0, len(windows), batch_size):
+        batch_windows = windows[start : start + batch_size]
+        tiles = to_uint8(cut_tiles(pixels, origin, batch_windows, grid.tile_size), range_adjustment, bits)
+        offsets = batch_windows[:, :2]
+        began = time.perf_counter()
+        outputs = _predict(spec, tiles, offsets)
+        result.model_seconds += time.perf_counter() - began
+        for window, core, output in zip(batch_windows, cores[start : start + batch_size], outputs, strict=True):
+            if isinstance(output, BaseException):
+                result.failed_tiles.append(
+                    {"window": [int(v) for v in window], "reason": _one_line(output)}
+                )
+                continue
+            found = Detections.coerce(output).finite()
+            result.raw_detections += len(found)
+            parts.append(owned(found.shifted(window[0], window[1]), window, core, grid))
+    result.detections = Detections.concat(parts)
+    return result

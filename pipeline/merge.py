@@ -1,0 +1,132 @@
+"""Removing duplicates: NMS and Soft-NMS per class, in full-image pixels.
+
+Candidate pairs come from shapely's STRtree (boxes that intersect), IoU is computed for all
+pairs at once with numpy, and only the greedy pass walks the boxes in score order.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import shapely
+
+from pipeline.detections import Detections
+
+
+def overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of boxes whose interiors intersect, with their IoU."""
+    if len(boxes) < 2:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0)
+    tree = shapely.STRtree(shapely.box(*boxes.T))
+    i, j = tree.query(shapely.box(*boxes.T), predicate="intersects")
+    upper = i < j
+    i, j = i[upper], j[upper]
+    a, b = boxes[i], boxes[j]
+    width = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    height = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area[i] + area[j] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    positive = iou > 0
+    return i[positive], j[positive], iou[positive]
+
+
+def _neighbours(n: int, i: np.ndarray, j: np.ndarray, iou: np.ndarray) -> list[list[tuple[int, float]]]:
+    table: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    for a, b, v in zip(i.tolist(), j.tolist(), iou.tolist(), strict=True):
+        table[a].append((b, v))
+        table[b].append((a, v))
+    return table
+
+
+def nms_indices(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy NMS: a box is dropped if a higher-scored kept box has
+    IoU > ``iou_threshold`` with it. Ties in score keep the lower index."""
+    i, j, iou = overlapping_pairs(boxes)
+    above = iou > iou_threshold
+    table = _neighbours(len(boxes), i[above], j[above], iou[above])
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    keep = []
+    for index in order.tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        for other, _ in table[index]:
+            suppressed[other] = True
+    return np.sort(np.array(keep, dtype=np.int64))
+
+
+def soft_nms_scores(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, sigma: float,
+    skip_box_threshold: float,
+) -> np.ndarray:
+    """Gaussian Soft-NMS, as OSML runs it (ensemble-boxes' method 2): each box, in order of its
+    current score, decays the score of every box it overlaps by ``exp(-iou² / sigma)``; the
+    gaussian decay does not use ``iou_threshold`` (accepted for wire compatibility). Returns
+    the new scores; boxes whose score fell below ``skip_box_threshold`` get ``nan``."""
+    del iou_threshold
+    table = _neighbours(len(boxes), *overlapping_pairs(boxes))
+    current = scores.astype(np.float64).copy()
+    done = np.zeros(len(boxes), dtype=bool)
+    heap = [(-s, k) for k, s in enumerate(current.tolist())]
+    heapq.heapify(heap)
+    while heap:
+        negative, index = heapq.heappop(heap)
+        if done[index] or -negative != current[index]:
+            continue
+        done[index] = True
+        if current[index] < skip_box_threshold:
+            continue
+        for other, overlap in table[index]:
+            if not done[other]:
+                current[other] *= np.exp(-(overlap**2) / sigma)
+                heapq.heappush(heap, (-current[other], other))
+    current[current < skip_box_threshold] = np.nan
+    return current
+
+
+def _per_class(detections: Detections) -> list[np.ndarray]:
+    _, inverse = np.unique(detections.classes.astype(str), return_inverse=True)
+    return [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)] if len(detections) else []
+
+
+def nms(detections: Detections, iou_threshold: float = 0.75) -> Detections:
+    """Greedy NMS within each class."""
+    keep = [
+        members[nms_indices(detections.boxes[members], detections.scores[members], iou_threshold)]
+        for members in _per_class(detections)
+    ]
+    return detections.select(np.sort(np.concatenate(keep))) if keep else detections
+
+
+def soft_nms(
+    detections: Detections, iou_threshold: float = 0.75, sigma: float = 0.1,
+    skip_box_threshold: float = 0.0001,
+) -> Detections:
+    """Soft-NMS within each class; boxes decayed below ``skip_box_threshold`` are dropped."""
+    scores = detections.scores.copy()
+    for members in _per_class(detections):
+        scores[members] = soft_nms_scores(
+            detections.boxes[members], detections.scores[members], iou_threshold, sigma,
+            skip_box_threshold,
+        )
+    keep = ~np.isnan(scores)
+    return Detections(detections.boxes[keep], scores[keep], detections.classes[keep])
+
+
+def distill(detections: Detections, algorithm: object | None) -> Detections:
+    """Apply the request's feature-distillation step (a ``DistillationAlgorithm`` or None)."""
+    if algorithm is None or not len(detections):
+        return detections
+    kind = getattr(algorithm, "algorithm_type", "NMS")
+    iou = float(getattr(algorithm, "iou_threshold", 0.75))
+    if kind == "SOFT_NMS":
+        return soft_nms(
+            detections, iou, float(getattr(algorithm, "sigma", 0.1)),
+            float(getattr(algorithm, "skip_box_threshold", 0.0001)),
+        )
+    return nms(detections, iou)

@@ -1,0 +1,145 @@
+"""Writing features and summaries: GeoJSON (RFC 7946), GeoParquet 1.1, summary JSON.
+
+Files are serialised to a temporary file first and appear at their final names only when
+complete (local: ``os.replace`` in the same directory). A sink per output type; more types
+register in :data:`SINKS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+FORMAT_SUFFIX = {"geojson": ".geojson", "parquet": ".parquet"}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if not math.isfinite(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_geojson(features: gpd.GeoDataFrame, path: str | Path) -> None:
+    """An RFC 7946 FeatureCollection, written feature by feature (lon/lat, CCW rings)."""
+    geometries = shapely.to_geojson(shapely.orient_polygons(features.geometry.values))
+    columns = [c for c in features.columns if c != features.geometry.name]
+    records = features[columns].to_dict(orient="records")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write('{"type":"FeatureCollection","features":[')
+        for n, (geometry, record) in enumerate(zip(geometries, records, strict=True)):
+            properties = {k: _clean(v) for k, v in record.items()}
+            feature_id = properties.pop("id", None)
+            head = "," if n else ""
+            body = json.dumps(properties, default=_json_default, allow_nan=False)
+            identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
+            out.write(f'{head}\n{{"type":"Feature",{identifier}"geometry":{geometry},"properties":{body}}}')
+        out.write("\n]}\n")
+
+
+def write_parquet(features: gpd.GeoDataFrame, path: str | Path) -> None:
+    """GeoParquet 1.1 with a ``bbox`` covering column."""
+    features.to_parquet(path, schema_version="1.1.0", write_covering_bbox=True, index=False)
+
+
+WRITERS: dict[str, Callable[[gpd.GeoDataFrame, str | Path], None]] = {
+    "geojson": write_geojson,
+    "parquet": write_parquet,
+}
+
+
+@contextmanager
+def staged_file(directory: str | Path, suffix: str) -> Iterator[Path]:
+    """A temporary file in ``directory`` that is removed unless the caller moved it away."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=directory)
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
+
+
+class Sink(ABC):
+    """Where one output of a job goes."""
+
+    @abstractmethod
+    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+        """Write the features in every format of this output; return the locations."""
+
+    @abstractmethod
+    def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
+        """Write ``<jobId>.summary.json``; return its location."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class LocalSink(Sink):
+    """``LOCAL`` output: ``<path>/<jobId>.<suffix>``, atomically by rename."""
+
+    def __init__(self, path: str | Path, formats: tuple[str, ...] = ("geojson", "parquet")):
+        self.directory = Path(path)
+        self.formats = formats
+
+    def _publish(self, name: str, write: Callable[[Path], None]) -> str:
+        final = self.directory / name
+        with staged_file(self.directory, Path(name).suffix) as staged:
+            write(staged)
+            os.replace(staged, final)
+        return str(final)
+
+    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+        return [
+            self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", lambda p, f=fmt: WRITERS[f](features, p))
+            for fmt in self.formats
+        ]
+
+    def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
+        text = json.dumps(summary, indent=2, default=_json_default)
+        return self._publish(f"{job_id}.summary.json", lambda p: p.write_text(text))
+
+    def describe(self) -> str:
+        return str(self.directory)
+
+
+SINKS: dict[str, str] = {"LOCAL": "pipeline.sinks:local_sink"}
+
+
+def local_sink(output: Any) -> Sink:
+    return LocalSink(output.path, tuple(output.formats))
+
+
+def make_sink(output: Any) -> Sink:
+    """The sink for one request output (``LocalOutput``, ``S3Output``, ...)."""
+    import importlib
+
+    reference = SINKS.get(output.type)
+    if reference is None:
+        raise ValueError(f"output type {output.type} is not supported yet")
+    module_name, _, attribute = reference.partition(":")
+    factory: Callable[[Any], Sink] = getattr(importlib.import_module(module_name), attribute)
+    return factory(output)
