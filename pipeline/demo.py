@@ -30,19 +30,22 @@ class Scene:
 
 
 def _background(size: int, rng: np.random.Generator, bands: int) -> np.ndarray:
-    coarse = rng.uniform(40, 150, size=(bands, size // 64 + 2, size // 64 + 2))
-    rows = np.linspace(0, coarse.shape[1] - 1.001, size)
-    cols = np.linspace(0, coarse.shape[2] - 1.001, size)
-    r0, c0 = rows.astype(int), cols.astype(int)
-    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
+    """Smooth terrain-like texture (bilinear upsampled noise plus grain), below 190."""
+    step = 48
+    coarse = rng.uniform(50, 150, size=(size // step + 2, size // step + 2))
+    rows = np.linspace(0, coarse.shape[0] - 1.001, size)
+    r0 = rows.astype(int)
+    fr = (rows - r0)[:, None]
+    fc = (rows - r0)[None, :]
     smooth = (
-        coarse[:, r0][:, :, c0] * (1 - fr) * (1 - fc)
-        + coarse[:, r0 + 1][:, :, c0] * fr * (1 - fc)
-        + coarse[:, r0][:, :, c0 + 1] * (1 - fr) * fc
-        + coarse[:, r0 + 1][:, :, c0 + 1] * fr * fc
+        coarse[r0][:, r0] * (1 - fr) * (1 - fc)
+        + coarse[r0 + 1][:, r0] * fr * (1 - fc)
+        + coarse[r0][:, r0 + 1] * (1 - fr) * fc
+        + coarse[r0 + 1][:, r0 + 1] * fr * fc
     )
-    noise = rng.normal(0, 12, size=smooth.shape)
-    return np.clip(smooth + noise, 0, 180).astype(np.uint8)
+    tint = np.array([0.85, 1.0, 0.75, 0.9, 0.8, 0.7, 0.6, 0.5])[:bands]
+    grain = rng.normal(0, 8, size=(bands, size, size))
+    return np.clip(smooth[None] * tint[:, None, None] + grain, 0, 190).astype(np.uint8)
 
 
 def _edge_positions(size: int, tile_size: int, overlap: int, chunk: int) -> np.ndarray:

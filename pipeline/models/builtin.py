@@ -58,8 +58,8 @@ def flood(tile: np.ndarray, offset: np.ndarray, count: int = 10, seed: int = 0,
     height, width = tile.shape[:2]
     rng = np.random.default_rng([seed, int(offset[0]), int(offset[1])])
     size = rng.uniform(2, max(3, max_size), size=(count, 2))
-    x0 = rng.uniform(0, max(1, width - size[:, 0]))
-    y0 = rng.uniform(0, max(1, height - size[:, 1]))
+    x0 = rng.uniform(0, np.maximum(1, width - size[:, 0]))
+    y0 = rng.uniform(0, np.maximum(1, height - size[:, 1]))
     boxes = np.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], axis=1)
     return Detections(boxes, rng.uniform(0.05, 1.0, count), np.full(count, "flood", dtype=object))
 

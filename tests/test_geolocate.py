@@ -1,0 +1,83 @@
+"""Geolocation through the affine transform, checked against rasterio and pyproj."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from conftest import shared_file
+from pipeline.detections import Detections
+from pipeline.geolocate import to_features
+from pipeline.io import AffineSensorModel, PixelSensorModel, describe, sensor_model
+
+BOXES = np.array([[0, 0, 10, 10], [100.5, 20, 130, 61], [700, 650, 718, 718]], dtype=float)
+
+
+def _check_against_rasterio(path, boxes: np.ndarray) -> None:
+    info = describe(str(path))
+    model = sensor_model(info)
+    assert isinstance(model, AffineSensorModel)
+    dets = Detections(boxes, np.ones(len(boxes)), ["x"] * len(boxes))
+    features = to_features(dets, model, image_url=str(path), job_id="j")
+    with rasterio.open(path) as src:
+        to_lonlat = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            # rasterio's xy takes (row, col) and offset="ul" means the pixel's corner, as here
+            mx, my = rasterio.transform.xy(src.transform, [y0, y1], [x0, x1], offset="ul")
+            lon, lat = to_lonlat.transform(mx, my)
+            assert len(lon) == 2
+            cx, cy = rasterio.transform.xy(src.transform, [(y0 + y1) / 2], [(x0 + x1) / 2], offset="ul")
+            clon, clat = to_lonlat.transform(cx[0], cy[0])
+            assert features["center_longitude"].iloc[k] == pytest.approx(clon, abs=1e-10)
+            assert features["center_latitude"].iloc[k] == pytest.approx(clat, abs=1e-10)
+            corner_lons, corner_lats = to_lonlat.transform(
+                [mx[0], mx[1], mx[1], mx[0]], [my[0], my[0], my[1], my[1]]
+            )
+            ring = np.array(features.geometry.iloc[k].exterior.coords)[:-1]
+            expected = np.stack([corner_lons, corner_lats], axis=1)
+            # same corners (orientation may start elsewhere after making the ring CCW)
+            assert sorted(map(tuple, np.round(ring, 9))) == sorted(map(tuple, np.round(expected, 9)))
+            assert features.geometry.iloc[k].exterior.is_ccw
+
+
+def test_utm_landsat_sample() -> None:
+    _check_against_rasterio(shared_file("geotiff/rasterio_RGB.byte.tif"), BOXES)
+
+
+def test_utm_neon_sample() -> None:
+    _check_against_rasterio(shared_file("geotiff/neon_OSBS_029.tif"), BOXES[:2])
+
+
+def test_utm_generated(tmp_path) -> None:
+    path = tmp_path / "utm.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=800, height=800, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5500000, 2.0, 2.0)) as dst:
+        dst.write(np.zeros((1, 800, 800), dtype=np.uint8))
+    _check_against_rasterio(path, BOXES)
+
+
+def test_epsg4326_is_not_reprojected(tmp_path) -> None:
+    path = tmp_path / "geo.tif"
+    transform = from_origin(8.0, 50.0, 0.001, 0.001)
+    with rasterio.open(path, "w", driver="GTiff", width=720, height=720, count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=transform) as dst:
+        dst.write(np.zeros((1, 720, 720), dtype=np.uint8))
+    _check_against_rasterio(path, BOXES)
+    model = sensor_model(describe(str(path)))
+    lon, lat = model.pixel_to_lonlat(np.array([0.0, 10.0]), np.array([0.0, 20.0]))
+    assert lon.tolist() == pytest.approx([8.0, 8.01]) and lat.tolist() == pytest.approx([50.0, 49.98])
+
+
+def test_pixel_space_without_georeferencing() -> None:
+    dets = Detections(BOXES[:1], [0.5], ["x"])
+    features = to_features(dets, PixelSensorModel(), image_url="a.png", job_id="j",
+                           feature_properties={"team": "t"})
+    assert features.crs is None
+    assert features.geometry.iloc[0].bounds == (0.0, 0.0, 10.0, 10.0)
+    assert np.isnan(features["center_longitude"].iloc[0])
+    assert features["team"].iloc[0] == "t"
+    assert features["imageBBox"].iloc[0] == [0.0, 0.0, 10.0, 10.0]
+    assert features["featureClasses"].iloc[0] == [{"iri": "x", "score": 0.5}]

@@ -1,0 +1,123 @@
+"""Tile grids, chunks and the ownership rule (pure functions, no Dask)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.detections import Detections
+from pipeline.infer import detect_chunk
+from pipeline.models import ModelSpec
+from pipeline.tiling import TileGrid, chunk_size, cut_tiles, tile_count, tile_origins, to_uint8
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap", "expected"),
+    [(1024, 1024, 50, 1), (1025, 1024, 50, 2), (100, 1024, 50, 1), (1998, 1024, 50, 2),
+     (1999, 1024, 50, 3), (231, 64, 0, 4), (191, 64, 16, 4)],
+)
+def test_tile_count(length: int, tile: int, overlap: int, expected: int) -> None:
+    assert tile_count(length, tile, overlap) == expected
+
+
+@pytest.mark.parametrize(("width", "height"), [(231, 191), (1, 1), (65, 64), (1000, 3), (129, 257)])
+@pytest.mark.parametrize(("tile", "overlap"), [(64, 0), (64, 16), (50, 49), (32, 5)])
+def test_every_pixel_covered_and_edges_at_image_edges(width, height, tile, overlap) -> None:
+    chunk = chunk_size(tile, overlap, target=100)
+    grid = TileGrid(width, height, tile, overlap, chunk)
+    windows = np.concatenate(
+        [grid.chunk_tiles(r, c) for r in range(grid.chunks_y) for c in range(grid.chunks_x)]
+    )
+    assert len(windows) == grid.n_tiles == len(np.unique(windows, axis=0))
+    covered = np.zeros((height, width), dtype=int)
+    for x0, y0, x1, y1 in windows:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert x1 - x0 <= tile and y1 - y0 <= tile
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    assert windows[:, 2].max() == width and windows[:, 3].max() == height
+    # the cores partition the plane: every pixel centre is in exactly one core
+    cores = grid.cores(windows)
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    count = np.zeros_like(covered)
+    for cx0, cy0, cx1, cy1 in cores:
+        count += (xs >= cx0) & (xs < cx1) & (ys >= cy0) & (ys < cy1)
+    assert (count == 1).all()
+
+
+def test_one_pixel_wide_last_column_of_tiles() -> None:
+    grid = TileGrid(129, 64, 64, 0, 64)
+    assert list(tile_origins(129, 64, 0)) == [0, 64, 128]
+    last = grid.chunk_tiles(0, 2)
+    assert last.tolist() == [[128, 0, 129, 64]]
+
+
+def test_chunk_holds_whole_strides() -> None:
+    assert chunk_size(1024, 50) % 974 == 0
+    assert chunk_size(512, 64) == 9 * 448
+    with pytest.raises(ValueError):
+        TileGrid(100, 100, 64, 16, 50)
+
+
+def test_cut_tiles_pads_edge_tiles_with_zeros() -> None:
+    chunk = np.arange(2 * 10 * 12, dtype=np.uint8).reshape(2, 10, 12) + 1
+    batch = cut_tiles(chunk, (100, 200), np.array([[104, 202, 112, 210]]), 16)
+    assert batch.shape == (1, 16, 16, 2)
+    assert (batch[0, :8, :8, 1] == chunk[1, 2:10, 4:12]).all()
+    assert (batch[0, 8:] == 0).all() and (batch[0, :, 8:] == 0).all()
+
+
+def test_to_uint8() -> None:
+    data = np.array([0, 1023, 2047, 4095], dtype=np.uint16)
+    assert to_uint8(data, "MINMAX", bits=11).tolist() == [0, 127, 255, 255]
+    assert to_uint8(data, "NONE").tolist() == [0, 255, 255, 255]
+    assert to_uint8(np.array([np.nan, np.inf, 7.4])).tolist() == [0, 0, 7]
+
+
+def _planted(width: int, height: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    image = np.full((1, height, width), 20, dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        image[0, y0:y1, x0:x1] = 250
+    return image
+
+
+def _run_chunks(image: np.ndarray, grid: TileGrid) -> Detections:
+    spec = ModelSpec("BUILTIN", "bright-objects")
+    parts = []
+    for row in range(grid.chunks_y):
+        for col in range(grid.chunks_x):
+            x0, y0, x1, y1 = grid.chunk_window(row, col)
+            origin = (col * grid.chunk, row * grid.chunk)
+            pixels = image[:, origin[1] : y1, origin[0] : x1]
+            parts.append(detect_chunk(pixels, origin, (row, col), grid, spec).detections)
+    return Detections.concat(parts)
+
+
+@pytest.mark.parametrize(("tile", "overlap", "chunk_target"),
+                         [(64, 16, 100), (64, 20, 48), (50, 18, 200), (40, 17, 23)])
+def test_objects_across_tile_and_chunk_edges_found_exactly_once(tile, overlap, chunk_target) -> None:
+    width, height = 300, 260
+    grid = TileGrid(width, height, tile, overlap, chunk_size(tile, overlap, chunk_target))
+    stride = tile - overlap
+    boxes = []
+    # one object straddling every tile edge and every chunk edge, plus the image corners
+    edges = sorted(set(range(stride, width, stride)) | set(range(tile, width, stride))
+                   | set(range(grid.chunk, width, grid.chunk)))
+    size = overlap - 3
+    for k, edge in enumerate(edges):
+        y = 5 + (k * 37) % (height - size - 10)
+        boxes.append((edge - size // 2, y, edge - size // 2 + size, y + size - 1))
+    boxes += [(0, 0, 5, 5), (width - 6, height - 4, width, height)]
+    boxes = [b for b in boxes if b[2] <= width and b[3] <= height]
+    boxes = _non_touching(boxes)
+    found = _run_chunks(_planted(width, height, boxes), grid)
+    expected = sorted(tuple(float(v) for v in b) for b in boxes)
+    assert sorted(map(tuple, found.boxes.tolist())) == expected
+
+
+def _non_touching(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    kept: list[tuple[int, int, int, int]] = []
+    for b in boxes:
+        if all(b[2] + 1 < k[0] or k[2] + 1 < b[0] or b[3] + 1 < k[1] or k[3] + 1 < b[1] for k in kept):
+            kept.append(b)
+    return kept
