@@ -143,3 +143,81 @@ def make_sink(output: Any) -> Sink:
     module_name, _, attribute = reference.partition(":")
     factory: Callable[[Any], Sink] = getattr(importlib.import_module(module_name), attribute)
     return factory(output)
+
+
+class KinesisSink(Sink):
+    """``Kinesis`` output (as OSML has it): records with ``PartitionKey`` = the job id and
+    ``Data`` = a GeoJSON FeatureCollection of at most ``batch_size`` features."""
+
+    #: Kinesis limits: records and bytes per PutRecords call, bytes per record
+    MAX_RECORDS, MAX_CALL_BYTES, MAX_RECORD_BYTES = 500, 5_000_000, 1_000_000
+
+    def __init__(self, stream: str, batch_size: int = 1000, role: str | None = None,
+                 client: Any = None):
+        self.stream = stream
+        self.batch_size = batch_size
+        self.role = role
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from pipeline.aws import client
+
+            self._client = client("kinesis", self.role)
+        return self._client
+
+    def _payloads(self, features: gpd.GeoDataFrame, directory: str) -> Iterator[bytes]:
+        """FeatureCollections of at most ``batch_size`` features, halved until one fits."""
+        pending = [features.iloc[i : i + self.batch_size]
+                   for i in range(0, len(features), self.batch_size)]
+        while pending:
+            batch = pending.pop(0)
+            path = Path(directory) / "batch.geojson"
+            write_geojson(batch, path)
+            data = path.read_bytes()
+            if len(data) > self.MAX_RECORD_BYTES and len(batch) > 1:
+                half = len(batch) // 2
+                pending[:0] = [batch.iloc[:half], batch.iloc[half:]]
+                continue
+            yield data
+
+    def _put(self, records: list[dict[str, Any]]) -> None:
+        import time
+
+        for attempt in range(5):
+            answer = self.client.put_records(StreamName=self.stream, Records=records)
+            if not answer.get("FailedRecordCount"):
+                return
+            records = [r for r, out in zip(records, answer["Records"], strict=True)
+                       if out.get("ErrorCode")]
+            time.sleep(0.2 * 2**attempt)
+        raise RuntimeError(f"Kinesis stream {self.stream}: {len(records)} records not accepted")
+
+    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+        records: list[dict[str, Any]] = []
+        size = 0
+        with tempfile.TemporaryDirectory(prefix="kinesis-") as directory:
+            for data in self._payloads(features, directory):
+                if len(records) == self.MAX_RECORDS or size + len(data) > self.MAX_CALL_BYTES:
+                    self._put(records)
+                    records, size = [], 0
+                records.append({"Data": data, "PartitionKey": job_id})
+                size += len(data)
+        if records:
+            self._put(records)
+        return [self.describe()]
+
+    def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
+        """Kinesis carries features only; the summary goes to the other outputs."""
+        return self.describe()
+
+    def describe(self) -> str:
+        return f"kinesis://{self.stream}"
+
+
+def kinesis_sink(output: Any) -> Sink:
+    return KinesisSink(output.stream, output.batch_size, output.role)
+
+
+SINKS["KINESIS"] = "pipeline.sinks:kinesis_sink"
