@@ -8,7 +8,7 @@ import rasterio
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-from conftest import shared_file
+from tests.conftest import shared_file
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
 from pipeline.io import AffineSensorModel, PixelSensorModel, describe, sensor_model
