@@ -62,12 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive, default=None,
                       help="LocalCluster worker processes (default: one per core)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    worker = commands.add_parser(
+        "worker", help="run ImageRequest messages from an SQS queue (OSML-compatible)",
+        description="Long-poll an SQS queue for OSML ImageRequest messages, run each as a job, "
+        "publish status to SNS. SIGTERM/SIGINT: stop taking messages, release the current one.")
+    worker.add_argument("--queue-url", required=True, help="the SQS queue of image requests")
+    worker.add_argument("--status-topic-arn", default=None, help="SNS topic for status messages")
+    worker.add_argument("--cluster", default="local",
+                        help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
+    worker.add_argument("--workers", type=_positive, default=None,
+                        help="LocalCluster worker processes (default: one per core)")
+    worker.add_argument("--max-jobs", type=_positive, default=None,
+                        help="exit after handling this many messages")
+    worker.add_argument("--exit-when-idle", action="store_true",
+                        help="exit when a poll finds the queue empty")
+    worker.add_argument("--wait-seconds", type=int, default=20, help="long-poll wait, 0-20 (20)")
+    worker.add_argument("--visibility-timeout", type=_positive, default=120,
+                        help="seconds a message stays hidden, renewed while its job runs (120)")
+    worker.add_argument("--retry-delay", type=int, default=10,
+                        help="seconds before a failed job is retried (10)")
+    worker.add_argument("--grace-seconds", type=float, default=0.0,
+                        help="on SIGTERM, let the current job finish for this long (0)")
+    worker.add_argument("--progress-seconds", type=float, default=30.0,
+                        help="at most one IN_PROGRESS status per this many seconds (30)")
+    worker.add_argument("--chunk-target", type=_positive, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def _configure_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pipeline.redact import install_log_filter
+
+    install_log_filter()  # no credentials, tokens or presigned query strings in logs
     import distributed  # noqa: F401 - it sets its own log levels on import; override them after
 
     for noisy in ("distributed", "bokeh", "tornado", "rasterio", "botocore", "urllib3"):
@@ -85,10 +112,12 @@ def _progress(enabled: bool) -> Any:
 
 def print_summary(summary: dict[str, Any], outputs: Sequence[str]) -> None:
     """A short human summary of a job on stdout."""
+    from pipeline.redact import redact
+
     print(f"job {summary['jobId']}: {summary['status']}, {summary['features']} features, "
           f"{summary['seconds']['total']:.1f} s")
     for image in summary["images"]:
-        line = f"  {image['status']:<8} {image['url']}"
+        line = redact(f"  {image['status']:<8} {image['url']}")
         if image["width"]:
             line += (f"  {image['width']}x{image['height']}, {image['tiles']} tiles, "
                      f"{image['detections']['afterMerge']} features")
@@ -168,7 +197,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from graphs.queue_worker import WorkerConfig, run_worker
+
+    config = WorkerConfig(
+        queue_url=args.queue_url, status_topic_arn=args.status_topic_arn,
+        max_jobs=args.max_jobs, exit_when_idle=args.exit_when_idle,
+        wait_seconds=args.wait_seconds, visibility_timeout=args.visibility_timeout,
+        retry_delay=args.retry_delay, grace_seconds=args.grace_seconds,
+        progress_seconds=args.progress_seconds, chunk_target=args.chunk_target,
+    )
+    stats = run_worker(config, args.cluster, args.workers)
+    print(f"worker: {stats.received} messages: {stats.succeeded} succeeded, {stats.partial} "
+          f"partial, {stats.failed} failed, {stats.poison} poison, {stats.duplicates} already "
+          f"done, {stats.released} released")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS["worker"] = cmd_worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,12 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse prints its own one-line usage error
         return int(exc.code or 0) and EXIT_USAGE
     _configure_logging(args.debug, args.quiet)
+    from pipeline.redact import redact
     from pipeline.request import RequestError
 
     try:
         return COMMANDS[args.command](args)
     except (RequestError, UsageError) as exc:
-        print(f"model-runner: error: {exc}", file=sys.stderr)
+        print(f"model-runner: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("model-runner: interrupted", file=sys.stderr)
@@ -192,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         text = str(exc).strip().splitlines()
-        print(f"model-runner: error: {type(exc).__name__}: {text[0] if text else ''}", file=sys.stderr)
+        print(f"model-runner: error: {type(exc).__name__}: {redact(text[0]) if text else ''}",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -1,0 +1,249 @@
+"""The closed door (allow-list, GDAL drivers) and redaction of secrets."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.redact import MASK, RedactingFilter, redact, redact_obj, register_secret
+from pipeline.request import ImageRequest
+from pipeline.security import AccessDenied, AllowList, open_raster
+
+
+@pytest.fixture
+def allow(tmp_path: Path) -> AllowList:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "out").mkdir()
+    return AllowList.from_strings(
+        [f"{tmp_path}/images", "s3://imagery/in", "https://tiles.example.com"],
+        [f"{tmp_path}/out", "s3://results/jobs", "kinesis://features"],
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["s3://imagery/in/a.tif", "s3://imagery/in/deep/b.ntf", "/vsis3/imagery/in/a.tif",
+     "https://tiles.example.com/x/a.tif?X-Amz-Signature=abc"],
+)
+def test_allowed_sources(allow: AllowList, url: str) -> None:
+    assert allow.check_source(url).startswith(("s3://imagery/in/", "https://tiles.example.com/"))
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("s3://imagery/input/a.tif", "not on the allow-list"),  # prefix match is per segment
+        ("s3://other/in/a.tif", "not on the allow-list"),
+        ("s3://imagery/in/../secret/a.tif", "'..'"),
+        ("/vsicurl/http://169.254.169.254/latest/meta-data/", "virtual file systems"),
+        ("/vsizip//vsis3/imagery/in/a.zip/a.tif", "virtual file systems"),
+        ("s3://imagery/in/x/vsicurl/http://evil/", "virtual file systems"),
+        ("file:///etc/passwd", "local path /etc/passwd is not on the allow-list"),
+        ("/etc/passwd", "local path /etc/passwd"),
+        ("http://169.254.169.254/latest/meta-data/", "not on the allow-list"),
+        ("https://evil.example.org/a.tif", "not on the allow-list"),
+        ("https://user:pw@tiles.example.com/a.tif", "credentials in the URL"),
+        ("vrt:///data/a.tif?bands=1", "scheme 'vrt'"),
+        ("NITF_IM:0:/data/a.ntf", "scheme 'NITF_IM'"),
+        ("<VRTDataset rasterXSize='1'/>", "inline XML"),
+        ("a.tif", "neither an absolute path nor a URL"),
+        ("s3://imagery/in/a.tif\n", "control characters"),
+    ],
+)
+def test_refused_sources(allow: AllowList, url: str, reason: str) -> None:
+    with pytest.raises(AccessDenied) as err:
+        allow.check_source(url, "imageUrls[3]")
+    message = str(err.value)
+    assert message.startswith("imageUrls[3]: ") and reason in message and "\n" not in message
+
+
+def test_symlink_out_of_a_root_is_refused(allow: AllowList, tmp_path: Path) -> None:
+    outside = tmp_path / "secret.tif"
+    outside.write_bytes(b"II*\x00")
+    (tmp_path / "images" / "link.tif").symlink_to(outside)
+    with pytest.raises(AccessDenied, match="secret.tif is not on the allow-list"):
+        allow.check_source(str(tmp_path / "images" / "link.tif"))
+    assert allow.check_source(str(tmp_path / "images" / "real.tif")) == str(tmp_path / "images/real.tif")
+
+
+def test_wildcards_never_reach_metadata_addresses() -> None:
+    wide = AllowList.from_strings(["https://*", "http://*"], [])
+    assert wide.check_source("https://data.example.com/a.tif")
+    for url in ("http://169.254.169.254/latest/", "http://[fd00:ec2::254]/latest/",
+                "http://metadata.google.internal/computeMetadata/v1/"):
+        with pytest.raises(AccessDenied):
+            wide.check_source(url)
+
+
+def test_worker_defaults_read_and_write_s3_only() -> None:
+    default = AllowList.from_env({})
+    assert default.check_source("s3://anything/a.tif") == "s3://anything/a.tif"
+    assert default.check_output("kinesis://stream") == "kinesis://stream"
+    for url in ("/tmp/a.tif", "https://example.com/a.tif", "file:///tmp/a.tif"):
+        with pytest.raises(AccessDenied):
+            default.check_source(url)
+    with pytest.raises(AccessDenied, match="local path"):
+        default.check_output("/tmp/out")
+    configured = AllowList.from_env({"MODEL_RUNNER_ALLOWED_SOURCES": "s3://a, /data",
+                                     "MODEL_RUNNER_ALLOWED_OUTPUTS": "s3://b/out"})
+    assert configured.check_source("/data/x.tif") == "/data/x.tif"
+    with pytest.raises(AccessDenied):
+        configured.check_source("s3://b/x.tif")
+
+
+def _request(tmp_path: Path, **changes: object) -> ImageRequest:
+    wire: dict[str, object] = {
+        "jobId": "j",
+        "imageUrls": [f"{tmp_path}/images/a.tif", "s3://imagery/in/b.tif"],
+        "imageProcessor": {"name": "null", "type": "BUILTIN"},
+        "outputs": [{"type": "LOCAL", "path": f"{tmp_path}/out"},
+                    {"type": "S3", "bucket": "results", "prefix": "jobs/1"},
+                    {"type": "Kinesis", "stream": "features"}],
+    }
+    wire.update(changes)
+    return ImageRequest.parse(wire)
+
+
+def test_check_request_names_the_field(allow: AllowList, tmp_path: Path) -> None:
+    allow.check_request(_request(tmp_path))
+    cases = {
+        "imageUrls[1]": {"imageUrls": [f"{tmp_path}/images/a.tif", "/vsicurl/http://x/"]},
+        "outputs[0]": {"outputs": [{"type": "LOCAL", "path": "/etc"}]},
+        "outputs[1]": {"outputs": [{"type": "S3", "bucket": "results", "prefix": "jobs"},
+                                   {"type": "S3", "bucket": "results", "prefix": "other"}]},
+        "outputBucket": {"outputBucket": "attacker", "outputPrefix": "x"},
+    }
+    for field, change in cases.items():
+        with pytest.raises(AccessDenied, match=rf"^{field.replace('[', '.').replace(']', '.')}"):
+            allow.check_request(_request(tmp_path, **change))
+    refused = allow.refused_sources(["s3://imagery/in/a.tif", "s3://nope/b.tif"])
+    assert list(refused) == ["s3://nope/b.tif"]
+
+
+# ---------------------------------------------------------------------- GDAL
+class _Counter(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def counting_server() -> Iterator[tuple[str, list[str]]]:
+    handler = type("Counter", (_Counter,), {"hits": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_vrt_pointing_elsewhere_fetches_nothing(
+    tmp_path: Path, counting_server: tuple[str, list[str]]
+) -> None:
+    url, hits = counting_server
+    vrt = tmp_path / "innocent.tif"  # a VRT wearing a .tif name, inside an allowed root
+    vrt.write_text(
+        '<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" band="1">'
+        f"<SimpleSource><SourceFilename>/vsicurl/{url}/secret.tif</SourceFilename>"
+        "<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>"
+    )
+    with pytest.raises(rasterio.errors.RasterioIOError, match="not recognized"):
+        open_raster(str(vrt))
+    assert hits == []
+    with rasterio.open(vrt) as src:  # the door that open_raster closes: plain GDAL fetches
+        with pytest.raises(rasterio.errors.RasterioIOError):
+            src.read()
+    assert hits, "plain rasterio.open should have tried the URL inside the VRT"
+
+
+def test_open_raster_reads_allowed_formats(tmp_path: Path) -> None:
+    path = tmp_path / "a.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=3, height=2, count=1, dtype="uint8") as dst:
+        dst.write(np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
+    with open_raster(str(path)) as src:
+        assert src.driver == "GTiff" and src.read(1).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+# ---------------------------------------------------------------------- redaction
+@pytest.mark.parametrize(
+    ("text", "kept", "gone"),
+    [
+        ("GET https://b.s3.amazonaws.com/k.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential="
+         "ASIAXAMPLEKEY1234567%2F20250101&X-Amz-Signature=deadbeefcafe&X-Amz-Security-Token=FwoGZX",
+         "https://b.s3.amazonaws.com/k.tif?X-Amz-Algorithm=", ["deadbeefcafe", "FwoGZX", "ASIAXAMPLE"]),
+        ("https://h/x?AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Signature=abc%3D&Expires=1", "https://h/x?",
+         ["AKIAIOSFODNN7EXAMPLE", "abc%3D"]),
+        ("key id AKIAIOSFODNN7EXAMPLE failed", "key id *** failed", ["AKIAIOSFODNN7EXAMPLE"]),
+        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_secret_access_key = ",
+         ["wJalrXUtnFEMI"]),
+        ('{"SecretAccessKey": "wJalrXUtnFEMI", "SessionToken": "IQoJb3JpZ2lu"}', '"SecretAccessKey": ',
+         ["wJalrXUtnFEMI", "IQoJb3JpZ2lu"]),
+        ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=ff00", "Authorization: ",
+         ["Signature=ff00", "Credential=AKIA"]),
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.e30.abc", "Bearer ***", ["eyJhbGci"]),
+        ("https://alice:hunter2pass@example.com/a.tif", "https://***@example.com/a.tif", ["hunter2pass"]),
+        ("s3://bucket/plain/key.tif 1024x1024", "s3://bucket/plain/key.tif 1024x1024", []),
+    ],
+)
+def test_redact(text: str, kept: str, gone: list[str]) -> None:
+    out = redact(text)
+    assert kept in out
+    for secret in gone:
+        assert secret not in out
+
+
+def test_registered_and_environment_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_secret("a-runtime-token-123456")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-session-token-XYZ987")
+    assert redact("tok a-runtime-token-123456 / env-session-token-XYZ987") == f"tok {MASK} / {MASK}"
+    register_secret("short")  # too short to register: ordinary words stay
+    assert redact("a short word") == "a short word"
+
+
+def test_redact_obj_masks_secret_keys_and_strings() -> None:
+    summary = {"images": [{"url": "https://h/a.tif?X-Amz-Signature=s3cr3t", "tiles": 4}],
+               "credentials": {"AccessKeyId": "AKIAIOSFODNN7EXAMPLE"}, "sessionToken": "zzz"}
+    clean = redact_obj(summary)
+    assert clean["images"][0]["tiles"] == 4
+    assert "s3cr3t" not in clean["images"][0]["url"]
+    assert clean["credentials"] == MASK and clean["sessionToken"] == MASK
+
+
+def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.redact")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("reading %s", "https://h/a.tif?X-Amz-Signature=topsecret1")
+        try:
+            raise RuntimeError("denied for AKIAIOSFODNN7EXAMPLE")
+        except RuntimeError:
+            logger.exception("failed with token=abcdef123456")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "https://h/a.tif?X-Amz-Signature=***" in text and "RuntimeError" in text
+    for secret in ("topsecret1", "AKIAIOSFODNN7EXAMPLE", "abcdef123456"):
+        assert secret not in text
