@@ -174,6 +174,24 @@ class JobResult:
     def status(self) -> str:
         return str(self.summary["status"])
 
+    def plot(self, image: str | None = None, ax: Any = None, **kwargs: Any) -> Any:
+        """A quick look of ``image`` (default: the first) with its features; see :mod:`pipeline.plots`."""
+        from pipeline.plots import plot_result
+
+        return plot_result(self, image=image, ax=ax, **kwargs)
+
+    def plot_summary(self) -> Any:
+        """The summary chart (time per stage, tiles/s over time, detections per class)."""
+        from pipeline.plots import show_summary
+
+        return show_summary(self.summary, self.features)
+
+    def explore(self, **kwargs: Any) -> Any:
+        """An interactive folium map of the features (needs folium and mapclassify)."""
+        from pipeline.plots import explore
+
+        return explore(self.features, **kwargs)
+
 
 ProgressFactory = Callable[[int], Any]
 
@@ -259,6 +277,7 @@ def run_job(
     total_tiles = sum(o.tiles for o in outcomes)
     bar = progress(total_tiles) if progress else None
     done_tiles = 0
+    timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), 0)]
     for future in as_completed(list(futures)):
         outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
@@ -274,6 +293,7 @@ def run_job(
         outcome.raw_detections += result.raw_detections
         outcome.timer.add("model", result.model_seconds)
         done_tiles += result.tiles
+        timeline.append((round(time.perf_counter() - began, 3), done_tiles))
         if bar is not None:
             bar.update(result.tiles)
     if bar is not None:
@@ -318,9 +338,13 @@ def run_job(
             "write": round(time.perf_counter() - write_began, 4),
         },
         "outputs": list(written),
+        "timeline": {"seconds": [t for t, _ in timeline], "tiles": [n for _, n in timeline]},
     }
     for sink in sinks:
         written.append(sink.write_summary(request.job_id, summary))
+    from pipeline.plots import write_summary_charts
+
+    written.extend(write_summary_charts(sinks, request.job_id, summary, features))
     bus.emit(status, request.job_id, message=f"{summary['features']} features")
     return JobResult(features, summary, written)
 

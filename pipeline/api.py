@@ -1,31 +1,82 @@
-"""The Python API: ``run`` a request, ``detect`` on a small window, ``open_image`` lazily."""
+"""The Python API, for notebooks and scripts.
+
+* :func:`open_image` — an image as a lazily chunked ``xarray.DataArray`` (header facts and the
+  sensor model in ``.attrs``), for inspection.
+* :class:`ImageRequest` — a job (``ImageRequest(...)``, ``.parse(dict)``, ``.from_file(path)``).
+* :func:`run` — run a job on a Dask cluster; returns a :class:`graphs.JobResult` with
+  ``.features`` (a GeoDataFrame), ``.summary``, ``.plot()``, ``.plot_summary()`` and ``.explore()``.
+* :func:`detect` — run a model eagerly on a small window and get a GeoDataFrame back.
+* :func:`image_job` and :func:`lazy_features` — the lazy Dask collections of a job, to
+  ``persist``, ``visualize`` or combine with your own graphs.
+
+Example::
+
+    import pipeline
+    image = pipeline.open_image("scene.tif", chunks=2048)
+    found = pipeline.detect("scene.tif", model="bright-objects", window=(0, 0, 1024, 1024))
+    result = pipeline.run(pipeline.ImageRequest.from_file("job.yaml"), client=client)
+    result.features.head(); result.plot(); result.explore()
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
+import pandas as pd
 
 from pipeline.detections import Detections
-from pipeline.geolocate import to_features
+from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import detect_chunk
-from pipeline.io import describe, read_window, sensor_model
-from pipeline.models import ModelSpec, check_model
-from pipeline.request import ImageRequest
+from pipeline.io import describe, open_image, read_window, sensor_model
+from pipeline.merge import distill
+from pipeline.models import ModelError, ModelSpec, check_model
+from pipeline.request import DistillationAlgorithm, ImageRequest, RequestError
 from pipeline.tiling import TileGrid, chunk_size
 
+ModelLike = ModelSpec | dict[str, Any] | str
 
-def run(request: ImageRequest | dict[str, Any], client: Any = None, *, progress: bool = False,
-        workers: int | None = None) -> Any:
+#: ``detect`` merges duplicates as a job with the default ``postProcessing`` does
+DEFAULT_DISTILLATION = DistillationAlgorithm()
+
+
+def as_request(request: ImageRequest | dict[str, Any] | str | Path) -> ImageRequest:
+    """An :class:`ImageRequest` from a request, an OSML-style dict or a ``.json``/``.yaml`` path
+    (raises :class:`RequestError` with one line)."""
+    if isinstance(request, ImageRequest):
+        return request
+    if isinstance(request, (str, Path)):
+        return ImageRequest.from_file(request)
+    return ImageRequest.parse(request)
+
+
+def run(
+    request: ImageRequest | dict[str, Any] | str | Path,
+    client: Any = None,
+    *,
+    output_dir: str | Path | None = None,
+    progress: bool = False,
+    workers: int | None = None,
+) -> Any:
     """Run a job and write its outputs; returns a :class:`graphs.JobResult`.
 
-    ``client`` is a ``distributed.Client``; without one, a LocalCluster is started for the job.
+    ``request`` is an :class:`ImageRequest`, a dict in OSML's camelCase wire format, or the path
+    of a JSON/YAML request file. ``client`` is a ``distributed.Client``; without one a
+    LocalCluster of ``workers`` processes is started for the job and closed after it.
+    ``output_dir`` adds a LOCAL output (GeoJSON, GeoParquet, summary JSON and chart PNG); a
+    request without outputs still returns its features. ``progress`` shows a tqdm bar of tiles.
     """
     from graphs.cluster import connect
-    from graphs.image_job import run_job
+    from graphs.image_job import model_spec, run_job
 
-    if not isinstance(request, ImageRequest):
-        request = ImageRequest.parse(request)
+    request = as_request(request)
+    if output_dir is not None:
+        request = request.with_output_dir(output_dir)
+    try:
+        check_model(model_spec(request))
+    except ModelError as exc:
+        raise RequestError(f"invalid request: imageProcessor: {exc}") from None
     bar = _progress_bar if progress else None
     if client is not None:
         return run_job(request, client, progress=bar)
@@ -39,32 +90,108 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total, unit="tile", desc="tiles", smoothing=0.1)
 
 
+def as_model_spec(model: ModelLike, parameters: dict[str, Any] | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` from a spec, a dict ``{"type", "name", "parameters"}`` (the type
+    defaults to BUILTIN) or a string: a built-in name (``"bright-objects"``) or a Python
+    ``"package.module:factory"``. ``parameters`` are the model's ``imageProcessorParameters``."""
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, str):
+        spec = ModelSpec("PYTHON" if ":" in model else "BUILTIN", model)
+    elif isinstance(model, dict):
+        fields = {k: v for k, v in model.items() if k in ("type", "name", "parameters")}
+        unknown = sorted(set(model) - set(fields))
+        if unknown or "name" not in fields:
+            raise ValueError(f"model dict needs 'name' (optional: 'type', 'parameters'), got {sorted(model)}")
+        spec = ModelSpec(str(fields.get("type", "BUILTIN")).upper(), fields["name"],
+                         dict(fields.get("parameters") or {}))
+    else:
+        raise TypeError(f"model must be a name, a dict or a ModelSpec, not {type(model).__name__}")
+    if parameters:
+        spec = ModelSpec(spec.type, spec.name, {**spec.parameters, **parameters}, spec.tile_format,
+                         spec.tile_compression, spec.assumed_role)
+    return spec
+
+
 def detect(
     url: str,
-    model: ModelSpec | dict[str, Any] = ModelSpec("BUILTIN", "bright-objects"),
+    model: ModelLike = "bright-objects",
     window: tuple[int, int, int, int] | None = None,
     *,
+    parameters: dict[str, Any] | None = None,
     tile_size: int = 1024,
     overlap: int = 50,
     range_adjustment: str = "NONE",
+    distillation: DistillationAlgorithm | None = DEFAULT_DISTILLATION,
 ) -> gpd.GeoDataFrame:
-    """Run ``model`` eagerly on ``window`` ``(x0, y0, x1, y1)`` of ``url`` (default: whole image,
-    for small images) and return the geolocated features, with the same tiling and ownership
-    rules as a job. ``model`` is a ``ModelSpec`` or ``{"type": ..., "name": ..., "parameters": ...}``.
+    """Run ``model`` eagerly, in this process, on ``window`` ``(x0, y0, x1, y1)`` (full-image
+    pixels; default: the whole image, for small images) of ``url``; return the geolocated
+    features (columns as in a job's output).
+
+    Tiling, the ownership rule and the merge are a job's, with the window's edges as image
+    edges (objects cut by them come back cut). ``model`` is a built-in name, a
+    ``"package.module:factory"``, a dict ``{"type", "name", "parameters"}`` or a ModelSpec.
     """
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(**model)
+    spec = as_model_spec(model, parameters)
     check_model(spec)
     info = describe(url)
     x0, y0, x1, y1 = window or (0, 0, info.width, info.height)
-    x0, y0 = max(0, x0), max(0, y0)
-    x1, y1 = min(info.width, x1), min(info.height, y1)
+    x0, y0 = max(0, int(x0)), max(0, int(y0))
+    x1, y1 = min(info.width, int(x1)), min(info.height, int(y1))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"window {window} is outside the {info.width}x{info.height} image {url}")
     pixels = read_window(url, (x0, y0, x1, y1))
     width, height = x1 - x0, y1 - y0
     grid = TileGrid(width, height, tile_size, overlap,
                     chunk_size(tile_size, overlap, max(width, height) + tile_size))
-    result = detect_chunk(pixels, (0, 0), (0, 0), grid, spec, range_adjustment, info.bits)
-    found = result.detections.shifted(x0, y0) if len(result.detections) else Detections()
+    result = detect_chunk(pixels, (0, 0), (0, 0), grid, spec, range_adjustment.upper(), info.bits)
+    if result.failed_tiles:
+        first = result.failed_tiles[0]
+        raise ModelError(f"{len(result.failed_tiles)} of {result.tiles} tiles failed, first at "
+                         f"{first['window']}: {first['reason']}")
+    found = distill(result.detections, distillation).shifted(x0, y0)
     return to_features(found, sensor_model(info), image_url=url, job_id="detect")
 
 
-__all__ = ["run", "detect"]
+def image_job(request: ImageRequest | dict[str, Any] | str | Path) -> dict[str, Any]:
+    """The lazy Dask collections of a job: ``{image url: (chunks_y, chunks_x) object array of
+    ChunkResult}``. Nothing is read until you compute or persist them."""
+    from graphs.image_job import image_job as build
+
+    return build(as_request(request))
+
+
+def lazy_features(request: ImageRequest | dict[str, Any] | str | Path) -> Any:
+    """A ``dask.delayed`` GeoDataFrame of the job's merged, geolocated features (all images),
+    built on :func:`image_job`; ``.compute()`` it on your client. Writes nothing."""
+    import dask
+
+    from graphs.image_job import plan_image
+
+    request = as_request(request)
+    parts = []
+    for url, chunks in image_job(request).items():
+        model = plan_image(request, url).sensor_model
+        parts.append(dask.delayed(_reduce_chunks)(
+            chunks.to_delayed().ravel().tolist(), model, url, request.job_id,
+            request.distillation, request.merged_feature_properties,
+        ))
+    return dask.delayed(_concat_features)(parts)
+
+
+def _reduce_chunks(chunks: list[Any], model: Any, url: str, job_id: str, algorithm: Any,
+                   properties: dict[str, Any]) -> gpd.GeoDataFrame:
+    detections = Detections.concat(c[0, 0].detections for c in chunks)
+    return to_features(distill(detections, algorithm), model, image_url=url, job_id=job_id,
+                       feature_properties=properties)
+
+
+def _concat_features(parts: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
+    parts = [p for p in parts if len(p)] or parts[:1]
+    if not parts:
+        return empty_features()
+    return gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=parts[0].crs)
+
+
+__all__ = ["ImageRequest", "as_model_spec", "as_request", "detect", "image_job", "lazy_features",
+           "open_image", "run"]
