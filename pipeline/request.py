@@ -250,6 +250,8 @@ class ImageRequest(_Strict):
             raise RequestError(f"request file not found: {path}") from None
         except OSError as exc:
             raise RequestError(f"cannot read request file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         return cls.parse(load_document(text, str(path)))
 
     @classmethod
@@ -259,7 +261,7 @@ class ImageRequest(_Strict):
         if not isinstance(data, dict):
             raise RequestError("message: the request must be a JSON object")
         known = {f.alias or name for name, f in cls.model_fields.items()} | set(cls.model_fields)
-        unknown = sorted(k for k in data if k not in known)
+        unknown = sorted(str(k) for k in data if k not in known)  # YAML allows non-str keys
         if unknown:
             log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
         return cls.parse({k: v for k, v in data.items() if k in known}), unknown
