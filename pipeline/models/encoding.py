@@ -1,0 +1,97 @@
+"""Tile encoding for endpoint targets (``imageProcessorTileFormat``/``Compression``).
+
+Tiles are written with rasterio/GDAL into in-memory files. GDAL cannot create PNG, JPEG or a
+JPEG/J2K-compressed NITF directly, so every format but plain GeoTIFF is written as an in-memory
+GeoTIFF first and copied (GDAL's CreateCopy).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+
+from pipeline.models.base import ModelError
+
+#: valid compressions per format ("NONE" means the format's default)
+VALID_COMPRESSIONS: dict[str, tuple[str, ...]] = {
+    "NITF": ("NONE", "JPEG", "J2K"),
+    "GTIFF": ("NONE", "JPEG", "LZW"),
+    "PNG": ("NONE",),
+    "JPEG": ("NONE", "JPEG"),
+}
+
+CONTENT_TYPES = {
+    "NITF": "image/nitf",
+    "GTIFF": "image/tiff",
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+}
+
+_DRIVERS = {"NITF": "NITF", "GTIFF": "GTiff", "PNG": "PNG", "JPEG": "JPEG"}
+_CREATION = {
+    ("NITF", "JPEG"): {"IC": "C3"},
+    ("NITF", "J2K"): {"IC": "C8"},
+    ("GTIFF", "JPEG"): {"COMPRESS": "JPEG"},
+    ("GTIFF", "LZW"): {"COMPRESS": "LZW"},
+}
+
+
+def check_format(tile_format: str, compression: str) -> None:
+    """Raise :class:`ModelError` naming both fields for an invalid combination."""
+    valid = VALID_COMPRESSIONS.get(tile_format.upper())
+    if valid is None:
+        raise ModelError(
+            f"imageProcessorTileFormat {tile_format!r} is not one of {', '.join(VALID_COMPRESSIONS)}"
+        )
+    if compression.upper() not in valid:
+        raise ModelError(
+            f"imageProcessorTileFormat {tile_format} cannot use imageProcessorTileCompression "
+            f"{compression} (valid: {', '.join(valid)})"
+        )
+
+
+def _bands_for(tile: np.ndarray, tile_format: str, compression: str) -> np.ndarray:
+    """Drop bands that a format cannot hold: JPEG takes 1 or 3, PNG 1 to 4."""
+    bands = tile.shape[2]
+    jpeg = tile_format == "JPEG" or compression == "JPEG"
+    if (jpeg and bands not in (1, 3)) or (tile_format == "PNG" and bands > 4):
+        return tile[..., :3] if bands >= 3 else tile[..., :1]
+    return tile
+
+
+def encode_tile(tile: np.ndarray, tile_format: str = "GTIFF", compression: str = "NONE") -> bytes:
+    """Encode an ``H × W × C`` (or ``H × W``) uint8 tile as ``tile_format`` bytes."""
+    tile_format, compression = tile_format.upper(), compression.upper()
+    check_format(tile_format, compression)
+    if tile.ndim == 2:
+        tile = tile[..., None]
+    tile = _bands_for(np.ascontiguousarray(tile, dtype=np.uint8), tile_format, compression)
+    height, width, bands = tile.shape
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": "uint8"}
+    options = _CREATION.get((tile_format, compression), {})
+    with warnings.catch_warnings(), MemoryFile() as source:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        direct = tile_format == "GTIFF"
+        with source.open(**profile, **(options if direct else {})) as dataset:
+            dataset.write(np.moveaxis(tile, -1, 0))
+        if direct:
+            return bytes(source.read())
+        with source.open() as dataset, MemoryFile(ext=tile_format.lower()) as target:
+            rasterio.shutil.copy(dataset, target.name, driver=_DRIVERS[tile_format], **options)
+            return bytes(target.read())
+
+
+def decode_tile(data: bytes) -> np.ndarray:
+    """The ``H × W × C`` uint8 pixels of an encoded tile (any format GDAL reads)."""
+    try:
+        with warnings.catch_warnings(), MemoryFile(data) as memory, memory.open() as dataset:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            pixels = dataset.read()
+    except rasterio.errors.RasterioError as exc:
+        raise ModelError(f"cannot decode tile ({str(exc).splitlines()[0]})") from None
+    return np.moveaxis(pixels, 0, -1).astype(np.uint8, copy=False)

@@ -1,0 +1,204 @@
+"""Shared machinery of the endpoint targets (SageMaker, HTTP, TF Serving).
+
+An :class:`EndpointAdapter` encodes each tile (``imageProcessorTileFormat``/``Compression``),
+sends it in a concurrency slot (:mod:`pipeline.models.retry`), retries transient faults and
+parses the OSML GeoJSON answer. A tile that still fails comes back as its exception, so the job
+lists it and goes on.
+
+Settings that depend on the client's environment (endpoint URLs, region, assumed-role
+credentials, the concurrency cap) are resolved once in the client by :func:`resolve_model`
+into ``ModelSpec.options``, which travels to the workers with the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pipeline.detections import Detections
+from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
+from pipeline.models.encoding import CONTENT_TYPES, check_format, encode_tile
+from pipeline.models.results import MalformedResponse, parse_feature_collection
+from pipeline.models.retry import (
+    DEFAULT_CONCURRENCY,
+    METRICS,
+    RetryPolicy,
+    Slots,
+    ThrottledError,
+    TimeoutFault,
+    TransientError,
+    call_with_retries,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with its client-side settings resolved (the adapter module's ``resolve``)."""
+    from pipeline.models import adapter_factory
+
+    module = importlib.import_module(adapter_factory(spec.type).__module__)
+    resolve = getattr(module, "resolve", None)
+    return resolve(spec) if resolve is not None else spec
+
+
+def with_options(spec: ModelSpec, **options: Any) -> ModelSpec:
+    """A copy of ``spec`` with more resolved options."""
+    from dataclasses import replace
+
+    return replace(spec, options={**spec.options, **options})
+
+
+def concurrency_parameter(spec: ModelSpec) -> int | None:
+    """``maxConcurrency`` from the spec (options or ``imageProcessorParameters``), if given."""
+    value = spec.options.get("maxConcurrency", spec.parameters.get("maxConcurrency"))
+    if value is None:
+        return None
+    try:
+        cap = int(value)
+    except (TypeError, ValueError):
+        cap = 0
+    if cap < 1:
+        raise ModelError(f"maxConcurrency must be a positive integer, got {value!r}")
+    return cap
+
+
+def aws_options(spec: ModelSpec, service_env: str) -> dict[str, Any]:
+    """Endpoint URL, region and (for ``assumedRole``) temporary credentials, from the client."""
+    import boto3
+
+    options: dict[str, Any] = {
+        "endpointUrl": os.environ.get(service_env) or os.environ.get("AWS_ENDPOINT_URL"),
+        "region": boto3.session.Session().region_name or "us-east-1",
+    }
+    if spec.assumed_role:
+        try:
+            answer = boto3.client("sts", region_name=options["region"]).assume_role(
+                RoleArn=spec.assumed_role, RoleSessionName="model-runner"
+            )
+        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds; one line
+            raise ModelError(
+                f"cannot assume imageProcessor.assumedRole {spec.assumed_role}: {_first_line(exc)}"
+            ) from None
+        credentials = answer["Credentials"]
+        options["credentials"] = {
+            "aws_access_key_id": credentials["AccessKeyId"],
+            "aws_secret_access_key": credentials["SecretAccessKey"],
+            "aws_session_token": credentials["SessionToken"],
+        }
+    return options
+
+
+def boto_client(service: str, spec: ModelSpec, policy: RetryPolicy, pool: int,
+                endpoint_url: str | None = None) -> Any:
+    """A boto3 client from resolved options, with botocore's own retries off (we retry)."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(
+        region_name=spec.options.get("region"), **spec.options.get("credentials", {})
+    )
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=min(10.0, policy.timeout),
+        read_timeout=policy.timeout,
+        max_pool_connections=max(10, pool),
+    )
+    url = endpoint_url if endpoint_url is not None else spec.options.get("endpointUrl")
+    return session.client(service, endpoint_url=url or None, config=config)
+
+
+def classify_boto_error(exc: Exception, what: str) -> ModelError:
+    """A botocore exception as Throttled/Timeout/Transient (retried) or ModelError (not)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
+        return TimeoutFault(f"{what}: timed out")
+    if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
+        return TransientError(f"{what}: connection failed ({_first_line(exc)})")
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = (str(error.get("Message") or "").strip().splitlines() or [""])[0]
+        message = f"{what}: {code or status}" + (f" ({detail})" if detail else "")
+        if status == 429 or "Throttl" in code or code == "TooManyRequestsException":
+            return ThrottledError(message)
+        if status >= 500 or code in ("ServiceUnavailable", "InternalFailure", "ModelNotReadyException",
+                                     "InternalDependencyException", "ModelError"):
+            return TransientError(message)
+        return ModelError(message)
+    return TransientError(f"{what}: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _outcome(future: Future[Any]) -> Any:
+    exc = future.exception()
+    return exc if exc is not None else future.result()
+
+
+class EndpointAdapter(ModelAdapter):
+    """One request per tile, up to the concurrency cap, with retries; see module docstring."""
+
+    operation = "ENDPOINT:invoke"
+
+    def __init__(self, spec: ModelSpec):
+        check_format(spec.tile_format, spec.tile_compression)
+        self.spec = spec
+        self.tile_format = spec.tile_format.upper()
+        self.tile_compression = spec.tile_compression.upper()
+        self.content_type = CONTENT_TYPES[self.tile_format]
+        self.policy = RetryPolicy.from_parameters(spec.parameters)
+        self.cap = concurrency_parameter(spec) or DEFAULT_CONCURRENCY
+        self.slots = Slots(f"{spec.type}:{spec.name}", self.cap)
+        self.batch_size = max(16, self.cap)
+        self._pool = ThreadPoolExecutor(self.cap, thread_name_prefix=spec.type.lower())
+
+    def invoke(self, payload: bytes) -> bytes:
+        """Send one encoded tile; raise Transient/Throttled/Timeout errors or ModelError."""
+        raise NotImplementedError
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        return encode_tile(tile, self.tile_format, self.tile_compression)
+
+    def parse(self, body: bytes, tile: np.ndarray) -> Detections:
+        try:
+            return parse_feature_collection(body, tile.shape[1], tile.shape[0])
+        except MalformedResponse:
+            METRICS.count(self.operation, "malformed")
+            raise
+
+    def _tile(self, tile: np.ndarray) -> Detections:
+        payload = self.encode(tile)
+        body = call_with_retries(lambda: self.invoke(payload), self.policy, self.slots, self.operation)
+        return self.parse(body, tile)
+
+    def predict(self, tiles: np.ndarray, offsets: np.ndarray) -> list[Detections | BaseException]:
+        self.slots.bind()
+        futures = [self._pool.submit(self._tile, tile) for tile in tiles]
+        return [_outcome(f) for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def validate_common(spec: ModelSpec) -> None:
+    """Checks every endpoint target shares: tile format/compression, numbers."""
+    check_format(spec.tile_format, spec.tile_compression)
+    RetryPolicy.from_parameters(spec.parameters)
+    concurrency_parameter(spec)

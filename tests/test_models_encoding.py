@@ -1,0 +1,99 @@
+"""Tile encoding per format/compression, and parsing of model responses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.detections import Detections
+from pipeline.models.base import ModelError
+from pipeline.models.encoding import VALID_COMPRESSIONS, check_format, decode_tile, encode_tile
+from pipeline.models.results import (
+    MalformedResponse,
+    parse_feature_collection,
+    parse_tfserving,
+    to_feature_collection,
+)
+
+TILE = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3))
+
+MAGIC = {"NITF": b"NITF02.1", "GTIFF": b"II*\x00", "PNG": b"\x89PNG", "JPEG": b"\xff\xd8\xff"}
+
+
+@pytest.mark.parametrize("fmt,comp", [(f, c) for f, cs in VALID_COMPRESSIONS.items() for c in cs])
+def test_every_valid_combination_round_trips(fmt: str, comp: str) -> None:
+    data = encode_tile(TILE, fmt, comp)
+    assert data.startswith(MAGIC[fmt])
+    back = decode_tile(data)
+    assert back.shape == TILE.shape
+    lossy = comp in ("JPEG", "J2K") or fmt == "JPEG"
+    assert np.abs(back.astype(int) - TILE).max() <= (12 if lossy else 0)
+
+
+def test_nitf_compression_is_written_in_the_image_header() -> None:
+    from rasterio.io import MemoryFile
+
+    for comp, code in (("NONE", "NC"), ("JPEG", "C3"), ("J2K", "C8")):
+        with MemoryFile(encode_tile(TILE, "NITF", comp)) as memory, memory.open() as dataset:
+            assert dataset.tags()["NITF_IC"] == code
+
+
+@pytest.mark.parametrize("fmt,comp", [("PNG", "LZW"), ("JPEG", "J2K"), ("NITF", "LZW"), ("GTIFF", "J2K")])
+def test_invalid_combinations_name_both_fields(fmt: str, comp: str) -> None:
+    expected = f"imageProcessorTileFormat {fmt} cannot use imageProcessorTileCompression {comp}"
+    with pytest.raises(ModelError, match=expected):
+        check_format(fmt, comp)
+
+
+def test_bands_a_format_cannot_hold_are_dropped() -> None:
+    four = np.zeros((16, 16, 4), np.uint8)
+    assert decode_tile(encode_tile(four, "JPEG", "NONE")).shape == (16, 16, 3)
+    assert decode_tile(encode_tile(four[..., :2], "JPEG", "NONE")).shape == (16, 16, 1)
+    assert decode_tile(encode_tile(four, "PNG", "NONE")).shape == (16, 16, 4)
+
+
+def test_feature_collection_round_trip_and_deprecated_keys() -> None:
+    found = Detections([[1, 2, 11, 12], [5, 5, 6, 7]], [0.9, 0.4], ["car", "ship"])
+    parsed = parse_feature_collection(json.dumps(to_feature_collection(found)), 64, 64)
+    np.testing.assert_array_equal(parsed.boxes, found.boxes)
+    assert parsed.classes.tolist() == ["car", "ship"] and parsed.scores.tolist() == [0.9, 0.4]
+    old = {"type": "FeatureCollection", "features": [
+        {"type": "Feature",
+         "properties": {"bounds_imcoords": [3, 4, 8, 9], "feature_types": {"a": 0.2, "b": 0.7}}},
+        {"type": "Feature", "properties": {"imageGeometry": {"type": "Point", "coordinates": [10, 20]}}},
+    ]}
+    parsed = parse_feature_collection(json.dumps(old).encode(), 64, 64)
+    assert parsed.boxes.tolist() == [[3, 4, 8, 9], [9.5, 19.5, 10.5, 20.5]]
+    assert parsed.classes.tolist() == ["b", "object"] and parsed.scores.tolist() == [0.7, 1.0]
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"<html>oops</html>", "not JSON"),
+    (b'{"predictions": []}', "FeatureCollection"),
+    (b'{"features": [{"properties": {"foo": 1}}]}', "neither imageGeometry"),
+    (b'{"features": [{"properties": {"imageBBox": [NaN, 1, 2, 3]}}]}', "NaN"),
+    (b'{"features": [{"properties": {"imageBBox": [1, 1, 200, 3]}}]}', "outside the 64x64 tile"),
+    (b'{"features": [{"properties": {"imageBBox": [1, 1, 2]}}]}', "4 numbers"),
+    (b'{"features": [{"properties": {"imageBBox": [1, 1, 2, 3], "featureClasses": [{"x": 1}]}}]}',
+     "featureClasses"),
+])
+def test_malformed_responses_raise_one_line(body: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse, match=message) as info:
+        parse_feature_collection(body, 64, 64)
+    assert "\n" not in str(info.value)
+
+
+def test_tfserving_boxes_are_denormalised_and_thresholded_per_class() -> None:
+    body = {"predictions": [
+        {"detection_boxes": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.75, 1.0]],
+         "detection_scores": [0.6, 0.6], "detection_classes": [1, 2]},
+        {"detection_boxes": [], "detection_scores": [], "detection_classes": []},
+    ]}
+    thresholds = {"default": 0.5, "truck": 0.7}
+    out = parse_tfserving(json.dumps(body), 100, 200, 2, thresholds, {1: "car", 2: "truck"})
+    assert out[0].boxes.tolist() == [[20.0, 20.0, 40.0, 60.0]]
+    assert out[0].classes.tolist() == ["car"] and len(out[1]) == 0
+    with pytest.raises(MalformedResponse, match="predictions"):
+        parse_tfserving(json.dumps(body), 100, 200, 3)
