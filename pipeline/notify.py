@@ -24,14 +24,12 @@ TERMINAL = (ev.SUCCESS, ev.PARTIAL, ev.FAILED)
 
 
 def status_attributes(status: str, job_id: str, image_url: str, duration: float) -> dict[str, str]:
-    """OSML's status message attributes as plain strings."""
-    return {
-        "status": status,
-        "image_status": status,
-        "job_id": job_id,
-        "image_id": f"{job_id}:{image_url}",
-        "processing_duration": str(int(duration)),
-    }
+    """OSML's status message attributes as plain strings (SNS allows no empty values, so
+    ``job_id``/``image_id`` are left out where a poison message has none)."""
+    attributes = {"status": status, "image_status": status, "job_id": job_id,
+                  "image_id": f"{job_id}:{image_url}" if job_id and image_url else "",
+                  "processing_duration": str(int(duration))}
+    return {k: v for k, v in attributes.items() if v}
 
 
 def status_body(status: str, job_id: str, image_url: str, duration: float, failed_tiles: int,

@@ -1,0 +1,397 @@
+"""The OSML-compatible queue worker: SQS ``ImageRequest`` messages in, jobs on a Dask cluster,
+status on SNS.
+
+At least once, done right:
+
+- a received message stays hidden while its job runs (a heartbeat extends its visibility);
+- it is deleted only after the job's outputs are complete (``SUCCESS`` or ``PARTIAL``);
+- a redelivered message whose ``<jobId>.summary.json`` already says ``SUCCESS`` at an output
+  location is acknowledged without redoing the work;
+- a job that fails is released for a retry, and SQS moves it to the dead-letter queue after the
+  redrive policy's ``maxReceiveCount``;
+- a poison message (not JSON, an invalid request, an unknown model or output type) is published
+  as ``FAILED`` and moved at once to the queue's dead-letter queue (deleted if there is none);
+- ``SIGTERM``/``SIGINT`` stop taking messages; the current job finishes within
+  ``grace_seconds`` or is released (visibility 0) for another worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import events as ev
+from pipeline.notify import StatusPublisher
+from pipeline.request import ImageRequest, RequestError
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job when the worker gives its message back."""
+
+
+@dataclass
+class WorkerConfig:
+    """How the worker polls, heartbeats and reports."""
+
+    queue_url: str
+    status_topic_arn: str | None = None
+    max_jobs: int | None = None
+    exit_when_idle: bool = False
+    #: SQS long-poll wait (at most 20 s); also how long a stop may wait for the poll to return
+    wait_seconds: int = 20
+    #: how long a received message stays hidden, renewed by the heartbeat while its job runs
+    visibility_timeout: int = 120
+    #: seconds between heartbeats (default: a third of ``visibility_timeout``)
+    heartbeat_seconds: float | None = None
+    #: a failed job is hidden this long before its retry
+    retry_delay: int = 10
+    #: on SIGTERM, how long the current job may take to finish before it is released
+    grace_seconds: float = 0.0
+    #: at most one IN_PROGRESS status per this many seconds
+    progress_seconds: float = 30.0
+    #: chunk side in pixels for ``run_job`` (None: its default)
+    chunk_target: int | None = None
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_seconds or max(1.0, self.visibility_timeout / 3)
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did, by outcome."""
+
+    received: int = 0
+    succeeded: int = 0
+    partial: int = 0
+    failed: int = 0
+    poison: int = 0
+    duplicates: int = 0
+    released: int = 0
+    job_ids: list[str] = field(default_factory=list)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def read_ids(body: str) -> tuple[str, str]:
+    """The ``jobId`` and first image URL of a message body, where they can be read ('')."""
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    job_id, urls = data.get("jobId"), data.get("imageUrls")
+    url = urls[0] if isinstance(urls, list) and urls else None
+    return (job_id if isinstance(job_id, str) else "", url if isinstance(url, str) else "")
+
+
+def s3_key(prefix: str, name: str) -> str:
+    """``prefix`` and ``name`` joined with one ``/`` (no leading ``/`` when there is no prefix)."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{name}" if prefix else name
+
+
+def finished_summary(request: ImageRequest) -> dict[str, Any] | None:
+    """The ``SUCCESS`` summary of this job at one of its output locations, if there is one."""
+    name = f"{request.job_id}.summary.json"
+    for output in request.all_outputs:
+        text: str | bytes | None = None
+        try:
+            if output.type == "LOCAL":
+                path = Path(output.path) / name
+                text = path.read_text() if path.is_file() else None
+            elif output.type == "S3":
+                from pipeline.aws import client
+
+                s3 = client("s3", output.role)
+                try:
+                    answer = s3.get_object(Bucket=output.bucket, Key=s3_key(output.prefix, name))
+                except s3.exceptions.NoSuchKey:
+                    continue
+                text = answer["Body"].read()
+        except Exception as exc:  # noqa: BLE001 - cannot tell: run the job again
+            log.warning("cannot check %s for %s: %s", output.type, name, _one_line(exc))
+            continue
+        if text is None:
+            continue
+        try:
+            summary = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(summary, dict) and summary.get("status") == ev.SUCCESS:
+            return summary
+    return None
+
+
+class _Progress:
+    """A progress "bar" for ``run_job`` that emits IN_PROGRESS and obeys cancellation."""
+
+    def __init__(self, total: int, bus: ev.EventBus, job_id: str, every: float,
+                 cancelled: threading.Event):
+        self.total, self.done = total, 0
+        self.bus, self.job_id, self.every, self.cancelled = bus, job_id, every, cancelled
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.job_id)
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            fraction = self.done / max(1, self.total)
+            self.bus.emit(ev.IN_PROGRESS, self.job_id, message=f"{self.done}/{self.total} tiles",
+                          progress=round(fraction, 4), tilesDone=self.done, tilesTotal=self.total)
+
+    def close(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.job_id)
+
+
+class QueueWorker:
+    """Long-polls one SQS queue and runs each ``ImageRequest`` on a Dask client."""
+
+    def __init__(self, config: WorkerConfig, client: Any, *, sqs: Any = None,
+                 publisher: StatusPublisher | None = None):
+        from pipeline import aws
+
+        self.config = config
+        self.client = client
+        self.sqs = sqs or aws.client("sqs")
+        self.publisher = publisher or StatusPublisher(
+            config.status_topic_arn, aws.client("sns") if config.status_topic_arn else None
+        )
+        self.stats = WorkerStats()
+        self.stopping = threading.Event()
+        self.dead_letter_url, self.max_receives = self._redrive()
+
+    # ------------------------------------------------------------------ queue plumbing
+    def _redrive(self) -> tuple[str | None, int | None]:
+        """The dead-letter queue URL and ``maxReceiveCount`` of the queue's redrive policy."""
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.config.queue_url, AttributeNames=["RedrivePolicy"]
+        ).get("Attributes", {})
+        if "RedrivePolicy" not in attributes:
+            log.info("queue has no redrive policy: poison messages are deleted")
+            return None, None
+        policy = json.loads(attributes["RedrivePolicy"])
+        arn = str(policy["deadLetterTargetArn"])
+        _, _, _, _, account, name = arn.split(":", 5)
+        url = self.sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+        return str(url), int(policy.get("maxReceiveCount", 0)) or None
+
+    def _delete(self, message: dict[str, Any]) -> None:
+        self.sqs.delete_message(QueueUrl=self.config.queue_url,
+                                ReceiptHandle=message["ReceiptHandle"])
+
+    def _hide(self, message: dict[str, Any], seconds: int) -> None:
+        try:
+            self.sqs.change_message_visibility(QueueUrl=self.config.queue_url,
+                                               ReceiptHandle=message["ReceiptHandle"],
+                                               VisibilityTimeout=seconds)
+        except Exception as exc:  # noqa: BLE001 - the message comes back on its own anyway
+            log.warning("cannot change the visibility of message %s: %s",
+                        message.get("MessageId"), _one_line(exc))
+
+    def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
+        """Move ``message`` to the dead-letter queue now (or delete it if there is none)."""
+        if self.dead_letter_url:
+            attributes = dict(message.get("MessageAttributes") or {})
+            attributes["failure_reason"] = {"DataType": "String", "StringValue": reason[:1000]}
+            self.sqs.send_message(QueueUrl=self.dead_letter_url, MessageBody=message["Body"],
+                                  MessageAttributes=attributes)
+            log.warning("moved message %s to %s: %s", message.get("MessageId"),
+                        self.dead_letter_url, reason)
+        else:
+            log.warning("deleted poison message %s: %s", message.get("MessageId"), reason)
+        self._delete(message)
+
+    # ------------------------------------------------------------------ the loop
+    def stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Stop taking messages (a signal handler)."""
+        if signum is not None:
+            log.info("received %s: stopping after the current message",
+                     signal.Signals(signum).name)
+        self.stopping.set()
+
+    def run(self) -> WorkerStats:
+        """Poll until stopped, idle (``exit_when_idle``) or ``max_jobs`` messages are handled."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self.stop)
+        log.info("polling %s", self.config.queue_url)
+        while not self.stopping.is_set():
+            if self.config.max_jobs is not None and self.stats.received >= self.config.max_jobs:
+                break
+            answer = self.sqs.receive_message(
+                QueueUrl=self.config.queue_url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=min(20, max(0, self.config.wait_seconds)),
+                VisibilityTimeout=self.config.visibility_timeout,
+                AttributeNames=["ApproximateReceiveCount"],
+                MessageAttributeNames=["All"],
+            )
+            messages = answer.get("Messages", [])
+            if not messages:
+                if self.config.exit_when_idle:
+                    break
+                continue
+            for message in messages:
+                if self.stopping.is_set():
+                    self._hide(message, 0)
+                    self.stats.released += 1
+                    continue
+                self.stats.received += 1
+                self.handle(message)
+        log.info("worker stopped: %s", self.stats)
+        return self.stats
+
+    # ------------------------------------------------------------------ one message
+    def _poison(self, message: dict[str, Any], reason: str) -> None:
+        self.stats.poison += 1
+        job_id, image_url = read_ids(message["Body"])
+        self.publisher.publish(ev.FAILED, job_id, image_url, reason)
+        self._dead_letter(message, reason)
+
+    def _parse(self, message: dict[str, Any]) -> ImageRequest | None:
+        """The request, or None after handling a poison message."""
+        try:
+            request, unknown = ImageRequest.from_message(message["Body"])
+        except RequestError as exc:
+            self._poison(message, str(exc))
+            return None
+        if unknown:
+            log.info("job %s: accepted with unknown fields %s", request.job_id, ", ".join(unknown))
+        if not request.all_outputs:
+            self._poison(message, "invalid request: outputs: the request has no outputs")
+            return None
+        return request
+
+    def _sinks(self, message: dict[str, Any], request: ImageRequest) -> list[Any] | None:
+        """The request's sinks after checking its model, or None after a poison message."""
+        from graphs.image_job import model_spec
+        from pipeline.models import ModelError, check_model
+        from pipeline.sinks import make_sink
+
+        try:
+            check_model(model_spec(request))
+            return [make_sink(output) for output in request.all_outputs]
+        except (ModelError, ValueError) as exc:
+            self._poison(message, f"invalid request: {exc}")
+            return None
+
+    def handle(self, message: dict[str, Any]) -> str:
+        """Handle one message; returns the outcome (a status, ``POISON``, ``DUPLICATE``, ...)."""
+        request = self._parse(message)
+        if request is None:
+            return "POISON"
+        image_url = request.image_urls[0]
+        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        done = finished_summary(request)
+        if done is not None:
+            self.stats.duplicates += 1
+            self.publisher.publish(ev.SUCCESS, request.job_id, image_url,
+                                   "already complete: acknowledged without running again",
+                                   features=done.get("features"))
+            self._delete(message)
+            return "DUPLICATE"
+        sinks = self._sinks(message, request)
+        if sinks is None:
+            return "POISON"
+        log.info("job %s: receive %d of message %s", request.job_id, receives,
+                 message.get("MessageId"))
+        self.stats.job_ids.append(request.job_id)
+        outcome = self._run(message, request, sinks)
+        if outcome in (ev.SUCCESS, ev.PARTIAL):
+            self._delete(message)
+            if outcome == ev.SUCCESS:
+                self.stats.succeeded += 1
+            else:
+                self.stats.partial += 1
+        elif outcome == "RELEASED":
+            self._hide(message, 0)
+            self.stats.released += 1
+        else:
+            self.stats.failed += 1
+            last = self.max_receives is not None and receives >= self.max_receives
+            log.warning("job %s failed (receive %d%s)", request.job_id, receives,
+                        "; the queue moves it to the dead-letter queue next" if last else
+                        "; it will be retried")
+            self._hide(message, self.config.retry_delay)
+        return outcome
+
+    def _run(self, message: dict[str, Any], request: ImageRequest, sinks: list[Any]) -> str:
+        """Run the job in a thread while this thread heartbeats and watches for a stop."""
+        from graphs.image_job import run_job
+
+        bus = ev.EventBus()
+        status = self.publisher.for_job(request.job_id, request.image_urls[0])
+        bus.subscribe(status)
+        cancelled = threading.Event()
+        finished = threading.Event()
+        outcome: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {
+            "progress": lambda total: _Progress(total, bus, request.job_id,
+                                                self.config.progress_seconds, cancelled),
+            "bus": bus,
+            "sinks": sinks,
+        }
+        if self.config.chunk_target:
+            kwargs["chunk_target"] = self.config.chunk_target
+        if "resume" in inspect.signature(run_job).parameters:
+            kwargs["resume"] = True
+
+        def target() -> None:
+            try:
+                outcome["status"] = run_job(request, self.client, **kwargs).status
+            except JobCancelled:
+                outcome["status"] = "RELEASED"
+            except Exception as exc:  # noqa: BLE001 - reported as FAILED, retried by SQS
+                outcome["error"] = _one_line(exc)
+            finally:
+                finished.set()
+
+        thread = threading.Thread(target=target, name=f"job-{request.job_id}", daemon=True)
+        thread.start()
+        beat = time.monotonic()
+        deadline: float | None = None
+        while not finished.wait(0.2):
+            now = time.monotonic()
+            if now - beat >= self.config.heartbeat:
+                self._hide(message, self.config.visibility_timeout)
+                beat = now
+            if self.stopping.is_set() and deadline is None:
+                deadline = now + self.config.grace_seconds
+            if deadline is not None and now >= deadline:
+                cancelled.set()
+                log.warning("job %s: released for another worker (stopping)", request.job_id)
+                return "RELEASED"
+        if "error" in outcome:
+            log.warning("job %s: %s", request.job_id, outcome["error"])
+            self.publisher.publish(ev.FAILED, request.job_id, request.image_urls[0],
+                                   outcome["error"], duration=status.duration,
+                                   failed_tiles=status.failed_tiles)
+            return ev.FAILED
+        return str(outcome["status"])
+
+
+def run_worker(config: WorkerConfig, cluster: str | None = "local",
+               workers: int | None = None) -> WorkerStats:
+    """Connect to ``cluster`` and run a :class:`QueueWorker` until it stops."""
+    from graphs.cluster import connect
+
+    with connect(cluster, workers) as client:
+        return QueueWorker(config, client).run()
