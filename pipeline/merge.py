@@ -130,3 +130,53 @@ def distill(detections: Detections, algorithm: object | None) -> Detections:
             float(getattr(algorithm, "skip_box_threshold", 0.0001)),
         )
     return nms(detections, iou)
+
+
+def border_mask(boxes: np.ndarray, bounds: tuple[int, int, int, int], overlap: int,
+                neighbours: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """Boxes of one chunk that may overlap boxes of a neighbouring chunk.
+
+    ``bounds`` ``(x0, y0, x1, y1)`` are the chunk's own pixels; ``neighbours`` says whether a
+    chunk lies to the left, top, right and bottom. A neighbour's boxes reach at most
+    ``overlap`` pixels into this chunk from the left or top (its last tiles end there), and
+    start at or after this chunk's right or bottom edge, so only boxes inside those strips can
+    touch them.
+    """
+    x0, y0, x1, y1 = bounds
+    left, top, right, bottom = neighbours
+    mask = np.zeros(len(boxes), dtype=bool)
+    if left:
+        mask |= boxes[:, 0] < x0 + overlap
+    if top:
+        mask |= boxes[:, 1] < y0 + overlap
+    if right:
+        mask |= boxes[:, 2] > x1
+    if bottom:
+        mask |= boxes[:, 3] > y1
+    return mask
+
+
+def settled(detections: Detections, border: np.ndarray, algorithm: object | None) -> np.ndarray:
+    """Detections whose merge result cannot depend on any other chunk.
+
+    NMS and Soft-NMS act independently on each connected component of the graph of
+    same-class boxes that interact (IoU above the threshold for NMS, any overlap for
+    Soft-NMS). A component without a ``border`` box is therefore final within its chunk; the
+    rest must wait for the cross-chunk pass. Without distillation everything is settled.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(detections)
+    if algorithm is None or n == 0 or not border.any():
+        return np.ones(n, dtype=bool)
+    i, j, iou = overlapping_pairs(detections.boxes)
+    kind = getattr(algorithm, "algorithm_type", "NMS")
+    threshold = 0.0 if kind == "SOFT_NMS" else float(getattr(algorithm, "iou_threshold", 0.75))
+    classes = detections.classes.astype(str)
+    edge = (iou > threshold) & (classes[i] == classes[j])
+    graph = coo_matrix((np.ones(int(edge.sum())), (i[edge], j[edge])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    tainted = np.zeros(labels.max() + 1, dtype=bool)
+    tainted[labels[border]] = True
+    return ~tainted[labels]

@@ -12,13 +12,14 @@ import math
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 
 FORMAT_SUFFIX = {"geojson": ".geojson", "parquet": ".parquet"}
@@ -42,26 +43,59 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_geojson(features: gpd.GeoDataFrame, path: str | Path) -> None:
-    """An RFC 7946 FeatureCollection, written feature by feature (lon/lat, CCW rings)."""
+def _geojson_features(features: gpd.GeoDataFrame) -> Iterator[str]:
+    """One RFC 7946 Feature (lon/lat, CCW rings) as JSON text per row."""
     geometries = shapely.to_geojson(shapely.orient_polygons(features.geometry.values))
     columns = [c for c in features.columns if c != features.geometry.name]
     records = features[columns].to_dict(orient="records")
+    for geometry, record in zip(geometries, records, strict=True):
+        properties = {k: _clean(v) for k, v in record.items()}
+        feature_id = properties.pop("id", None)
+        body = json.dumps(properties, default=_json_default, allow_nan=False)
+        identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
+        yield f'{{"type":"Feature",{identifier}"geometry":{geometry},"properties":{body}}}'
+
+
+def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame], path: str | Path) -> None:
+    """An RFC 7946 FeatureCollection, written feature by feature (lon/lat, CCW rings).
+
+    ``features`` may also be an iterable of frames (parts), written one after another.
+    """
+    parts = [features] if isinstance(features, gpd.GeoDataFrame) else features
     with open(path, "w", encoding="utf-8") as out:
         out.write('{"type":"FeatureCollection","features":[')
-        for n, (geometry, record) in enumerate(zip(geometries, records, strict=True)):
-            properties = {k: _clean(v) for k, v in record.items()}
-            feature_id = properties.pop("id", None)
-            head = "," if n else ""
-            body = json.dumps(properties, default=_json_default, allow_nan=False)
-            identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
-            out.write(f'{head}\n{{"type":"Feature",{identifier}"geometry":{geometry},"properties":{body}}}')
+        n = 0
+        for part in parts:
+            for text in _geojson_features(part):
+                out.write(f'{"," if n else ""}\n{text}')
+                n += 1
         out.write("\n]}\n")
 
 
 def write_parquet(features: gpd.GeoDataFrame, path: str | Path) -> None:
     """GeoParquet 1.1 with a ``bbox`` covering column."""
     features.to_parquet(path, schema_version="1.1.0", write_covering_bbox=True, index=False)
+
+
+def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
+    """Concatenate GeoParquet parts into one file, a row group per part, without holding more
+    than one part in memory; the ``geo`` metadata's bbox and geometry types cover all parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(p) for p in paths]
+    geo = json.loads(schemas[0].metadata[b"geo"])
+    column = geo["primary_column"]
+    boxes = [json.loads(s.metadata[b"geo"])["columns"][column] for s in schemas]
+    spans = np.array([b["bbox"] for b in boxes if b.get("bbox")], dtype=np.float64).reshape(-1, 4)
+    if len(spans):
+        geo["columns"][column]["bbox"] = [*spans[:, :2].min(axis=0), *spans[:, 2:].max(axis=0)]
+    geo["columns"][column]["geometry_types"] = sorted({t for b in boxes for t in b["geometry_types"]})
+    unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    schema = unified.with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
+    with pq.ParquetWriter(path, schema) as writer:
+        for part in paths:
+            writer.write_table(pq.read_table(part).select(schema.names).cast(schema))
 
 
 WRITERS: dict[str, Callable[[gpd.GeoDataFrame, str | Path], None]] = {
@@ -94,6 +128,12 @@ class Sink(ABC):
     def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
         """Write ``<jobId>.summary.json``; return its location."""
 
+    def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
+        """Write the features held in GeoParquet ``parts`` (a streaming job's part files) as
+        one output. This default reads them all into memory; sinks that can stream override it."""
+        features = pd.concat([gpd.read_parquet(p) for p in parts], ignore_index=True)
+        return self.write_features(job_id, gpd.GeoDataFrame(features, crs=features.crs))
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -117,6 +157,14 @@ class LocalSink(Sink):
             self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", lambda p, f=fmt: WRITERS[f](features, p))
             for fmt in self.formats
         ]
+
+    def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
+        """Stream the parts into the final files: one part in memory at a time."""
+        writers: dict[str, Callable[[Path], None]] = {
+            "geojson": lambda p: write_geojson((gpd.read_parquet(q) for q in parts), p),
+            "parquet": lambda p: concat_parquet(parts, p),
+        }
+        return [self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", writers[fmt]) for fmt in self.formats]
 
     def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
         text = json.dumps(summary, indent=2, default=_json_default)
