@@ -26,10 +26,11 @@ from typing import Any
 import geopandas as gpd
 import pandas as pd
 
+from pipeline import io
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import detect_chunk
-from pipeline.io import describe, open_image, read_window, sensor_model
+from pipeline.io import describe, read_window, sensor_model
 from pipeline.merge import distill
 from pipeline.models import ModelError, ModelSpec, check_model
 from pipeline.request import DistillationAlgorithm, ImageRequest, RequestError
@@ -39,6 +40,18 @@ ModelLike = ModelSpec | dict[str, Any] | str
 
 #: ``detect`` merges duplicates as a job with the default ``postProcessing`` does
 DEFAULT_DISTILLATION = DistillationAlgorithm()
+
+
+def open_image(url: str, chunks: int | tuple[int, int] = 4096, **options: Any) -> Any:
+    """The image at ``url`` (a path, ``s3://``, ``NITF_IM:<n>:<url>`` or ``synthetic://``) as a
+    lazily chunked ``xarray.DataArray`` ``(band, y, x)`` with ``.attrs["info"]`` (the header) and
+    ``.attrs["sensor_model"]``. ``chunks`` is the chunk side in pixels or ``(rows, cols)``;
+    ``options`` go to :func:`pipeline.io.open_image` (for example ``role=``, ``elevation=``)."""
+    if url.startswith("synthetic://"):
+        from pipeline import synthetic
+
+        return synthetic.open_image(url, chunks)
+    return io.open_image(url, chunks, **options)
 
 
 def as_request(request: ImageRequest | dict[str, Any] | str | Path) -> ImageRequest:
@@ -85,8 +98,13 @@ def run(
 
 
 def _progress_bar(total: int) -> Any:
-    from tqdm.auto import tqdm
+    """A notebook widget where ipywidgets is installed, else a text bar."""
+    import importlib.util
 
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
     return tqdm(total=total, unit="tile", desc="tiles", smoothing=0.1)
 
 

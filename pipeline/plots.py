@@ -12,7 +12,7 @@ and on headless machines.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -156,9 +156,12 @@ def _pyplot() -> Any:
 
 
 def show_summary(summary: dict[str, Any], features: Any = None) -> Any:
-    """:func:`summary_chart` for notebooks: a ``Figure`` that Jupyter displays once."""
-    _pyplot()
-    return summary_chart(summary, features)
+    """:func:`summary_chart` for notebooks: a ``Figure`` that Jupyter displays once (made
+    through pyplot so that the notebook's display hook is on, then released by pyplot)."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(13, 3.8), dpi=100, layout="constrained")
+    plt.close(fig)
+    return summary_chart(summary, features, fig=fig)
 
 
 def plot_result(result: Any, image: str | None = None, ax: Any = None, max_side: int = 1024,
@@ -186,7 +189,12 @@ def explore(features: Any, **kwargs: Any) -> Any:
     Keyword arguments go to ``GeoDataFrame.explore``. Needs the optional ``folium`` and
     ``mapclassify`` packages; raises a one-line ``ImportError`` without them.
     """
-    missing = [name for name in ("folium", "mapclassify") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("folium", "mapclassify"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ImportError(f"explore() needs {' and '.join(missing)}: pip install folium mapclassify")
     if features.crs is None:
