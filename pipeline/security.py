@@ -9,11 +9,12 @@ An :class:`AllowList` holds URL-prefix rules for sources (``imageUrls``) and for
 
 Anything not matched is refused with an :class:`AccessDenied` that names the field. Whatever
 the rules, a source is refused if it is a GDAL virtual path or connection string
-(``/vsicurl/``, ``/vsizip/``, ``vrt://``, ``NITF_IM:``, inline ``<VRTDataset>``; ``/vsis3/b/k``
-is read as ``s3://b/k``), carries credentials (``https://user:pass@``), has ``..`` segments, or
-points a wildcard at a cloud metadata address. Worker defaults (:meth:`AllowList.from_env`):
-any S3 bucket for reading and writing (IAM decides) and Kinesis streams; no local paths and no
-HTTP hosts unless ``MODEL_RUNNER_ALLOWED_SOURCES``/``MODEL_RUNNER_ALLOWED_OUTPUTS`` list them.
+(``/vsicurl/``, ``/vsizip/``, ``vrt://``, ``GTIFF_DIR:``, inline ``<VRTDataset>``), carries
+credentials (``https://user:pass@``), has ``..`` segments, or points a wildcard at a cloud
+metadata address; ``/vsis3/b/k`` is read as ``s3://b/k`` and ``NITF_IM:<k>:<url>`` is checked
+as ``<url>``. Worker defaults (:meth:`AllowList.from_env`): any S3 bucket for reading and
+writing (IAM decides) and Kinesis streams; no local paths and no HTTP hosts unless
+``MODEL_RUNNER_ALLOWED_SOURCES``/``MODEL_RUNNER_ALLOWED_OUTPUTS`` list them.
 
 GDAL itself is closed too: :func:`open_raster` opens only :data:`IMAGE_DRIVERS` (no VRT, WMS
 or other formats that fetch other URLs), and :data:`GDAL_SAFE_OPTIONS` stop directory listing,
@@ -56,6 +57,7 @@ DEFAULT_OUTPUTS = ("s3://*", "kinesis://*")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+_NITF_SEGMENT = re.compile(r"^NITF_IM:(\d+):(.+)$", re.IGNORECASE)
 _GDAL_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]*:")  # NITF_IM:0:..., GTIFF_DIR:1:..., HDF5:...
 _METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
 _SOURCE_SCHEMES = frozenset({"s3", "http", "https", "file"})
@@ -173,6 +175,9 @@ class AllowList:
             self.check_source(url, f"imageUrls[{i}]")
         for i, output in enumerate(request.outputs):
             self.check_output(output_url(output), f"outputs[{i}]")
+        elevation = getattr(request, "elevation", None)
+        if elevation is not None and getattr(elevation, "dem", None):
+            self.check_source(elevation.dem, "elevation.dem")
         if request.output_bucket:
             url = f"s3://{request.output_bucket}/{request.output_prefix or ''}"
             self.check_output(url, "outputBucket")
@@ -224,6 +229,10 @@ def _segments_ok(path: str, field: str) -> None:
 def _parse_source(url: str, field: str) -> tuple[str, str, str, str]:
     """``(scheme, host, path, url to read)`` of an image source, or :class:`AccessDenied`."""
     url = _check_text(url, field)
+    segment = _NITF_SEGMENT.match(url)
+    if segment:  # one image segment of a multi-segment NITF: check the file it names
+        scheme, host, path, inner = _parse_source(segment.group(2), field)
+        return scheme, host, path, f"NITF_IM:{segment.group(1)}:{inner}"
     if url.startswith("/vsis3/"):
         url = "s3://" + url[len("/vsis3/"):]
     if "/vsi" in url.lower() or url.lower().startswith("vsi"):
@@ -323,3 +332,20 @@ def cap_detections(detections: Any, limit: int = MAX_DETECTIONS_PER_TILE) -> tup
 
     keep = np.argpartition(-detections.scores, limit - 1)[:limit]
     return detections.select(np.sort(keep)), n - limit
+
+
+# ---------------------------------------------------------------------- image headers
+#: an image whose header claims more pixels than this (per band) is refused before planning
+MAX_IMAGE_PIXELS = int(os.environ.get("MODEL_RUNNER_MAX_IMAGE_PIXELS", 2**36))
+#: or more bands than this
+MAX_IMAGE_BANDS = 256
+
+
+def image_size_problem(width: int, height: int, bands: int) -> str | None:
+    """Why a header's dimensions are refused (absurd or hostile), or None."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"{width}x{height} pixels is more than the limit of {MAX_IMAGE_PIXELS} "
+                f"(MODEL_RUNNER_MAX_IMAGE_PIXELS)")
+    if bands > MAX_IMAGE_BANDS:
+        return f"{bands} bands is more than the limit of {MAX_IMAGE_BANDS}"
+    return None

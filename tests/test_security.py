@@ -31,10 +31,13 @@ def allow(tmp_path: Path) -> AllowList:
 @pytest.mark.parametrize(
     "url",
     ["s3://imagery/in/a.tif", "s3://imagery/in/deep/b.ntf", "/vsis3/imagery/in/a.tif",
+     "NITF_IM:1:s3://imagery/in/c.ntf",
      "https://tiles.example.com/x/a.tif?X-Amz-Signature=abc"],
 )
 def test_allowed_sources(allow: AllowList, url: str) -> None:
-    assert allow.check_source(url).startswith(("s3://imagery/in/", "https://tiles.example.com/"))
+    assert allow.check_source(url).startswith(
+        ("s3://imagery/in/", "https://tiles.example.com/", "NITF_IM:1:s3://imagery/in/")
+    )
 
 
 @pytest.mark.parametrize(
@@ -52,7 +55,8 @@ def test_allowed_sources(allow: AllowList, url: str) -> None:
         ("https://evil.example.org/a.tif", "not on the allow-list"),
         ("https://user:pw@tiles.example.com/a.tif", "credentials in the URL"),
         ("vrt:///data/a.tif?bands=1", "scheme 'vrt'"),
-        ("NITF_IM:0:/data/a.ntf", "scheme 'NITF_IM'"),
+        ("GTIFF_DIR:1:/data/a.tif", "scheme 'GTIFF_DIR'"),
+        ("NITF_IM:0:/vsicurl/http://evil/a.ntf", "virtual file systems"),
         ("<VRTDataset rasterXSize='1'/>", "inline XML"),
         ("a.tif", "neither an absolute path nor a URL"),
         ("s3://imagery/in/a.tif\n", "control characters"),
