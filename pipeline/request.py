@@ -133,6 +133,20 @@ class PostProcessingStep(_Strict):
     _normalise_step = field_validator("step", mode="before")(_upper)
 
 
+class Elevation(_Strict):
+    """Ground height for RPC geolocation: ``{"constant": metres}`` (ellipsoidal) or
+    ``{"dem": "<url of a DEM GeoTIFF>"}``; without it the RPC's ``HEIGHT_OFF`` is used."""
+
+    constant: float | None = None
+    dem: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Elevation:
+        if (self.constant is None) == (self.dem is None):
+            raise ValueError("give exactly one of constant (metres) or dem (a DEM URL)")
+        return self
+
+
 class ImageRequest(_Strict):
     """One job: run ``imageProcessor`` over every image of ``imageUrls``."""
 
@@ -154,8 +168,10 @@ class ImageRequest(_Strict):
     tile_compression: Literal["NONE", "JPEG", "J2K", "LZW"] = Field(
         default="NONE", alias="imageProcessorTileCompression"
     )
-    range_adjustment: Literal["NONE", "DRA", "MINMAX"] = "NONE"
+    #: None: ``DRA`` for images deeper than 8 bits, else ``NONE`` (decided per image)
+    range_adjustment: Literal["NONE", "DRA", "MINMAX"] | None = None
     region_of_interest: str | None = None
+    elevation: Elevation | None = None
     feature_properties: list[dict[str, Any]] = Field(default_factory=list)
     post_processing: list[PostProcessingStep] = Field(
         default_factory=lambda: [PostProcessingStep()]

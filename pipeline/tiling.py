@@ -180,17 +180,27 @@ def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, t
     return batch
 
 
-def to_uint8(pixels: np.ndarray, range_adjustment: str = "NONE", bits: int | None = None) -> np.ndarray:
+def to_uint8(
+    pixels: np.ndarray,
+    range_adjustment: str = "NONE",
+    bits: int | None = None,
+    stretch: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Pixels as uint8 for the model.
 
     ``NONE`` clips to 0..255 (uint8 input is returned as is); ``MINMAX`` scales the
-    ``bits``-bit range (or the dtype's range) to 0..255; ``DRA`` stretches the 2nd–98th
-    percentile of the given pixels to 0..255.
+    ``bits``-bit range (or the dtype's range) to 0..255; ``DRA`` stretches ``stretch``
+    (per-band ``(low, high)`` computed once per image, broadcast along the last axis) or else
+    the 2nd–98th percentile of the given pixels to 0..255.
     """
     if pixels.dtype == np.uint8 and range_adjustment != "DRA":
         return pixels
     data = np.nan_to_num(pixels.astype(np.float64, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-    if range_adjustment == "MINMAX":
+    if range_adjustment == "DRA" and stretch is not None:
+        low = np.asarray(stretch[0], dtype=np.float64)
+        high = np.asarray(stretch[1], dtype=np.float64)
+        data = (data - low) * (255.0 / np.maximum(high - low, 1e-9))
+    elif range_adjustment == "MINMAX":
         if bits:
             top = float(2**bits - 1)
         elif np.issubdtype(pixels.dtype, np.integer):
