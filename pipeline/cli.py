@@ -149,13 +149,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     with connect(args.cluster, args.workers) as client:
         result = run_job(request, client, progress=_progress(not args.no_progress))
     print_summary(result.summary, result.outputs)
-    if args.quicklook and result.summary["images"][0]["width"]:
-        from pipeline.quicklook import quicklook
+    if args.quicklook:
+        from pipeline.quicklook import job_quicklook
 
-        boxes = [b for b in result.features["imageBBox"]] if len(result.features) else []
-        first = request.image_urls[0]
-        mine = result.features["image_url"] == first if len(result.features) else []
-        print(f"  quick look {quicklook(first, [b for b, m in zip(boxes, mine) if m], args.quicklook)}")
+        try:
+            print(f"  quick look {job_quicklook(result, args.quicklook)}")
+        except Exception as exc:  # noqa: BLE001 - the job's outputs are written; only warn
+            text = str(exc).strip().splitlines()
+            print(f"model-runner: warning: quick look not written: {text[0] if text else exc}",
+                  file=sys.stderr)
     return EXIT_OK if result.status == "SUCCESS" else EXIT_FAILED
 
 

@@ -137,3 +137,16 @@ def quicklook(url: str, boxes: Any, path: str | Path, max_side: int = 1024,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def job_quicklook(result: Any, path: str | Path, image: str | None = None,
+                  max_side: int = 1024) -> Path:
+    """Write the quick look of a job's ``image`` (default: its first readable image) with that
+    image's features, one colour per class (``model-runner run --quicklook``)."""
+    readable = [i["url"] for i in result.summary.get("images", []) if i.get("width")]
+    if image is None:
+        if not readable:
+            raise ImageError("no image of the job could be read")
+        image = readable[0]
+    boxes, classes = feature_boxes(result.features, image)
+    return quicklook(image, boxes, path, max_side=max_side, classes=classes)
