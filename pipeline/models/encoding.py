@@ -32,6 +32,9 @@ CONTENT_TYPES = {
     "JPEG": "image/jpeg",
 }
 
+# tiles carry no georeferencing on purpose (catch_warnings is not thread-safe, so filter once)
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\..*")
+
 _DRIVERS = {"NITF": "NITF", "GTIFF": "GTiff", "PNG": "PNG", "JPEG": "JPEG"}
 _CREATION = {
     ("NITF", "JPEG"): {"IC": "C3"},
@@ -74,8 +77,7 @@ def encode_tile(tile: np.ndarray, tile_format: str = "GTIFF", compression: str =
     height, width, bands = tile.shape
     profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": "uint8"}
     options = _CREATION.get((tile_format, compression), {})
-    with warnings.catch_warnings(), MemoryFile() as source:
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    with MemoryFile() as source:
         direct = tile_format == "GTIFF"
         with source.open(**profile, **(options if direct else {})) as dataset:
             dataset.write(np.moveaxis(tile, -1, 0))
@@ -89,8 +91,7 @@ def encode_tile(tile: np.ndarray, tile_format: str = "GTIFF", compression: str =
 def decode_tile(data: bytes) -> np.ndarray:
     """The ``H × W × C`` uint8 pixels of an encoded tile (any format GDAL reads)."""
     try:
-        with warnings.catch_warnings(), MemoryFile(data) as memory, memory.open() as dataset:
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(data) as memory, memory.open() as dataset:
             pixels = dataset.read()
     except rasterio.errors.RasterioError as exc:
         raise ModelError(f"cannot decode tile ({str(exc).splitlines()[0]})") from None
