@@ -86,6 +86,62 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--progress-seconds", type=float, default=30.0,
                         help="at most one IN_PROGRESS status per this many seconds (30)")
     worker.add_argument("--chunk-target", type=_positive, default=None, help=argparse.SUPPRESS)
+    worker = commands.add_parser(
+        "worker", help="run ImageRequest messages from an SQS queue (OSML-compatible)",
+        description="Long-poll an SQS queue for OSML ImageRequest messages, run each as a job, "
+        "publish status to SNS. SIGTERM/SIGINT: stop taking messages, release the current one.")
+    worker.add_argument("--queue-url", required=True, help="the SQS queue of image requests")
+    worker.add_argument("--status-topic-arn", default=None, help="SNS topic for status messages")
+    worker.add_argument("--cluster", default="local",
+                        help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
+    worker.add_argument("--workers", type=_positive, default=None,
+                        help="LocalCluster worker processes (default: one per core)")
+    worker.add_argument("--max-jobs", type=_positive, default=None,
+                        help="exit after handling this many messages")
+    worker.add_argument("--exit-when-idle", action="store_true",
+                        help="exit when a poll finds the queue empty")
+    worker.add_argument("--wait-seconds", type=int, default=20, help="long-poll wait, 0-20 (20)")
+    worker.add_argument("--visibility-timeout", type=_positive, default=120,
+                        help="seconds a message stays hidden, renewed while its job runs (120)")
+    worker.add_argument("--retry-delay", type=int, default=10,
+                        help="seconds before a failed job is retried (10)")
+    worker.add_argument("--grace-seconds", type=float, default=0.0,
+                        help="on SIGTERM, let the current job finish for this long (0)")
+    worker.add_argument("--progress-seconds", type=float, default=30.0,
+                        help="at most one IN_PROGRESS status per this many seconds (30)")
+    worker.add_argument("--chunk-target", type=_positive, default=None, help=argparse.SUPPRESS)
+    tiles = commands.add_parser(
+        "tiles", help="run a model over a list of XYZ map tiles (chip-n-scale style)",
+        description="Fetch XYZ tiles (from a z/x/y or x-y-z list, or a bbox and zoom), run a model "
+        "over them, write GeoParquet with every detection and GeoJSON above the thresholds.")
+    tiles.add_argument("config", nargs="?", default=None,
+                       help="a tile job file (.json/.yaml); the options below override it")
+    tiles.add_argument("--tiles", default=None, metavar="FILE", help="tile list, z/x/y or x-y-z lines")
+    tiles.add_argument("--bbox", default=None, metavar="W,S,E,N", help="degrees (with --zoom)")
+    tiles.add_argument("--zoom", type=int, default=None, help="zoom level for --bbox")
+    tiles.add_argument("--imagery-url", default=None,
+                       help="tile URL template with {z}, {x}, {y} (http(s)://, s3:// or a path)")
+    tiles.add_argument("--job-id", default=None, help="job id, the output file stem (tiles)")
+    tiles.add_argument("--model", default=None, help="imageProcessor.name")
+    tiles.add_argument("--model-type", default=None, help="imageProcessor.type (BUILTIN)")
+    tiles.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="imageProcessorParameters entry (VALUE as JSON if it parses)")
+    tiles.add_argument("--threshold", action="append", default=[], metavar="[CLASS=]SCORE",
+                       help="GeoJSON export threshold, per class or the default (0.5)")
+    tiles.add_argument("--output-dir", default=None, help="write DIR/<jobId>.parquet, .geojson, "
+                       ".summary.json")
+    tiles.add_argument("--concurrency", type=_positive, default=None,
+                       help="tile downloads at once per task (8)")
+    tiles.add_argument("--retries", type=int, default=None, help="retries per tile (3)")
+    tiles.add_argument("--timeout", type=float, default=None, help="seconds per tile request (10)")
+    tiles.add_argument("--tiles-per-task", type=_positive, default=None, help="tiles per task (64)")
+    tiles.add_argument("--resume", action="store_true",
+                       help="reuse the finished parts of an earlier run of the same job")
+    tiles.add_argument("--cluster", default="local",
+                       help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
+    tiles.add_argument("--workers", type=_positive, default=None,
+                       help="LocalCluster worker processes (default: one per core)")
+    tiles.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -216,7 +272,124 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from graphs.queue_worker import WorkerConfig, run_worker
+
+    config = WorkerConfig(
+        queue_url=args.queue_url, status_topic_arn=args.status_topic_arn,
+        max_jobs=args.max_jobs, exit_when_idle=args.exit_when_idle,
+        wait_seconds=args.wait_seconds, visibility_timeout=args.visibility_timeout,
+        retry_delay=args.retry_delay, grace_seconds=args.grace_seconds,
+        progress_seconds=args.progress_seconds, chunk_target=args.chunk_target,
+    )
+    stats = run_worker(config, args.cluster, args.workers)
+    print(f"worker: {stats.received} messages: {stats.succeeded} succeeded, {stats.partial} "
+          f"partial, {stats.failed} failed, {stats.poison} poison, {stats.duplicates} already "
+          f"done, {stats.released} released")
+    return EXIT_OK
+
+
+def _tile_request(args: argparse.Namespace) -> Any:
+    """The tile job of a file and/or the command line options."""
+    import json
+
+    from graphs.tile_job import TileRequest
+    from pipeline.request import load_document
+
+    data: dict[str, Any] = {}
+    if args.config:
+        try:
+            data = load_document(Path(args.config).read_text(), args.config)
+        except OSError as exc:
+            raise UsageError(f"cannot read tile job file {args.config}: {exc.strerror}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{args.config}: the tile job must be a mapping")
+    if args.tiles or args.bbox:
+        for key in ("tiles", "tileFile", "bbox", "zoom"):
+            data.pop(key, None)
+    if args.tiles:
+        data["tileFile"] = args.tiles
+    if args.bbox:
+        try:
+            bbox = [float(v) for v in args.bbox.split(",")]
+        except ValueError:
+            bbox = []
+        if len(bbox) != 4:
+            raise UsageError(f"--bbox must be W,S,E,N in degrees, got {args.bbox!r}")
+        data["bbox"] = bbox
+    if args.zoom is not None:
+        data["zoom"] = args.zoom
+    data.setdefault("jobId", "tiles")
+    for option, key in (("imagery_url", "imageryUrl"), ("job_id", "jobId"),
+                        ("concurrency", "concurrency"), ("retries", "retries"),
+                        ("timeout", "timeout"), ("tiles_per_task", "tilesPerTask")):
+        if getattr(args, option) is not None:
+            data[key] = getattr(args, option)
+    processor = dict(data.get("imageProcessor") or {"type": "BUILTIN"})
+    if args.model:
+        processor["name"] = args.model
+    if args.model_type:
+        processor["type"] = args.model_type
+    data["imageProcessor"] = processor
+    parameters = dict(data.get("imageProcessorParameters") or {})
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param must be KEY=VALUE, got {item!r}")
+        try:
+            parameters[key] = json.loads(value)
+        except ValueError:
+            parameters[key] = value
+    if parameters:
+        data["imageProcessorParameters"] = parameters
+    thresholds = dict(data.get("thresholds") or {})
+    for item in args.threshold:
+        name, sep, value = item.rpartition("=")
+        try:
+            score = float(value)
+        except ValueError:
+            raise UsageError(f"--threshold must be [CLASS=]SCORE, got {item!r}") from None
+        if sep:
+            thresholds[name] = score
+        else:
+            data["defaultThreshold"] = score
+    if thresholds:
+        data["thresholds"] = thresholds
+    if args.output_dir:
+        data["outputs"] = [*data.get("outputs", []), {"type": "LOCAL", "path": args.output_dir}]
+    request = TileRequest.parse(data)
+    if not request.outputs:
+        raise UsageError("the tile job has no outputs: add one or pass --output-dir DIR")
+    return request
+
+
+def cmd_tiles(args: argparse.Namespace) -> int:
+    from graphs.cluster import connect
+    from graphs.tile_job import run_tile_job
+    from pipeline.models import ModelError, check_model
+
+    request = _tile_request(args)
+    try:
+        check_model(request.model_spec())
+    except ModelError as exc:
+        raise UsageError(f"invalid request: imageProcessor: {exc}") from None
+    with connect(args.cluster, args.workers) as client:
+        result = run_tile_job(request, client, progress=_progress(not args.no_progress),
+                              resume=args.resume)
+    summary = result.summary
+    print(f"tiles job {summary['jobId']}: {summary['status']}, {summary['tiles']} tiles "
+          f"({len(summary['failedTiles'])} failed), {summary['features']} features, "
+          f"{summary['exported']} exported, {summary['seconds']['total']:.1f} s")
+    for failed in summary["failedTiles"][:10]:
+        print(f"  failed {failed['tile']}: {failed['reason']}")
+    for path in result.outputs:
+        print(f"  wrote {path}")
+    return EXIT_OK if result.status == "SUCCESS" else EXIT_FAILED
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS["tiles"] = cmd_tiles
+COMMANDS["worker"] = cmd_worker
 COMMANDS["worker"] = cmd_worker
 
 
