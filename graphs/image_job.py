@@ -19,6 +19,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
@@ -131,7 +132,7 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     grid = plan.grid
     pixels = open_image(plan.url, chunks=grid.chunk).data
     overlap = grid.overlap
-    return da.map_overlap(
+    results = da.map_overlap(
         _chunk_task,
         pixels,
         depth={0: 0, 1: (0, overlap), 2: (0, overlap)},
@@ -146,6 +147,10 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
         bits=plan.info.bits,
         name=f"detect-{plan.url.rsplit('/', 1)[-1]}",
     )
+    resources = spec.options.get("resources")
+    if resources:  # only the model tasks; run_job computes them unoptimised (fusion drops it)
+        results.dask.layers[results.name].annotations = {"resources": dict(resources)}
+    return results
 
 
 def image_job(request: ImageRequest) -> dict[str, da.Array]:
@@ -255,6 +260,7 @@ def run_job(
     began = time.perf_counter()
     spec = model_spec(request)
     check_model(spec)
+    spec = prepare_model(client, spec)  # endpoint settings, resources (fail fast), metrics
     sinks = sinks if sinks is not None else [make_sink(o) for o in request.all_outputs]
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
 
@@ -270,7 +276,7 @@ def run_job(
                 bus.emit(ev.FAILED, request.job_id, outcome.url, str(exc))
                 continue
         outcome.tiles = outcome.plan.grid.n_tiles
-        delayed = results.to_delayed()
+        delayed = results.to_delayed(optimize_graph=not spec.options.get("resources"))
         for (row, col), item in np.ndenumerate(delayed):
             futures[client.compute(item)] = (outcome, (row, col))
 
@@ -337,6 +343,7 @@ def run_job(
             "total": round(time.perf_counter() - began, 4),
             "write": round(time.perf_counter() - write_began, 4),
         },
+        "modelMetrics": finish_model(client),
         "outputs": list(written),
         "timeline": {"seconds": [t for t, _ in timeline], "tiles": [n for _, n in timeline]},
     }

@@ -16,6 +16,10 @@ from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
 ADAPTERS: dict[str, str] = {
     "BUILTIN": "pipeline.models.builtin:create",
     "PYTHON": "pipeline.models.python:create",
+    "SM_ENDPOINT": "pipeline.models.sagemaker:create",
+    "SM_ASYNC_ENDPOINT": "pipeline.models.sm_async:create",
+    "HTTP_ENDPOINT": "pipeline.models.http:create",
+    "TFSERVING_ENDPOINT": "pipeline.models.tfserving:create",
 }
 
 _cache: dict[str, ModelAdapter] = {}

@@ -12,7 +12,13 @@ import numpy as np
 from pipeline.detections import Detections
 
 #: ``imageProcessorParameters`` keys that configure the runner, not the model.
-RUNNER_PARAMETERS = ("batchSize",)
+RUNNER_PARAMETERS = (
+    "batchSize",
+    # endpoint targets (pipeline.models.endpoint): concurrency, retries, timeouts, async S3
+    "maxConcurrency", "perInstanceConcurrency", "maxRetries", "retryBaseDelay", "retryMaxDelay",
+    "timeout", "scoreThresholds", "classNames", "signatureName", "s3InputLocation",
+    "pollTimeout", "pollInterval", "cleanupPolicy", "resources",
+)
 
 
 class ModelError(RuntimeError):
@@ -29,13 +35,16 @@ class ModelSpec:
     tile_format: str = "GTIFF"
     tile_compression: str = "NONE"
     assumed_role: str | None = None
+    #: settings resolved in the client (endpoint URLs, region, concurrency cap, assumed-role
+    #: credentials) so that workers need not see the client's environment; never logged
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def key(self) -> str:
         """A stable cache key (adapters are built once per worker process and spec)."""
         return json.dumps(
             [self.type, self.name, self.parameters, self.tile_format, self.tile_compression,
-             self.assumed_role],
+             self.assumed_role, self.options],
             sort_keys=True,
             default=str,
         )
