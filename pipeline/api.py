@@ -51,6 +51,8 @@ def open_image(url: str, chunks: int | tuple[int, int] = 4096, **options: Any) -
         from pipeline import synthetic
 
         return synthetic.open_image(url, chunks)
+    import rioxarray  # noqa: F401 - registers the ``.rio`` accessor that io.open_image uses
+
     return io.open_image(url, chunks, **options)
 
 
