@@ -323,6 +323,34 @@ def read_capped(stream: Any, limit: int = MAX_RESPONSE_BYTES, what: str = "respo
     return bytes(data)
 
 
+def read_response(response: Any, limit: int = MAX_RESPONSE_BYTES, deadline: float | None = None,
+                  what: str = "response") -> bytes:
+    """The body of a streamed ``requests`` response (``stream=True``), at most ``limit`` bytes
+    and within ``deadline`` seconds in all (a slow trickle cannot hold a tile forever).
+
+    Raises ``ValueError`` (too large) or ``TimeoutError`` (too slow); the connection is closed.
+    """
+    import time
+
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        response.close()
+        raise ValueError(f"{what} is larger than {limit} bytes ({declared} declared); refused")
+    stop = time.monotonic() + deadline if deadline else None
+    parts, size = [], 0
+    try:
+        for part in response.iter_content(chunk_size=65536):
+            size += len(part)
+            if size > limit:
+                raise ValueError(f"{what} is larger than {limit} bytes; refused")
+            if stop is not None and time.monotonic() > stop:
+                raise TimeoutError(f"{what} timed out: not complete after {deadline:g} s")
+            parts.append(part)
+    finally:
+        response.close()
+    return b"".join(parts)
+
+
 def cap_detections(detections: Any, limit: int = MAX_DETECTIONS_PER_TILE) -> tuple[Any, int]:
     """The ``limit`` highest-scoring detections of one tile, and how many were dropped."""
     n = len(detections)

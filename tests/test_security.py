@@ -251,3 +251,17 @@ def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
     assert "https://h/a.tif?X-Amz-Signature=***" in text and "RuntimeError" in text
     for secret in ("topsecret1", "AKIAIOSFODNN7EXAMPLE", "abcdef123456"):
         assert secret not in text
+
+
+def test_cap_detections_keeps_the_best_and_counts_the_rest() -> None:
+    from pipeline.detections import Detections
+    from pipeline.security import cap_detections
+
+    n = 25
+    boxes = np.stack([np.arange(n), np.zeros(n), np.arange(n) + 1, np.ones(n)], axis=1)
+    scores = np.linspace(0.01, 1.0, n)
+    capped, dropped = cap_detections(Detections(boxes, scores, ["x"] * n), limit=10)
+    assert dropped == 15 and len(capped) == 10
+    assert capped.boxes[:, 0].tolist() == list(range(15, 25))  # the 10 best, in their order
+    same, none = cap_detections(capped, limit=10)
+    assert same is capped and none == 0
