@@ -1,0 +1,150 @@
+"""Scale: the synthetic image source, planning a 200k × 200k job, and the streaming merge
+(per-chunk settle + border pass) giving exactly the result of one global merge."""
+
+from __future__ import annotations
+
+import json
+
+import dask
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from graphs.image_job import chunk_results, model_spec, plan_image, run_job
+from pipeline import synthetic
+from pipeline.detections import Detections
+from pipeline.io import ImageError
+from pipeline.merge import distill
+from pipeline.request import ImageRequest
+
+URL = "synthetic://2600x2100?spacing=160&size=12&seed=3"
+
+
+def _request(url: str, out, model: str = "bright-objects", params: dict | None = None,
+             post: list | None = None, **extra) -> ImageRequest:
+    data = {
+        "jobId": "scale",
+        "imageUrls": [url],
+        "outputs": [{"type": "LOCAL", "path": str(out)}],
+        "imageProcessor": {"name": model, "type": "BUILTIN"},
+        "imageProcessorParameters": params or {},
+        "imageProcessorTileSize": 256,
+        "imageProcessorTileOverlap": 40,
+        **extra,
+    }
+    if post is not None:
+        data["postProcessing"] = post
+    return ImageRequest.parse(data)
+
+
+def _box_set(boxes) -> set[tuple[int, ...]]:
+    return {tuple(int(v) for v in b) for b in np.asarray(list(boxes), dtype=np.float64).reshape(-1, 4)}
+
+
+# ---------------------------------------------------------------- synthetic source
+def test_synthetic_header_pixels_and_truth_agree() -> None:
+    info = synthetic.describe(URL)
+    assert (info.width, info.height, info.bands, info.dtype) == (2600, 2100, 3, "uint8")
+    assert info.transform == (1e-5, 0.0, 10.0, 0.0, -1e-5, 50.0)
+    image = synthetic.open_image(URL, chunks=1000)
+    assert image.shape == (3, 2100, 2600) and image.data.chunks[1] == (1000, 1000, 100)
+    pixels = image.data.compute()
+    truth = synthetic.truth(URL)
+    # one 12 px object per 160 px cell (every whole cell, some edge cells), inside the image
+    cells = {(x // 160, y // 160) for x, y in truth[:, :2].tolist()}
+    assert len(cells) == len(truth) and 16 * 13 <= len(truth) <= 17 * 14
+    assert (truth[:, 2:] - truth[:, :2] == 12).all() and (truth[:, 2:] <= [2600, 2100]).all()
+    assert (pixels == 255).sum() == len(truth) * 144 * 3
+    for x0, y0, x1, y1 in truth[:5]:
+        assert (pixels[:, y0:y1, x0:x1] == 255).all()
+    # any window renders the same pixels as the whole image, wherever chunks fall
+    window = (777, 333, 1911, 1500)
+    part = synthetic.SyntheticImage.parse(URL).render(window)
+    np.testing.assert_array_equal(part, pixels[:, 333:1500, 777:1911])
+
+
+def test_synthetic_url_errors_are_one_line() -> None:
+    for url, words in [("synthetic://abc", "WIDTHxHEIGHT"), ("synthetic://10x10?bogus=1", "bogus"),
+                       ("synthetic://10x10?size=20&spacing=10", "size < spacing"),
+                       ("synthetic://10x10?dtype=nope", "dtype")]:
+        with pytest.raises(ImageError) as err:
+            synthetic.describe(url)
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- planning at scale
+def test_planning_200k_square_job_reads_no_pixels(tmp_path) -> None:
+    url = "synthetic://200000x200000"
+    request = ImageRequest.parse({
+        "jobId": "big", "imageUrls": [url], "outputs": [{"type": "LOCAL", "path": str(tmp_path)}],
+        "imageProcessor": {"name": "null", "type": "BUILTIN"},
+    })
+    plan = plan_image(request, url)
+    grid = plan.grid
+    assert (grid.tiles_x, grid.tiles_y) == (206, 206) and grid.n_tiles == 42436
+    assert grid.chunk == 3896 and (grid.chunks_x, grid.chunks_y) == (52, 52)
+    results = chunk_results(plan, request, model_spec(request))
+    assert results.shape == (52, 52)
+    delayed = results.to_delayed()
+    assert delayed.shape == (52, 52)
+    graph = dict(dask.base.collections_to_expr([results]).__dask_graph__()) if hasattr(
+        dask.base, "collections_to_expr") else dict(results.__dask_graph__())
+    detect_tasks = [k for k in graph if isinstance(k, tuple) and str(k[0]).startswith("detect-")]
+    assert len(detect_tasks) == 52 * 52
+
+
+# ---------------------------------------------------------------- streaming merge
+def test_streamed_job_finds_exactly_the_synthetic_objects(tmp_path, dask_client) -> None:
+    result = run_job(_request(URL, tmp_path), dask_client, chunk_target=500)
+    truth = synthetic.truth(URL)
+    assert result.status == "SUCCESS"
+    assert result.summary["features"] == len(truth) == len(result.features)
+    assert _box_set(result.features["imageBBox"]) == _box_set(truth)
+    assert result.summary["chunks"] == {"computed": 7 * 5, "resumed": 0}
+    assert set(result.summary["seconds"]["stages"]) >= {"plan", "model", "merge", "geolocate", "write"}
+    # the parquet was assembled from per-chunk parts: many row groups, one geo bbox for all
+    parquet = pq.ParquetFile(tmp_path / "scale.parquet")
+    assert parquet.metadata.num_rows == len(truth) and parquet.metadata.num_row_groups > 10
+    bbox = json.loads(parquet.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["bbox"]
+    bounds = gpd.read_parquet(tmp_path / "scale.parquet").total_bounds
+    np.testing.assert_allclose(bbox, bounds)
+    collection = json.loads((tmp_path / "scale.geojson").read_text())
+    assert len(collection["features"]) == len(truth)
+    assert {f["id"] for f in collection["features"]} == set(result.features["id"])
+    assert not (tmp_path / "scale.parts").exists()  # parts are removed after a success
+
+
+def _global_merge(request: ImageRequest, client, chunk_target: int) -> Detections:
+    """The reference: every chunk's detections gathered, then one merge over all of them."""
+    plan = plan_image(request, request.image_urls[0], chunk_target)
+    chunks = client.compute(chunk_results(plan, request, model_spec(request))).result()
+    return distill(Detections.concat(c.detections for c in chunks.ravel()), request.distillation)
+
+
+@pytest.mark.parametrize("post", [
+    [{"step": "FEATURE_DISTILLATION", "algorithm": {"algorithmType": "NMS", "iouThreshold": 0.05}}],
+    [{"step": "FEATURE_DISTILLATION",
+      "algorithm": {"algorithmType": "SOFT_NMS", "sigma": 0.2, "skipBoxThreshold": 0.3}}],
+])
+def test_streaming_merge_equals_one_global_merge(tmp_path, dask_client, post) -> None:
+    # flood: 40 random overlapping boxes per tile, up to 60 px, so suppression chains cross
+    # chunk borders; the streamed result must be the global merge, box for box and score
+    request = _request("synthetic://1500x1300?spacing=0", tmp_path, "flood",
+                       {"count": 40, "maxSize": 60, "seed": 5}, post)
+    reference = _global_merge(request, dask_client, 400)
+    result = run_job(request, dask_client, chunk_target=400, collect_features=True)
+    image = result.summary["images"][0]
+    assert image["detections"]["afterMerge"] == len(reference) == len(result.features)
+    assert image["detections"]["afterMerge"] < image["detections"]["beforeMerge"]
+    got = sorted((tuple(np.round(b, 6)), round(c[0]["score"], 9))
+                 for b, c in zip(result.features["imageBBox"], result.features["featureClasses"]))
+    want = sorted((tuple(np.round(b, 6)), round(float(s), 9))
+                  for b, s in zip(reference.boxes, reference.scores))
+    assert got == want
+
+
+def test_without_collect_features_the_result_frame_is_empty(tmp_path, dask_client) -> None:
+    result = run_job(_request(URL, tmp_path), dask_client, chunk_target=500, collect_features=False)
+    assert len(result.features) == 0 and result.summary["features"] == len(synthetic.truth(URL))
+    assert len(gpd.read_parquet(tmp_path / "scale.parquet")) == result.summary["features"]
