@@ -167,7 +167,9 @@ class LocalSink(Sink):
         return [self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", writers[fmt]) for fmt in self.formats]
 
     def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
-        text = json.dumps(summary, indent=2, default=_json_default)
+        from pipeline.redact import redact_obj
+
+        text = json.dumps(redact_obj(summary), indent=2, default=_json_default)  # no secrets
         return self._publish(f"{job_id}.summary.json", lambda p: p.write_text(text))
 
     def describe(self) -> str:
