@@ -13,6 +13,7 @@ parts that are missing or had failed tiles.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -193,7 +194,45 @@ def _session(retries: int) -> Any:
     return sessions[retries]
 
 
-def fetch(url: str, retries: int = 3, timeout: float = 10.0) -> bytes:
+class S3Settings(dict[str, str]):
+    """boto3 client arguments for ``s3://`` tiles, resolved in the client (Dask workers may
+    have started before the AWS settings were made); ``repr`` hides the secrets."""
+
+    def __repr__(self) -> str:
+        shown = {k: "***" if "secret" in k or "token" in k else v for k, v in self.items()}
+        return f"S3Settings({shown!r})"
+
+
+def s3_settings() -> S3Settings:
+    """The caller's AWS endpoint, region and credentials for S3, as client arguments."""
+    from pipeline import aws
+
+    settings = S3Settings(region_name=aws.region())
+    endpoint = aws.endpoint_url("s3")
+    if endpoint:
+        settings["endpoint_url"] = endpoint
+    found = aws.session().get_credentials()
+    if found is not None:
+        frozen = found.get_frozen_credentials()
+        settings.update(aws_access_key_id=frozen.access_key,
+                        aws_secret_access_key=frozen.secret_key)
+        if frozen.token:
+            settings["aws_session_token"] = frozen.token
+    return settings
+
+
+def _s3_client(settings: S3Settings) -> Any:
+    clients: dict[str, Any] = _local.__dict__.setdefault("s3", {})
+    key = json.dumps(settings, sort_keys=True)
+    if key not in clients:
+        import boto3
+
+        clients[key] = boto3.session.Session().client("s3", **settings)
+    return clients[key]
+
+
+def fetch(url: str, retries: int = 3, timeout: float = 10.0,
+          s3_settings: S3Settings | None = None) -> bytes:
     """The bytes of one tile (HTTP(S), ``s3://`` or a local path); :class:`TileError` if not."""
     if url.startswith(("http://", "https://")):
         import requests
@@ -207,10 +246,10 @@ def fetch(url: str, retries: int = 3, timeout: float = 10.0) -> bytes:
             raise TileError(f"HTTP {answer.status_code} {answer.reason}: {url}")
         return bytes(answer.content)
     if url.startswith("s3://"):
-        from pipeline.aws import client, split_s3_url
+        from pipeline.aws import split_s3_url
 
         bucket, key = split_s3_url(url)
-        s3 = client("s3")
+        s3 = _s3_client(s3_settings or S3Settings())
         try:
             return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         except s3.exceptions.NoSuchKey:
@@ -283,8 +322,8 @@ def _predict(spec: ModelSpec, tiles: np.ndarray, offsets: np.ndarray) -> list[An
 
 
 def run_part(part: int, tiles: list[tuple[int, int, int]], template: str, spec: ModelSpec,
-             job_id: str, concurrency: int = 8, retries: int = 3,
-             timeout: float = 10.0) -> TilePartResult:
+             job_id: str, concurrency: int = 8, retries: int = 3, timeout: float = 10.0,
+             s3: S3Settings | None = None) -> TilePartResult:
     """Fetch, decode, infer and geolocate one part of the tile list (a Dask task)."""
     result = TilePartResult(part, empty_features(), tiles=len(tiles))
     wanted = [mercantile.Tile(x, y, z) for x, y, z in tiles]
@@ -292,7 +331,7 @@ def run_part(part: int, tiles: list[tuple[int, int, int]], template: str, spec: 
     def load(tile: mercantile.Tile) -> np.ndarray | TileError:
         url = tile_url(template, tile)
         try:
-            return decode(fetch(url, retries, timeout), url)
+            return decode(fetch(url, retries, timeout, s3), url)
         except TileError as exc:
             return exc
 
@@ -411,11 +450,23 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
     parts = [[(t.x, t.y, t.z) for t in tiles[i : i + request.tiles_per_task]]
              for i in range(0, len(tiles), request.tiles_per_task)]
     directory = parts_directory(request)
-    if not resume and directory is not None and directory.exists():
-        for old in directory.glob("part-*"):
-            old.unlink()
+    if directory is not None:
+        plan = json.dumps({"imageryUrl": request.imagery_url, "model": spec.key,
+                           "tilesPerTask": request.tiles_per_task,
+                           "tiles": hashlib.sha256(" ".join(map(tile_id, tiles)).encode()).hexdigest()})
+        recorded = directory / "plan.json"
+        if resume and (not recorded.is_file() or recorded.read_text() != plan):
+            log.warning("resume: %s belongs to another plan of job %s; starting over",
+                        directory, request.job_id)
+            resume = False
+        if not resume and directory.exists():
+            for old in directory.glob("part-*"):
+                old.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(plan)
     bus.emit(ev.STARTED, request.job_id, message=f"{len(tiles)} tiles in {len(parts)} parts")
 
+    s3 = s3_settings() if request.imagery_url.startswith("s3://") else None
     results: list[TilePartResult] = []
     futures = {}
     for number, part in enumerate(parts):
@@ -424,7 +475,7 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
             results.append(kept)
             continue
         future = client.submit(run_part, number, part, request.imagery_url, spec, request.job_id,
-                               request.concurrency, request.retries, request.timeout,
+                               request.concurrency, request.retries, request.timeout, s3,
                                key=f"tiles-{request.job_id}-{number}-{time.time_ns()}")
         futures[future] = number
     resumed = len(results)

@@ -197,6 +197,25 @@ def test_resume_redoes_only_unfinished_parts(server, tmp_path, dask_client) -> N
     assert hits == Counter({**{f"/{i}.png": 1 for i in ids[:-2]}, f"/{ids[-2]}.png": 2,
                             broken: 2})
     assert sorted(gpd.read_parquet(tmp_path / "tiles.parquet")["tile"]) == server.ids
+    # another plan (a different part size) does not reuse these parts
+    other = run_tile_job(tile_request(server, tmp_path, tilesPerTask=3), dask_client, resume=True)
+    assert other.status == "SUCCESS" and other.summary["resumedParts"] == 0
+
+
+def test_tiles_from_an_s3_template(server, aws, tmp_path, dask_client) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="xyz-tiles")
+    for path, body in list(server.tiles.items())[:2]:
+        s3.put_object(Bucket="xyz-tiles", Key=f"layer{path}", Body=body)
+    wanted = [path[1:-4] for path in list(server.tiles)[:2]] + ["8/1/1"]
+    result = run_tile_job(tile_request(server, tmp_path, tiles=wanted,
+                                       imageryUrl="s3://xyz-tiles/layer/{z}/{x}/{y}.png"),
+                          dask_client)
+    assert result.status == "PARTIAL" and len(result.features) == 2
+    assert result.summary["failedTiles"] == [
+        {"tile": "8/1/1", "reason": "not found: s3://xyz-tiles/layer/8/1/1.png"}]
 
 
 def test_cli_tiles_from_a_list_file(server, tmp_path) -> None:
