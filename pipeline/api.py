@@ -143,6 +143,7 @@ def detect(
     overlap: int = 50,
     range_adjustment: str = "NONE",
     distillation: DistillationAlgorithm | None = DEFAULT_DISTILLATION,
+    elevation: dict[str, Any] | None = None,
 ) -> gpd.GeoDataFrame:
     """Run ``model`` eagerly, in this process, on ``window`` ``(x0, y0, x1, y1)`` (full-image
     pixels; default: the whole image, for small images) of ``url``; return the geolocated
@@ -151,6 +152,7 @@ def detect(
     Tiling, the ownership rule and the merge are a job's, with the window's edges as image
     edges (objects cut by them come back cut). ``model`` is a built-in name, a
     ``"package.module:factory"``, a dict ``{"type", "name", "parameters"}`` or a ModelSpec.
+    ``elevation`` (``{"constant": metres}`` or ``{"dem": url}``) sets an RPC image's ground height.
     """
     spec = as_model_spec(model, parameters)
     check_model(spec)
@@ -170,7 +172,8 @@ def detect(
         raise ModelError(f"{len(result.failed_tiles)} of {result.tiles} tiles failed, first at "
                          f"{first['window']}: {first['reason']}")
     found = distill(result.detections, distillation).shifted(x0, y0)
-    return to_features(found, sensor_model(info), image_url=url, job_id="detect")
+    model = sensor_model(info, elevation) if elevation else sensor_model(info)
+    return to_features(found, model, image_url=url, job_id="detect")
 
 
 def image_job(request: ImageRequest | dict[str, Any] | str | Path) -> dict[str, Any]:
