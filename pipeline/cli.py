@@ -142,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.add_argument("--workers", type=_positive, default=None,
                        help="LocalCluster worker processes (default: one per core)")
     tiles.add_argument("--no-progress", action="store_true", help="no progress bar")
+    serve = commands.add_parser(
+        "serve-model", help="serve a built-in model over HTTP (SageMaker container contract)",
+        description="Serve a built-in model on GET /ping and POST /invocations, the SageMaker "
+        "runtime paths /endpoints/NAME/invocations and /async-invocations, TF Serving's "
+        "/v1/models/NAME:predict and DescribeEndpoint, to test a pipeline before deploying. "
+        "It can misbehave on purpose for tests.")
+    serve.add_argument("--model", default="centerpoint",
+                       choices=["null", "centerpoint", "flood", "bright-objects"])
+    serve.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks a free one)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (127.0.0.1)")
+    serve.add_argument("--latency", type=float, default=0.0, help="seconds per tile")
+    serve.add_argument("--slots", type=int, default=0, help="tiles processed at once (0: no limit)")
+    serve.add_argument("--error-rate", type=float, default=0.0, help="fraction answered HTTP 500")
+    serve.add_argument("--throttle-rate", type=float, default=0.0,
+                       help="fraction answered HTTP 429 ThrottlingException")
+    serve.add_argument("--malformed-rate", type=float, default=0.0, help="fraction of bad bodies")
+    serve.add_argument("--instances", type=int, default=1, help="instance count DescribeEndpoint reports")
+    serve.add_argument("--async-output", default="", metavar="S3URL",
+                       help="s3://bucket/prefix for asynchronous results")
     return parser
 
 
@@ -387,7 +406,28 @@ def cmd_tiles(args: argparse.Namespace) -> int:
     return EXIT_OK if result.status == "SUCCESS" else EXIT_FAILED
 
 
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    from pipeline.models.server import Behaviour, start_server
+
+    behaviour = Behaviour(latency=args.latency, slots=args.slots, error_rate=args.error_rate,
+                          throttle_rate=args.throttle_rate, malformed_rate=args.malformed_rate,
+                          instances=args.instances, async_output=args.async_output)
+    try:
+        server = start_server(args.model, port=args.port, host=args.host, behaviour=behaviour)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    print(f"serving {args.model} on {server.url} (POST /invocations, GET /ping)", flush=True)
+    try:
+        import threading
+
+        threading.Event().wait()
+    finally:
+        server.shutdown()
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS["serve-model"] = cmd_serve_model
 COMMANDS["tiles"] = cmd_tiles
 COMMANDS["worker"] = cmd_worker
 COMMANDS["worker"] = cmd_worker

@@ -202,3 +202,26 @@ def test_serve_model_container_contract(sm) -> None:
     assert answer["type"] == "FeatureCollection"
     assert [f["properties"]["imageBBox"] for f in answer["features"]] == expected(batch)[0].boxes.tolist()
     assert json.loads(requests.get(sm.url + "/stats", timeout=5).text)["requests"] >= 1
+
+
+def test_serve_model_command_answers_ping_and_invocations() -> None:
+    import subprocess
+    import sys
+
+    import requests
+
+    from pipeline.models.encoding import encode_tile
+
+    command = [sys.executable, "-m", "pipeline", "-q", "serve-model", "--model", "centerpoint", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        url = line.split(" on ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert requests.get(url + "/ping", timeout=5).json()["model"] == "centerpoint"
+        answer = requests.post(url + "/invocations", data=encode_tile(np.zeros((100, 50, 1), np.uint8)),
+                               timeout=5).json()
+        assert answer["features"][0]["properties"]["imageBBox"] == [20.0, 40.0, 30.0, 60.0]
+    finally:
+        process.terminate()
+        process.wait(10)
