@@ -172,8 +172,8 @@ def detect(
         raise ModelError(f"{len(result.failed_tiles)} of {result.tiles} tiles failed, first at "
                          f"{first['window']}: {first['reason']}")
     found = distill(result.detections, distillation).shifted(x0, y0)
-    model = sensor_model(info, elevation) if elevation else sensor_model(info)
-    return to_features(found, model, image_url=url, job_id="detect")
+    ground = sensor_model(info, elevation) if elevation else sensor_model(info)
+    return to_features(found, ground, image_url=url, job_id="detect")
 
 
 def image_job(request: ImageRequest | dict[str, Any] | str | Path) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED_DATA
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 
@@ -37,6 +39,10 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # and no AWS settings of the machine leak in (02 sets its own for a local moto server).
     monkeypatch.setenv("MODEL_RUNNER_NOTEBOOK_OUT", str(tmp_path))
     monkeypatch.setenv("MODEL_RUNNER_SCALE_SIZE", "4096")
+    if name.startswith("02"):
+        if not (SHARED_DATA / "nitf/jitc/i_3001a.ntf").exists():
+            pytest.skip("needs ../shared/data (shared test data not present)")
+        monkeypatch.setenv("MODEL_RUNNER_SHARED_DATA", str(SHARED_DATA))
     for name_ in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name_, raising=False)
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
