@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -21,13 +23,15 @@ import pandas as pd
 
 from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
+from pipeline import synthetic
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
 from pipeline.io import ImageError, ImageInfo, SensorModel, describe, open_image, sensor_model
-from pipeline.merge import distill
+from pipeline.merge import border_mask, distill, settled
 from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
+from pipeline.parts import PartStore, fingerprint
 from pipeline.request import ImageRequest
 from pipeline.sinks import Sink, make_sink
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size
@@ -60,6 +64,7 @@ class ImageOutcome:
     after_merge: int = 0
     timer: StageTimer = field(default_factory=StageTimer)
     chunks: list[ChunkResult] = field(default_factory=list)
+    border: list[Detections] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         info = self.plan.info if self.plan else None
@@ -96,9 +101,19 @@ def model_spec(request: ImageRequest) -> ModelSpec:
     )
 
 
+def _describe(url: str) -> ImageInfo:
+    """The header of ``url``: a file or object, or a ``synthetic://`` image."""
+    return synthetic.describe(url) if synthetic.is_synthetic(url) else describe(url)
+
+
+def _open_image(url: str, chunks: int) -> Any:
+    """``url`` as a lazy ``(band, y, x)`` array; ``synthetic://`` pixels are generated."""
+    return synthetic.open_image(url, chunks) if synthetic.is_synthetic(url) else open_image(url, chunks)
+
+
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`)."""
-    info = describe(url)
+    info = _describe(url)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
     chunk = chunk_size(request.tile_size, request.tile_overlap, chunk_target)
@@ -130,7 +145,7 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     tiles reach into.
     """
     grid = plan.grid
-    pixels = open_image(plan.url, chunks=grid.chunk).data
+    pixels = _open_image(plan.url, chunks=grid.chunk).data
     overlap = grid.overlap
     results = da.map_overlap(
         _chunk_task,
@@ -201,26 +216,6 @@ class JobResult:
 ProgressFactory = Callable[[int], Any]
 
 
-def _reduce_image(outcome: ImageOutcome, request: ImageRequest) -> gpd.GeoDataFrame:
-    """Merge and geolocate the chunk results of one image."""
-    plan = outcome.plan
-    assert plan is not None
-    detections = Detections.concat(c.detections for c in outcome.chunks)
-    outcome.before_merge = len(detections)
-    with outcome.timer.stage("merge"):
-        merged = distill(detections, request.distillation)
-    outcome.after_merge = len(merged)
-    with outcome.timer.stage("geolocate"):
-        features = to_features(
-            merged,
-            plan.sensor_model,
-            image_url=plan.url,
-            job_id=request.job_id,
-            feature_properties=request.merged_feature_properties,
-        )
-    return features
-
-
 def _finish_image(outcome: ImageOutcome) -> None:
     outcome.failed_tiles.sort(key=lambda t: (t["window"][1], t["window"][0]))
     if outcome.status == ev.FAILED:
@@ -243,6 +238,65 @@ def job_status(outcomes: list[ImageOutcome]) -> str:
     return ev.PARTIAL
 
 
+def default_work_dir(request: ImageRequest) -> Path:
+    """Where a job keeps its part files and manifest: ``<first LOCAL output>/<jobId>.parts``,
+    or ``<tmp>/model-runner/<jobId>.parts`` for a job without a LOCAL output."""
+    for output in request.all_outputs:
+        if output.type == "LOCAL":
+            return Path(output.path) / f"{request.job_id}.parts"
+    return Path(tempfile.gettempdir()) / "model-runner" / f"{request.job_id}.parts"
+
+
+def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int, int, int, int],
+                                                                         tuple[bool, bool, bool, bool]]:
+    row, col = chunk
+    bounds = (col * grid.chunk, row * grid.chunk,
+              min((col + 1) * grid.chunk, grid.width), min((row + 1) * grid.chunk, grid.height))
+    return bounds, (col > 0, row > 0, col < grid.chunks_x - 1, row < grid.chunks_y - 1)
+
+
+def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: ChunkResult,
+                  request: ImageRequest) -> dict[str, Any]:
+    """Stream one chunk out: merge and write what is final, keep its border detections."""
+    plan = outcome.plan
+    assert plan is not None
+    detections = result.detections
+    with outcome.timer.stage("merge"):
+        bounds, neighbours = _chunk_neighbours(plan.grid, result.chunk)
+        border = border_mask(detections.boxes, bounds, plan.grid.overlap, neighbours)
+        final = settled(detections, border, request.distillation)
+        merged = distill(detections.select(final), request.distillation)
+        waiting = detections.select(~final)
+    with outcome.timer.stage("geolocate"):
+        features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
+                               feature_properties=request.merged_feature_properties)
+    with outcome.timer.stage("write"):
+        record = store.write_chunk(
+            index, result.chunk, features, waiting,
+            {"url": plan.url, "tiles": result.tiles, "rawDetections": result.raw_detections,
+             "detections": len(detections), "modelSeconds": round(result.model_seconds, 4)},
+            complete=not result.failed_tiles,
+        )
+    outcome.border.append(waiting)
+    return record
+
+
+def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: ImageRequest) -> int:
+    """Merge the detections that chunks left at their borders; write them as one more part."""
+    plan = outcome.plan
+    assert plan is not None
+    with outcome.timer.stage("merge"):
+        waiting = Detections.concat(outcome.border)
+        merged = distill(waiting, request.distillation)
+    outcome.border.clear()
+    with outcome.timer.stage("geolocate"):
+        features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
+                               feature_properties=request.merged_feature_properties)
+    with outcome.timer.stage("write"):
+        store.write_border(index, features)
+    return len(features)
+
+
 def run_job(
     request: ImageRequest,
     client: Any,
@@ -251,22 +305,39 @@ def run_job(
     bus: ev.EventBus | None = None,
     sinks: list[Sink] | None = None,
     chunk_target: int = DEFAULT_CHUNK_TARGET,
+    resume: bool = False,
+    work_dir: str | Path | None = None,
+    collect_features: bool = True,
+    keep_parts: bool = False,
 ) -> JobResult:
-    """Run ``request`` on ``client`` (a ``distributed.Client``) and write its outputs."""
+    """Run ``request`` on ``client`` (a ``distributed.Client``) and write its outputs.
+
+    Streaming: each chunk's result is merged and written to a part file in ``work_dir``
+    (default :func:`default_work_dir`) as it arrives, and listed in the manifest there; only
+    detections near chunk borders wait for a cross-chunk merge at the end, and the final
+    files are assembled from the parts. ``resume=True`` keeps the chunks the manifest lists
+    and computes only the others. ``collect_features=False`` leaves
+    :attr:`JobResult.features` empty (the features are in the outputs), so that memory stays
+    flat however large the job. The parts are removed after a successful job unless
+    ``keep_parts``.
+    """
     from distributed import as_completed
 
     bus = bus or ev.EventBus()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     began = time.perf_counter()
     spec = model_spec(request)
     check_model(spec)
     spec = prepare_model(client, spec)  # endpoint settings, resources (fail fast), metrics
     sinks = sinks if sinks is not None else [make_sink(o) for o in request.all_outputs]
+    store = PartStore(work_dir or default_work_dir(request), request.job_id,
+                      fingerprint(request.to_wire(), chunk_target), resume=resume)
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
 
     outcomes = [ImageOutcome(url) for url in request.image_urls]
-    futures: dict[Any, tuple[ImageOutcome, tuple[int, int]]] = {}
-    for outcome in outcomes:
+    futures: dict[Any, tuple[int, ImageOutcome, tuple[int, int]]] = {}
+    resumed_tiles = resumed_chunks = 0
+    for index, outcome in enumerate(outcomes):
         with outcome.timer.stage("plan"):
             try:
                 outcome.plan = plan_image(request, outcome.url, chunk_target)
@@ -275,17 +346,30 @@ def run_job(
                 outcome.status, outcome.reason = ev.FAILED, str(exc)
                 bus.emit(ev.FAILED, request.job_id, outcome.url, str(exc))
                 continue
-        outcome.tiles = outcome.plan.grid.n_tiles
-        delayed = results.to_delayed(optimize_graph=not spec.options.get("resources"))
-        for (row, col), item in np.ndenumerate(delayed):
-            futures[client.compute(item)] = (outcome, (row, col))
+            outcome.tiles = outcome.plan.grid.n_tiles
+            finished = store.finished(index)
+            for record in finished.values():
+                outcome.raw_detections += record["rawDetections"]
+                outcome.before_merge += record["detections"]
+                outcome.after_merge += record["features"]
+                outcome.timer.add("model", record["modelSeconds"])
+                outcome.border.append(store.border(record))
+                resumed_tiles += record["tiles"]
+            resumed_chunks += len(finished)
+            delayed = results.to_delayed(optimize_graph=not spec.options.get("resources"))
+            todo = [(chunk, item) for chunk, item in np.ndenumerate(delayed) if chunk not in finished]
+        for (chunk, _), future in zip(todo, client.compute([item for _, item in todo]), strict=True):
+            futures[future] = (index, outcome, chunk)
 
     total_tiles = sum(o.tiles for o in outcomes)
     bar = progress(total_tiles) if progress else None
-    done_tiles = 0
-    timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), 0)]
+    done_tiles = resumed_tiles
+    found = sum(o.before_merge for o in outcomes)
+    if bar is not None and resumed_tiles:
+        bar.update(resumed_tiles)
+    timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
     for future in as_completed(list(futures)):
-        outcome, chunk = futures.pop(future)
+        index, outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
         if future.status == "finished":
             result: ChunkResult = future.result()[0, 0]
@@ -294,40 +378,56 @@ def run_job(
             log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
             result = ChunkResult.failed(chunk, outcome.plan.grid.chunk_tiles(*chunk), reason)
         future.release()
-        outcome.chunks.append(result)
+        record = _settle_chunk(store, index, outcome, result, request)
         outcome.failed_tiles.extend(result.failed_tiles)
         outcome.raw_detections += result.raw_detections
+        outcome.before_merge += len(result.detections)
+        outcome.after_merge += record["features"]
         outcome.timer.add("model", result.model_seconds)
         done_tiles += result.tiles
+        found += len(result.detections)
         timeline.append((round(time.perf_counter() - began, 3), done_tiles))
         if bar is not None:
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(detections=found, refresh=False)
             bar.update(result.tiles)
     if bar is not None:
         bar.close()
 
-    frames = []
-    for outcome in outcomes:
+    parts: list[Path] = []
+    for index, outcome in enumerate(outcomes):
         if outcome.plan is None:
             continue
         _finish_image(outcome)
         if outcome.status != ev.FAILED:
-            frames.append(_reduce_image(outcome, request))
-        outcome.chunks.clear()
+            outcome.after_merge += _border_pass(store, index, outcome, request)
+            parts.extend(store.parts(index))
+            border_part = store.directory / f"i{index:04d}-border.parquet"
+            if border_part.exists():
+                parts.append(border_part)
+        outcome.border.clear()
         bus.emit(outcome.status, request.job_id, outcome.url, outcome.reason or "",
                  failedTiles=len(outcome.failed_tiles))
 
     status = job_status(outcomes)
     georeferenced = all(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
-    features = (
-        gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
-        if frames
-        else empty_features(georeferenced)
-    )
+    n_features = sum(o.after_merge for o in outcomes if o.status != ev.FAILED)
     written: list[str] = []
     write_began = time.perf_counter()
     if status != ev.FAILED:
         for sink in sinks:
-            written.extend(sink.write_features(request.job_id, features))
+            if parts:
+                written.extend(sink.write_feature_parts(request.job_id, parts))
+            else:
+                written.extend(sink.write_features(request.job_id, empty_features(georeferenced)))
+    features = empty_features(georeferenced)
+    if collect_features and parts and status != ev.FAILED:
+        frames = [gpd.read_parquet(p) for p in parts]
+        features = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+    stage_seconds: dict[str, float] = {}
+    for outcome in outcomes:
+        for name, value in outcome.timer.as_dict().items():
+            stage_seconds[name] = round(stage_seconds.get(name, 0.0) + value, 4)
     summary = {
         "jobId": request.job_id,
         "jobName": request.job_name,
@@ -335,13 +435,15 @@ def run_job(
         "model": {"type": spec.type, "name": spec.name},
         "tileSize": request.tile_size,
         "tileOverlap": request.tile_overlap,
-        "features": len(features) if status != ev.FAILED else 0,
+        "features": n_features if status != ev.FAILED else 0,
         "images": [o.summary() for o in outcomes],
+        "chunks": {"computed": len(timeline) - 1, "resumed": resumed_chunks},
         "startTime": started.isoformat(),
-        "endTime": datetime.now(timezone.utc).isoformat(),
+        "endTime": datetime.now(UTC).isoformat(),
         "seconds": {
             "total": round(time.perf_counter() - began, 4),
             "write": round(time.perf_counter() - write_began, 4),
+            "stages": stage_seconds,
         },
         "modelMetrics": finish_model(client),
         "outputs": list(written),
@@ -352,6 +454,8 @@ def run_job(
     from pipeline.plots import write_summary_charts
 
     written.extend(write_summary_charts(sinks, request.job_id, summary, features))
+    if (status == ev.SUCCESS and not keep_parts) or not store.records:
+        store.remove()  # kept otherwise, for a resume
     bus.emit(status, request.job_id, message=f"{summary['features']} features")
     return JobResult(features, summary, written)
 

@@ -41,10 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an image request (JSON or YAML)",
                               description="Run an OSML ImageRequest (JSON or YAML file).")
     run.add_argument("request", help="the request file (.json, .yaml or .yml)")
-    run.add_argument("--cluster", default="local",
-                     help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
+    run.add_argument("--cluster", default="local", metavar="PROFILE_OR_ADDRESS",
+                     help="'local' (default: a LocalCluster), a scheduler address tcp://HOST:PORT, "
+                     "a profile of configs/clusters (address, ecs-fargate, ec2, ...) or a profile file")
     run.add_argument("--workers", type=_positive, default=None,
                      help="LocalCluster worker processes (default: one per core)")
+    run.add_argument("--chunk-size", type=_positive, default=None, metavar="PIXELS",
+                     help="target side of a chunk, the unit of work and of resume (default 4096; "
+                     "rounded to whole tile strides)")
+    run.add_argument("--resume", action="store_true",
+                     help="keep the chunks that an interrupted run of this request finished "
+                     "(its manifest in <output>/<jobId>.parts) and compute only the others")
     run.add_argument("--output-dir", default=None,
                      help="add a LOCAL output writing DIR/<jobId>.geojson, .parquet, .summary.json")
     run.add_argument("--quicklook", default=None, metavar="PNG",
@@ -221,8 +228,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_model(model_spec(request))
     except ModelError as exc:
         raise UsageError(f"invalid request: imageProcessor: {exc}") from None
-    with connect(args.cluster, args.workers) as client:
-        result = run_job(request, client, progress=_progress(not args.no_progress))
+    from graphs.cluster import ClusterError
+    from pipeline.parts import ResumeError
+
+    try:
+        with connect(args.cluster, args.workers) as client:
+            print(f"dashboard {client.dashboard_link}", file=sys.stderr)
+            result = run_job(request, client, progress=_progress(not args.no_progress),
+                             resume=args.resume, collect_features=bool(args.quicklook),
+                             **({"chunk_target": args.chunk_size} if args.chunk_size else {}))
+    except (ClusterError, ResumeError) as exc:
+        raise UsageError(str(exc)) from None
     print_summary(result.summary, result.outputs)
     if args.quicklook:
         from pipeline.quicklook import job_quicklook
