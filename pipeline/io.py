@@ -30,14 +30,15 @@ import rasterio.windows
 from affine import Affine
 from pyproj import CRS, Transformer
 
-from pipeline.security import GDAL_SAFE_OPTIONS, image_size_problem, open_raster
+from pipeline.security import GDAL_RETRY_OPTIONS, GDAL_SAFE_OPTIONS, image_size_problem, open_raster
 
 log = logging.getLogger(__name__)
 
 WGS84 = CRS.from_epsg(4326)
 
 #: GDAL options every read uses
-BASE_OPTIONS = dict(GDAL_SAFE_OPTIONS)  # no directory listing, .netrc, VRT Python, curl logs
+#: (no directory listing, .netrc, VRT Python or curl logs; retries of transient HTTP faults)
+BASE_OPTIONS = {**GDAL_SAFE_OPTIONS, **GDAL_RETRY_OPTIONS}
 
 _SEGMENT = re.compile(r"^NITF_IM:(\d+):(.+)$", re.IGNORECASE)
 

@@ -45,6 +45,13 @@ GDAL_SAFE_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_UNSAFESSL": "NO",
 }
 
+#: GDAL retries of transient HTTP faults (429, 5xx, resets) on ``/vsis3/`` and ``/vsicurl/``
+#: reads; GDAL does not retry by default, so one S3 ``503 SlowDown`` would fail an image
+GDAL_RETRY_OPTIONS: dict[str, str] = {
+    "GDAL_HTTP_MAX_RETRY": "4",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",  # seconds, doubled after each retry
+}
+
 #: a model endpoint's response larger than this is refused (bytes)
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: detections kept from one tile; the rest are dropped and counted
