@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint typecheck bench lock clean
+.PHONY: install demo test test-all lint typecheck bench lock clean check-notebooks strip-notebooks
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ typecheck: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+check-notebooks: install
+	$(BIN)/python -m pytest -q tests/test_notebooks.py -k no_outputs
+
+strip-notebooks: install
+	$(BIN)/python scripts/strip_notebooks.py notebooks/*.ipynb
 
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -e '.[test,cloud]' \

@@ -4,10 +4,9 @@ Data flows one way: request → plan → read → infer → geolocate → merge 
 a module here and takes and returns plain values; ``graphs`` wires them into Dask graphs.
 """
 
-from pipeline.api import detect, run
+from pipeline.api import detect, image_job, lazy_features, open_image, run
 from pipeline.detections import Detections
-from pipeline.io import open_image
 from pipeline.request import ImageRequest, RequestError
 
-__all__ = ["Detections", "ImageRequest", "RequestError", "detect", "open_image", "run"]
+__all__ = ["Detections", "ImageRequest", "RequestError", "detect", "image_job", "lazy_features", "open_image", "run"]
 __version__ = "0.1.0"
