@@ -19,8 +19,10 @@ def overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     if len(boxes) < 2:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0)
-    tree = shapely.STRtree(shapely.box(*boxes.T))
-    i, j = tree.query(shapely.box(*boxes.T), predicate="intersects")
+    geometries = shapely.box(*boxes.T)
+    # for axis-aligned boxes the tree's envelope test is the intersection test (IoU > 0 below
+    # drops the pairs that only touch), so no GEOS predicate is needed
+    i, j = shapely.STRtree(geometries).query(geometries)
     upper = i < j
     i, j = i[upper], j[upper]
     a, b = boxes[i], boxes[j]
@@ -42,22 +44,49 @@ def _neighbours(n: int, i: np.ndarray, j: np.ndarray, iou: np.ndarray) -> list[l
     return table
 
 
+#: rounds of the vectorised NMS pass before the rest is done box by box (long chains)
+_NMS_ROUNDS = 64
+
+
 def nms_indices(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices kept by greedy NMS: a box is dropped if a higher-scored kept box has
-    IoU > ``iou_threshold`` with it. Ties in score keep the lower index."""
+    IoU > ``iou_threshold`` with it. Ties in score keep the lower index.
+
+    Greedy NMS keeps a box exactly when all of its higher-ranked neighbours are dropped, so it
+    is decided in rounds over all boxes at once (as many as the longest suppression chain,
+    a few for real detections); a very long chain finishes with the sequential pass.
+    """
+    n = len(boxes)
     i, j, iou = overlapping_pairs(boxes)
     above = iou > iou_threshold
-    table = _neighbours(len(boxes), i[above], j[above], iou[above])
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    suppressed = np.zeros(len(boxes), dtype=bool)
-    keep = []
-    for index in order.tolist():
-        if suppressed[index]:
-            continue
-        keep.append(index)
-        for other, _ in table[index]:
-            suppressed[other] = True
-    return np.sort(np.array(keep, dtype=np.int64))
+    i, j = i[above], j[above]
+    order = np.lexsort((np.arange(n), -scores))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    first = rank[i] < rank[j]
+    high, low = np.where(first, i, j), np.where(first, j, i)
+    undecided, kept, dropped = 0, 1, 2
+    state = np.zeros(n, dtype=np.int8)
+    for _ in range(_NMS_ROUNDS):
+        live = state[low] == undecided
+        high, low = high[live], low[live]
+        blocked = np.zeros(n, dtype=bool)
+        blocked[low[state[high] != dropped]] = True
+        state[(state == undecided) & ~blocked] = kept
+        state[low[state[high] == kept]] = dropped
+        if not (state == undecided).any():
+            return np.flatnonzero(state == kept)
+    # the sequential greedy pass over what is left, in rank order
+    live = state[low] == undecided
+    high, low = high[live], low[live]
+    by_high = np.argsort(high, kind="stable")
+    starts = np.searchsorted(high[by_high], np.arange(n + 1))
+    targets = low[by_high]
+    for index in order[state[order] == undecided].tolist():
+        if state[index] == undecided:
+            state[index] = kept
+            state[targets[starts[index]:starts[index + 1]]] = dropped
+    return np.flatnonzero(state == kept)
 
 
 def soft_nms_scores(
