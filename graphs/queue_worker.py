@@ -30,6 +30,7 @@ from typing import Any
 from pipeline import events as ev
 from pipeline.notify import StatusPublisher
 from pipeline.request import ImageRequest, RequestError
+from pipeline.security import AccessDenied, AllowList
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class QueueWorker:
     """Long-polls one SQS queue and runs each ``ImageRequest`` on a Dask client."""
 
     def __init__(self, config: WorkerConfig, client: Any, *, sqs: Any = None,
-                 publisher: StatusPublisher | None = None):
+                 publisher: StatusPublisher | None = None, allow: AllowList | None = None):
         from pipeline import aws
 
         self.config = config
@@ -175,6 +176,8 @@ class QueueWorker:
             config.status_topic_arn, aws.client("sns") if config.status_topic_arn else None
         )
         self.stats = WorkerStats()
+        #: image sources and output destinations a request may name (pipeline.security)
+        self.allow = allow if allow is not None else AllowList.for_worker()
         self.stopping = threading.Event()
         self.dead_letter_url, self.max_receives = self._redrive()
 
@@ -277,6 +280,11 @@ class QueueWorker:
             log.info("job %s: accepted with unknown fields %s", request.job_id, ", ".join(unknown))
         if not request.all_outputs:
             self._poison(message, "invalid request: outputs: the request has no outputs")
+            return None
+        try:
+            self.allow.check_request(request)
+        except AccessDenied as exc:
+            self._poison(message, f"refused: {exc}")
             return None
         return request
 

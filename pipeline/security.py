@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import logging
 import os
 import posixpath
 import re
@@ -61,6 +62,10 @@ ENV_SOURCES = "MODEL_RUNNER_ALLOWED_SOURCES"
 ENV_OUTPUTS = "MODEL_RUNNER_ALLOWED_OUTPUTS"
 DEFAULT_SOURCES = ("s3://*",)
 DEFAULT_OUTPUTS = ("s3://*", "kinesis://*")
+#: a worker with neither variable set: any bucket, host or local path, but the refusals that
+#: hold whatever the rules (GDAL virtual paths, credentials in URLs, metadata addresses, '..')
+OPEN_SOURCES = ("s3://*", "https://*", "http://*", "/")
+OPEN_OUTPUTS = ("s3://*", "kinesis://*", "/")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
@@ -158,6 +163,19 @@ class AllowList:
             _split_env(environ.get(ENV_SOURCES), DEFAULT_SOURCES),
             _split_env(environ.get(ENV_OUTPUTS), DEFAULT_OUTPUTS),
         )
+
+    @classmethod
+    def for_worker(cls, environ: Mapping[str, str] | None = None) -> AllowList:
+        """:meth:`from_env` when either variable is set; else :data:`OPEN_SOURCES`/``OUTPUTS``
+        (with a warning), so that an unconfigured worker still refuses GDAL virtual paths,
+        credentials in URLs and metadata addresses."""
+        environ = os.environ if environ is None else environ
+        if ENV_SOURCES in environ or ENV_OUTPUTS in environ:
+            return cls.from_env(environ)
+        logging.getLogger(__name__).warning(
+            "no allow-list configured (%s, %s): any bucket, host and local path may be named",
+            ENV_SOURCES, ENV_OUTPUTS)
+        return cls.from_strings(OPEN_SOURCES, OPEN_OUTPUTS)
 
     # ------------------------------------------------------------------ checks
     def check_source(self, url: str, field: str = "imageUrls") -> str:

@@ -265,3 +265,80 @@ def test_cap_detections_keeps_the_best_and_counts_the_rest() -> None:
     assert capped.boxes[:, 0].tolist() == list(range(15, 25))  # the 10 best, in their order
     same, none = cap_detections(capped, limit=10)
     assert same is capped and none == 0
+
+
+# ---------------------------------------------------------------------- the queue worker
+def test_the_worker_refuses_requests_that_reach_outside(
+    aws: str, tmp_path: Path, counting_server: tuple[str, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused requests are poison (dead-lettered with a FAILED status naming the field); the
+    URLs they name are never fetched."""
+    import json
+    import uuid
+
+    import boto3
+
+    from graphs.queue_worker import QueueWorker, WorkerConfig
+
+    url, hits = counting_server
+    sqs, sns = boto3.client("sqs"), boto3.client("sns")
+    tag = uuid.uuid4().hex[:8]
+    dlq = sqs.create_queue(QueueName=f"dlq-{tag}")["QueueUrl"]
+
+    def arn(queue_url: str) -> str:
+        answer = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+        return str(answer["Attributes"]["QueueArn"])
+
+    dlq_arn = arn(dlq)
+    queue = sqs.create_queue(QueueName=f"requests-{tag}", Attributes={"RedrivePolicy": json.dumps(
+        {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})})["QueueUrl"]
+    status = sqs.create_queue(QueueName=f"status-{tag}")["QueueUrl"]
+    status_arn = arn(status)
+    topic = sns.create_topic(Name=f"status-{tag}")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=status_arn,
+                  Attributes={"RawMessageDelivery": "true"})
+    (tmp_path / "images").mkdir()
+    base = {"imageProcessor": {"name": "null", "type": "BUILTIN"},
+            "outputs": [{"type": "S3", "bucket": "results", "prefix": "jobs"}]}
+    hostile = {
+        "ssrf-vsicurl": {"imageUrls": [f"/vsicurl/{url}/latest/meta-data/"]},
+        "ssrf-http": {"imageUrls": [f"{url}/image.tif"]},
+        "local-file": {"imageUrls": ["file:///etc/passwd"]},
+        "output-elsewhere": {"imageUrls": ["s3://imagery/in/a.tif"],
+                             "outputs": [{"type": "S3", "bucket": "attacker", "prefix": "x"}]},
+        "local-output": {"imageUrls": ["s3://imagery/in/a.tif"],
+                         "outputs": [{"type": "LOCAL", "path": "/etc/cron.d"}]},
+    }
+    for job_id, fields in hostile.items():
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({**base, "jobId": job_id, **fields}))
+    allow = AllowList.from_strings(["s3://imagery/in", str(tmp_path / "images")], ["s3://results/jobs"])
+    config = WorkerConfig(queue_url=queue, status_topic_arn=topic, exit_when_idle=True, wait_seconds=0)
+    stats = QueueWorker(config, None, allow=allow).run()
+    assert stats.poison == len(hostile) and stats.received == len(hostile)
+    assert hits == []
+    dead = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+    assert sorted(json.loads(m["Body"])["jobId"] for m in dead) == sorted(hostile)
+    reasons = {}
+    for _ in range(5):
+        for m in sqs.receive_message(QueueUrl=status, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                     MessageAttributeNames=["All"]).get("Messages", []):
+            body = json.loads(m["Body"])
+            reasons[body.get("jobId")] = json.dumps(body)
+    assert "imageUrls[0]: GDAL virtual file systems" in reasons["ssrf-vsicurl"]
+    assert "is not on the allow-list of image sources" in reasons["ssrf-http"]
+    assert "local path /etc/passwd" in reasons["local-file"]
+    assert "outputs[0]: s3://attacker/x is not on the allow-list" in reasons["output-elsewhere"]
+    assert "outputs[0]: local path /etc/cron.d" in reasons["local-output"]
+
+
+def test_an_unconfigured_worker_still_refuses_gdal_paths_and_metadata() -> None:
+    open_door = AllowList.for_worker({})
+    assert open_door.check_source("/data/a.tif") == "/data/a.tif"
+    assert open_door.check_source("https://example.com/a.tif")
+    for url in ("/vsicurl/https://example.com/a.tif", "http://169.254.169.254/latest/",
+                "https://u:p@example.com/a.tif", "vrt:///data/a.tif"):
+        with pytest.raises(AccessDenied):
+            open_door.check_source(url)
+    closed = AllowList.for_worker({"MODEL_RUNNER_ALLOWED_SOURCES": "s3://a"})
+    with pytest.raises(AccessDenied):
+        closed.check_source("/data/a.tif")
