@@ -7,6 +7,7 @@ it knows exactly which tiles must fail and why. Every request is counted per cod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -66,8 +67,20 @@ class HostileHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
+
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.server.delay:
+            time.sleep(self.server.delay)
         code = tile_code(body)
         with self.server.lock:
             self.server.calls[code] += 1
@@ -135,21 +148,37 @@ class HostileServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), HostileHandler)
+    def __init__(self, port: int = 0, delay: float = 0.0) -> None:
+        super().__init__(("127.0.0.1", port), HostileHandler)
         self.calls: Counter[int] = Counter()
         self.lock = threading.Lock()
+        self.delay = delay
+        self.connections: set[socket.socket] = set()
+
+    def kill(self) -> None:
+        """Stop as a crashed server would: no listener, every open connection cut."""
+        self.shutdown()
+        self.server_close()
+        with self.lock:
+            open_connections = list(self.connections)
+        for connection in open_connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/invocations"
 
 
+def start(port: int = 0, delay: float = 0.0) -> HostileServer:
+    server = HostileServer(port, delay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @contextmanager
-def hostile_server() -> Iterator[HostileServer]:
-    server = HostileServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def hostile_server(delay: float = 0.0) -> Iterator[HostileServer]:
+    server = start(delay=delay)
     try:
         yield server
     finally:

@@ -172,3 +172,51 @@ def test_read_response_caps_size_and_total_time(server: hs.HostileServer) -> Non
         read_response(trickle, deadline=0.5)
     ok = requests.post(server.url, data=_tile_bytes(hs.OK), stream=True, timeout=5)
     assert b'"imageBBox": [10, 10, 20, 20]' in read_response(ok, deadline=5)
+
+
+def test_a_model_server_restarted_mid_job(dask_client: Any, tmp_path: Path) -> None:
+    """The endpoint dies mid-job (listener gone, connections cut) and comes back on the same
+    port 0.3 s later: the tiles in between are retried, and nothing is lost."""
+    import threading
+    import time
+
+    first = hs.start(delay=0.05)
+    port = first.server_address[1]
+    size = 6 * TILE
+    image = tmp_path / "plain.tif"
+    with rasterio.open(image, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=from_origin(0, 1, 1e-4, 1e-4)) as dst:
+        dst.write(np.full((1, size, size), hs.OK, dtype=np.uint8))
+    request = ImageRequest.parse({
+        "jobId": "restart",
+        "imageUrls": [str(image)],
+        "outputs": [{"type": "LOCAL", "path": str(tmp_path / "out")}],
+        "imageProcessor": {"name": first.url, "type": "HTTP_ENDPOINT"},
+        "imageProcessorParameters": {"timeout": 2, "maxRetries": 10, "retryBaseDelay": 0.1,
+                                     "retryMaxDelay": 0.5, "maxConcurrency": 1},
+        "imageProcessorTileSize": TILE,
+        "imageProcessorTileOverlap": 0,
+        "postProcessing": [],
+    })
+    outcome: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: outcome.setdefault(
+        "result", run_job(request, dask_client, chunk_target=2 * TILE)))
+    job.start()
+    second = None
+    try:
+        stop = time.monotonic() + 60
+        while sum(first.calls.values()) < 8:
+            assert time.monotonic() < stop and job.is_alive(), "the job never reached the server"
+            time.sleep(0.02)
+        first.kill()
+        time.sleep(0.3)
+        second = hs.start(port=port, delay=0.05)
+        job.join(120)
+    finally:
+        if second is not None:
+            second.shutdown()
+            second.server_close()
+    result = outcome["result"]
+    assert result.status == "SUCCESS", result.summary["images"][0]["failedTiles"][:3]
+    assert len(result.features) == 36
+    assert sum(first.calls.values()) < 36 and sum(second.calls.values()) > 0
