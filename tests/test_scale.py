@@ -148,3 +148,37 @@ def test_without_collect_features_the_result_frame_is_empty(tmp_path, dask_clien
     result = run_job(_request(URL, tmp_path), dask_client, chunk_target=500, collect_features=False)
     assert len(result.features) == 0 and result.summary["features"] == len(synthetic.truth(URL))
     assert len(gpd.read_parquet(tmp_path / "scale.parquet")) == result.summary["features"]
+
+
+def test_vectorised_nms_equals_the_sequential_greedy_pass(monkeypatch) -> None:
+    import pipeline.merge as merge
+
+    def sequential(boxes, scores, threshold):
+        i, j, iou = merge.overlapping_pairs(boxes)
+        above = iou > threshold
+        table = merge._neighbours(len(boxes), i[above], j[above], iou[above])
+        suppressed, keep = np.zeros(len(boxes), dtype=bool), []
+        for k in np.lexsort((np.arange(len(scores)), -scores)).tolist():
+            if not suppressed[k]:
+                keep.append(k)
+                for other, _ in table[k]:
+                    suppressed[other] = True
+        return np.sort(np.array(keep, dtype=np.int64))
+
+    rng = np.random.default_rng(7)
+    for trial in range(120):
+        n = int(rng.integers(1, 250))
+        corner = rng.uniform(0, rng.uniform(20, 300), (n, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(1, 50, (n, 2))], axis=1)
+        scores = rng.choice([0.5, 0.7, 0.9], n) if trial % 2 else rng.uniform(0, 1, n)  # ties too
+        threshold = float(rng.choice([0.0, 0.1, 0.5, 0.75]))
+        for rounds in (64, 1, 0):  # 0 and 1: the sequential finish does (most of) the work
+            monkeypatch.setattr(merge, "_NMS_ROUNDS", rounds)
+            np.testing.assert_array_equal(merge.nms_indices(boxes, scores, threshold),
+                                          sequential(boxes, scores, threshold))
+    # a long chain of overlapping boxes, each a little weaker than the one before
+    x = np.arange(3000, dtype=np.float64)
+    chain = np.stack([x, np.zeros_like(x), x + 10, np.full_like(x, 10)], axis=1)
+    monkeypatch.setattr(merge, "_NMS_ROUNDS", 64)
+    np.testing.assert_array_equal(merge.nms_indices(chain, np.linspace(1, 0, 3000), 0.5),
+                                  sequential(chain, np.linspace(1, 0, 3000), 0.5))
