@@ -139,12 +139,17 @@ def outcome(images: dict[str, tuple[str, str, str]], dask_client: Any,
 
 
 @pytest.fixture(scope="module")
-def thin_outcome(thin_images: dict[str, tuple[str, str, str]], dask_client: Any,
-                 tmp_path_factory: pytest.TempPathFactory) -> Any:
-    try:
-        return _job("thin-images", thin_images, dask_client, tmp_path_factory.mktemp("thin-out"))
-    except Exception as exc:  # noqa: BLE001 - reported by each test below
-        return exc
+def thin_outcomes(thin_images: dict[str, tuple[str, str, str]], dask_client: Any,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One job per thin image (a job that raises loses every image of its request)."""
+    outcomes: dict[str, Any] = {}
+    for n, (name, case) in enumerate(thin_images.items()):
+        try:
+            outcomes[name] = _job(f"thin-{n}", {name: case}, dask_client,
+                                  tmp_path_factory.mktemp("thin-out"))
+        except Exception as exc:  # noqa: BLE001 - reported by the test of that image
+            outcomes[name] = exc
+    return outcomes
 
 
 def test_the_job_is_partial_and_lists_every_image(images: dict[str, Any], outcome: Any) -> None:
@@ -170,11 +175,12 @@ def test_each_image_has_its_status_and_one_line_reason(
 
 @pytest.mark.parametrize("name", THIN)
 def test_images_thinner_than_the_overlap(
-    name: str, thin_images: dict[str, tuple[str, str, str]], thin_outcome: Any
+    name: str, thin_images: dict[str, tuple[str, str, str]], thin_outcomes: dict[str, Any]
 ) -> None:
-    if isinstance(thin_outcome, Exception):
-        pytest.xfail(f"the whole job raised: {type(thin_outcome).__name__}: {thin_outcome}")
-    _check_image(name, thin_images, thin_outcome)
+    outcome = thin_outcomes[name]
+    if isinstance(outcome, Exception):
+        pytest.xfail(f"the whole job raised: {type(outcome).__name__}: {outcome}")
+    _check_image(name, thin_images, outcome)
 
 
 def _check_image(name: str, images: dict[str, tuple[str, str, str]], outcome: Any) -> None:
