@@ -199,13 +199,13 @@ def print_summary(summary: dict[str, Any], outputs: Sequence[str]) -> None:
     print(f"job {summary['jobId']}: {summary['status']}, {summary['features']} features, "
           f"{summary['seconds']['total']:.1f} s")
     for image in summary["images"]:
-        line = redact(f"  {image['status']:<8} {image['url']}")
+        line = f"  {image['status']:<8} {image['url']}"
         if image["width"]:
             line += (f"  {image['width']}x{image['height']}, {image['tiles']} tiles, "
                      f"{image['detections']['afterMerge']} features")
         if image["reason"]:
             line += f"  ({image['reason']})"
-        print(line)
+        print(redact(line))
     for path in outputs:
         print(f"  wrote {path}")
 

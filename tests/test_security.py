@@ -342,3 +342,37 @@ def test_an_unconfigured_worker_still_refuses_gdal_paths_and_metadata() -> None:
     closed = AllowList.for_worker({"MODEL_RUNNER_ALLOWED_SOURCES": "s3://a"})
     with pytest.raises(AccessDenied):
         closed.check_source("/data/a.tif")
+
+
+def test_the_cli_never_shows_presigned_secrets(
+    tmp_path: Path, counting_server: tuple[str, list[str]]
+) -> None:
+    """A presigned image URL that fails: stdout, stderr and the summary file keep the URL but
+    not its signature, credential or token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url, hits = counting_server
+    secrets = ("SIGdeadbeef0123456789", "AKIAIOSFODNN7EXAMPLE", "FwoGZXIvYXdzEJr-token-value")
+    image = (f"{url}/scene.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={secrets[1]}%2F2025"
+             f"&X-Amz-Signature={secrets[0]}&X-Amz-Security-Token={secrets[2]}")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({
+        "jobId": "presigned", "imageUrls": [image],
+        "imageProcessor": {"name": "null", "type": "BUILTIN"},
+        "outputs": [{"type": "LOCAL", "path": str(tmp_path / "out")}],
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(request), "--workers", "1",
+                           "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert hits, "the image URL should have been tried"
+    summary = (tmp_path / "out" / "presigned.summary.json").read_text()
+    assert json.loads(summary)["images"][0]["status"] == "FAILED"
+    for text in (done.stdout, done.stderr, summary):
+        assert "scene.tif?X-Amz-Algorithm=" in text or text is done.stderr
+        for secret in secrets:
+            assert secret not in text
