@@ -42,7 +42,7 @@ def box_rings(boxes: np.ndarray) -> np.ndarray:
 def feature_ids(image_url: str, detections: Detections) -> list[str]:
     """Deterministic feature ids: the same detection of the same image gets the same id."""
     return [
-        hashlib.sha1(f"{image_url}|{box.tolist()}|{cls}".encode()).hexdigest()[:20]
+        hashlib.sha1(f"{image_url}|{box.tolist()}|{cls}".encode(), usedforsecurity=False).hexdigest()[:20]
         for box, cls in zip(detections.boxes, detections.classes, strict=True)
     ]
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.detections import Detections
 from pipeline.models import ModelSpec, load_model
+from pipeline.security import cap_detections
 from pipeline.tiling import TileGrid, cut_tiles, owned, to_uint8
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ChunkResult:
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     model_seconds: float = 0.0
     raw_detections: int = 0
+    dropped_detections: int = 0
 
     @classmethod
     def failed(cls, chunk: tuple[int, int], windows: np.ndarray, reason: str) -> ChunkResult:
@@ -103,8 +105,9 @@ def detect_chunk(
                     {"window": [int(v) for v in window], "reason": _one_line(output)}
                 )
                 continue
-            found = Detections.coerce(output).finite()
+            found, dropped = cap_detections(Detections.coerce(output).finite())
             result.raw_detections += len(found)
+            result.dropped_detections += dropped
             parts.append(owned(found.shifted(window[0], window[1]), window, core, grid))
     result.detections = Detections.concat(parts)
     return result

@@ -24,18 +24,26 @@ def http_error(status: int, text: str, what: str) -> ModelError:
 
 
 def post(session: Any, url: str, data: Any, headers: dict[str, str], timeout: float, what: str) -> bytes:
-    """POST and classify failures (requests)."""
+    """POST and classify failures (requests). The body is capped in size and in total time
+    (``MAX_RESPONSE_BYTES``; ``timeout`` for the whole body, so a trickle cannot hold a tile)."""
     import requests
 
+    from pipeline.models.results import MalformedResponse
+    from pipeline.security import MAX_RESPONSE_BYTES, read_response
+
     try:
-        response = session.post(url, data=data, headers=headers, timeout=timeout)
+        response = session.post(url, data=data, headers=headers, timeout=timeout, stream=True)
+        if response.status_code >= 300:
+            raise http_error(response.status_code, response.text[:2000], what)
+        return read_response(response, MAX_RESPONSE_BYTES, deadline=timeout, what=what)
     except requests.Timeout:
         raise TimeoutFault(f"{what}: timed out after {timeout:g} s") from None
+    except TimeoutError as exc:
+        raise TimeoutFault(f"{what}: {exc}") from None
     except requests.RequestException as exc:
         raise TransientError(f"{what}: connection failed ({type(exc).__name__})") from None
-    if response.status_code >= 300:
-        raise http_error(response.status_code, response.text, what)
-    return bytes(response.content)
+    except ValueError as exc:  # read_response: the body is over the size cap
+        raise MalformedResponse(f"malformed response: {exc}") from None
 
 
 def session_for(pool: int) -> Any:
