@@ -297,6 +297,31 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
     return len(features)
 
 
+def _worker_seconds(tasks: list[dict[str, Any]], model_seconds: float) -> dict[str, float]:
+    """Where the workers' time went, summed over workers, from the task stream: ``read``
+    (pixel reads and decoding), ``halo`` (cutting and joining chunk overlaps), ``encode``
+    (tiles cut and converted for the model), ``model`` and ``transfer`` (data between workers).
+    Approximate where Dask fused tasks: a fused chunk task counts as ``encode`` + ``model``."""
+    from dask.utils import key_split
+
+    totals = {"read": 0.0, "halo": 0.0, "encode": 0.0, "model": 0.0, "transfer": 0.0}
+    for task in tasks:
+        name = str(key_split(task.get("key")))
+        for span in task.get("startstops", ()):
+            seconds = float(span["stop"] - span["start"])
+            if span.get("action") != "compute":
+                totals["transfer"] += seconds
+            elif "detect" in name:  # the chunk's task, with whatever Dask fused into it
+                totals["encode"] += seconds
+            elif any(word in name for word in ("read", "synthetic", "open_rasterio", "from-value")):
+                totals["read"] += seconds  # reads fused with their overlap slices count here
+            else:
+                totals["halo"] += seconds
+    totals["model"] = min(model_seconds, totals["encode"]) if totals["encode"] else model_seconds
+    totals["encode"] -= totals["model"]
+    return {name: round(value, 4) for name, value in totals.items()}
+
+
 def run_job(
     request: ImageRequest,
     client: Any,
@@ -321,7 +346,7 @@ def run_job(
     flat however large the job. The parts are removed after a successful job unless
     ``keep_parts``.
     """
-    from distributed import as_completed
+    from distributed import as_completed, get_task_stream
 
     bus = bus or ev.EventBus()
     started = datetime.now(UTC)
@@ -368,6 +393,8 @@ def run_job(
     if bar is not None and resumed_tiles:
         bar.update(resumed_tiles)
     timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
+    stream = get_task_stream(client)
+    tasks = stream.__enter__()
     for future in as_completed(list(futures)):
         index, outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
@@ -393,6 +420,8 @@ def run_job(
             bar.update(result.tiles)
     if bar is not None:
         bar.close()
+    stream.__exit__(None, None, None)
+    worker_seconds = _worker_seconds(tasks.data, sum(o.timer.seconds.get("model", 0.0) for o in outcomes))
 
     parts: list[Path] = []
     for index, outcome in enumerate(outcomes):
@@ -444,6 +473,7 @@ def run_job(
             "total": round(time.perf_counter() - began, 4),
             "write": round(time.perf_counter() - write_began, 4),
             "stages": stage_seconds,
+            "workers": worker_seconds,
         },
         "modelMetrics": finish_model(client),
         "outputs": list(written),
