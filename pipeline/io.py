@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -84,10 +85,40 @@ def read_options(url: str, role: str | None = None) -> dict[str, str]:
     return options
 
 
+class _StaticSession:
+    """Just enough of a boto3 session for rasterio's ``AWSSession``: fixed credentials."""
+
+    def __init__(self, key: str, secret: str, token: str | None, region: str | None):
+        self.region_name = region
+        self._frozen = SimpleNamespace(access_key=key, secret_key=secret, token=token)
+
+    def get_credentials(self) -> _StaticSession:
+        return self
+
+    def get_frozen_credentials(self) -> SimpleNamespace:
+        return self._frozen
+
+
+def rasterio_env(options: dict[str, str]) -> Any:
+    """``rasterio.Env`` for GDAL ``options``; AWS credentials go through an ``AWSSession``
+    (rasterio refuses them as plain config options)."""
+    from rasterio.session import AWSSession
+
+    config = dict(options)
+    key = config.pop("AWS_ACCESS_KEY_ID", None)
+    secret = config.pop("AWS_SECRET_ACCESS_KEY", None)
+    token = config.pop("AWS_SESSION_TOKEN", None)
+    if key and secret:
+        static = _StaticSession(key, secret, token, config.get("AWS_REGION"))
+        session = AWSSession(session=static, endpoint_url=config.get("AWS_S3_ENDPOINT"))
+        return rasterio.Env(session=session, **config)
+    return rasterio.Env(**config)
+
+
 @contextmanager
 def gdal_env(url: str, options: dict[str, str] | None = None) -> Iterator[None]:
     """GDAL configuration for reading ``url`` (set per read, never in ``os.environ``)."""
-    with rasterio.Env(**(options if options is not None else read_options(url))):
+    with rasterio_env(options if options is not None else read_options(url)):
         yield
 
 
@@ -256,6 +287,7 @@ def open_image(
     Sensor model and header facts are in ``.attrs["sensor_model"]`` and ``.attrs["info"]``;
     ``x``/``y`` are pixel-centre coordinates in the image's CRS where it has an affine one.
     """
+    import rioxarray  # noqa: F401 - registers the ``.rio`` accessor used below
     import xarray as xr
 
     options = read_options(url, role)
@@ -483,7 +515,7 @@ class RPCSensorModel:
             x, y = Affine(*self.chip[:6]) * (x, y)
         if not x.size:
             return x, y
-        with rasterio.Env(**self.options), self._transformer() as transformer:
+        with rasterio_env(self.options), self._transformer() as transformer:
             lon, lat = transformer.xy(y, x, offset="ul")
         return np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
 
@@ -492,7 +524,7 @@ class RPCSensorModel:
         if not lon.size:
             return lon, lat
         # RPC_HEIGHT (or the DEM) supplies the height in both directions; zs would add to it
-        with rasterio.Env(**self.options), self._transformer() as transformer:
+        with rasterio_env(self.options), self._transformer() as transformer:
             rows, cols = transformer.rowcol(lon, lat, op=lambda v: v)
         x, y = np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
         if self.chip is not None:

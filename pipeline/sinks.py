@@ -271,3 +271,76 @@ def kinesis_sink(output: Any) -> Sink:
 
 
 SINKS["KINESIS"] = "pipeline.sinks:kinesis_sink"
+
+
+class S3Sink(Sink):
+    """``S3`` output: ``s3://<bucket>/<prefix>/<jobId>.<suffix>``, complete or not at all.
+
+    Each file is written to a local temporary directory first and then uploaded (boto3's
+    managed transfer: one PUT, or a multipart upload that S3 shows only once it completes and
+    that is aborted on failure). ``role`` is assumed through STS for the writes.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", formats: tuple[str, ...] = ("geojson", "parquet"),
+                 role: str | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.formats = formats
+        self.role = role
+        self._client: Any = None
+
+    def key(self, name: str) -> str:
+        """The object key of ``name``: the prefix joined with exactly one ``/``."""
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            from pipeline import aws
+
+            self._client = aws.client("s3", self.role)
+        return self._client
+
+    def _upload(self, files: list[str]) -> list[str]:
+        import botocore.exceptions
+
+        written = []
+        for path in files:
+            name = Path(path).name
+            try:
+                self._s3().upload_file(path, self.bucket, self.key(name))
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                    boto3_transfer_errors()) as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise OSError(f"cannot write s3://{self.bucket}/{self.key(name)}: {message}") from None
+            written.append(f"s3://{self.bucket}/{self.key(name)}")
+        return written
+
+    def _staged(self, write: Callable[[LocalSink], list[str]]) -> list[str]:
+        with tempfile.TemporaryDirectory(prefix="s3-out-") as directory:
+            return self._upload(write(LocalSink(directory, self.formats)))
+
+    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+        return self._staged(lambda local: local.write_features(job_id, features))
+
+    def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
+        return self._staged(lambda local: local.write_feature_parts(job_id, parts))
+
+    def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
+        return self._staged(lambda local: [local.write_summary(job_id, summary)])[0]
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.key('')}"
+
+
+def boto3_transfer_errors() -> type[Exception]:
+    """boto3's transfer failure (an upload that failed after retries)."""
+    from boto3.exceptions import S3UploadFailedError
+
+    return S3UploadFailedError
+
+
+def s3_sink(output: Any) -> Sink:
+    return S3Sink(output.bucket, output.prefix, tuple(output.formats), output.role)
+
+
+SINKS["S3"] = "pipeline.sinks:s3_sink"
