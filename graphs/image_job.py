@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -20,6 +21,7 @@ import dask.array as da
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 
 from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
@@ -27,14 +29,31 @@ from pipeline import synthetic
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
-from pipeline.io import ImageError, ImageInfo, SensorModel, describe, open_image, sensor_model
+from pipeline.io import (
+    ImageError,
+    ImageInfo,
+    RPCSensorModel,
+    SensorModel,
+    describe,
+    footprint,
+    image_segments,
+    lazy_pixels,
+    open_image,
+    range_adjustment,
+    read_options,
+    read_window,
+    sensor_model,
+    split_segment,
+)
 from pipeline.merge import border_mask, distill, settled
 from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
+from pipeline.nitf import source_metadata
 from pipeline.parts import PartStore, fingerprint
 from pipeline.request import ImageRequest
+from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels, tiles_in
 from pipeline.sinks import Sink, make_sink
-from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size
+from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +66,44 @@ class ImagePlan:
     info: ImageInfo
     grid: TileGrid
     sensor_model: SensorModel
+    #: GDAL options for every read of this image (endpoint, credentials: never logged)
+    read_options: dict[str, str] = field(default_factory=dict, repr=False)
+    #: the resolved rangeAdjustment and its parameters (see ``pipeline.io.range_adjustment``)
+    range_adjustment: dict[str, Any] = field(default_factory=lambda: {"type": "NONE"})
+    #: the regionOfInterest in pixels, and which chunks touch it (None: the whole image)
+    roi: Any = None
+    chunk_mask: np.ndarray | None = None
+
+    @property
+    def feature_columns(self) -> dict[str, Any]:
+        """Extra feature properties: ``sourceMetadata`` (NITF header) and ``imageSegment``."""
+        columns: dict[str, Any] = {}
+        meta = source_metadata(self.info.tags, self.info.driver)
+        if meta:
+            columns["sourceMetadata"] = meta
+        segment, _ = split_segment(self.url)
+        if segment is not None:
+            columns["imageSegment"] = segment
+        return columns
+
+    def describe(self) -> dict[str, Any]:
+        """Sensor model, range adjustment and ROI facts for the summary (no secrets)."""
+        model = self.sensor_model
+        facts: dict[str, Any] = {"sensorModel": model.kind, "rangeAdjustment": self.range_adjustment}
+        outline = footprint(model, self.info.width, self.info.height)
+        if outline is not None:
+            facts["footprint"] = json.loads(shapely.to_geojson(outline))
+        if isinstance(model, RPCSensorModel):
+            facts["elevation"] = model.describe()
+            if model.chip is not None:
+                facts["chip"] = list(model.chip)
+        if self.chunk_mask is not None:
+            facts["regionOfInterest"] = {
+                "chunks": int(self.chunk_mask.sum()),
+                "chunksSkipped": int(self.chunk_mask.size - self.chunk_mask.sum()),
+                "pixelBounds": [round(v, 2) for v in self.roi.bounds],
+            }
+        return facts
 
 
 @dataclass
@@ -77,6 +134,7 @@ class ImageOutcome:
             "bands": info.bands if info else None,
             "dtype": info.dtype if info else None,
             "georeferenced": bool(self.plan and self.plan.sensor_model.georeferenced),
+            **(self.plan.describe() if self.plan else {}),
             "tiles": self.tiles,
             "failedTiles": self.failed_tiles,
             "detections": {
@@ -111,14 +169,52 @@ def _open_image(url: str, chunks: int) -> Any:
     return synthetic.open_image(url, chunks) if synthetic.is_synthetic(url) else open_image(url, chunks)
 
 
+def image_urls(request: ImageRequest) -> list[str]:
+    """The request's images, a multi-segment NITF expanded to one image per segment."""
+    urls: list[str] = []
+    for url in request.image_urls:
+        if synthetic.is_synthetic(url) or not url.lower().endswith((".ntf", ".nitf", ".nsf")):
+            urls.append(url)
+            continue
+        try:
+            options = read_options(url, request.image_read_role)
+        except ImageError:
+            urls.append(url)
+            continue
+        urls.extend(image_segments(url, options))
+    return urls
+
+
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
-    """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`)."""
-    info = _describe(url)
+    """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
+
+    Resolves, once per image: the read options (endpoint, ``imageReadRole`` credentials), the
+    sensor model (with ``elevation``), the range adjustment (DRA statistics; the sample read
+    also proves the pixels readable) and the region of interest's chunks.
+    """
+    if synthetic.is_synthetic(url):
+        info = _describe(url)
+        options: dict[str, str] = {}
+    else:
+        options = read_options(url, request.image_read_role)
+        info = describe(url, options)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
     chunk = chunk_size(request.tile_size, request.tile_overlap, chunk_target)
     grid = TileGrid(info.width, info.height, request.tile_size, request.tile_overlap, chunk)
-    return ImagePlan(url, info, grid, sensor_model(info))
+    elevation = request.elevation.model_dump(exclude_none=True) if request.elevation else None
+    model = sensor_model(info, elevation, options)
+    roi = mask = None
+    if request.region_of_interest:
+        roi = roi_pixels(request.region_of_interest, model, info.width, info.height, url)
+        mask = chunk_mask(roi, grid)
+    if synthetic.is_synthetic(url):
+        adjustment = {"type": request.range_adjustment or "NONE", "requested": request.range_adjustment}
+    else:
+        adjustment = range_adjustment(request.range_adjustment, info, options)
+        if adjustment["type"] != "DRA":
+            read_window(url, (0, 0, 1, 1), options)  # unreadable pixels fail here, in one line
+    return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
 
 
 def _chunk_task(
@@ -128,12 +224,19 @@ def _chunk_task(
     range_adjustment: str,
     bits: int | None,
     block_info: dict[Any, Any] | None = None,
+    stretch: tuple[list[float], list[float]] | None = None,
+    roi: Any = None,
 ) -> np.ndarray:
     assert block_info is not None
     _, row, col = block_info[0]["chunk-location"]
     origin = (col * grid.chunk, row * grid.chunk)
+    if stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
+        block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", bits, stretch), -1, 0)
+        range_adjustment = "NONE"
     out = np.empty((1, 1), dtype=object)
     out[0, 0] = detect_chunk(block, origin, (row, col), grid, spec, range_adjustment, bits)
+    if roi is not None:
+        out[0, 0].detections = keep_in_roi(out[0, 0].detections, roi)
     return out
 
 
@@ -145,12 +248,19 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     tiles reach into.
     """
     grid = plan.grid
-    pixels = _open_image(plan.url, chunks=grid.chunk).data
+    if synthetic.is_synthetic(plan.url):
+        pixels = _open_image(plan.url, chunks=grid.chunk).data
+    else:
+        pixels = lazy_pixels(plan.url, plan.info, grid.chunk, plan.read_options)
+    adjustment = plan.range_adjustment
+    stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
     overlap = grid.overlap
     results = da.map_overlap(
         _chunk_task,
         pixels,
-        depth={0: 0, 1: (0, overlap), 2: (0, overlap)},
+        # no halo along an axis with one chunk (dask refuses a depth larger than the image)
+        depth={0: 0, 1: (0, overlap if grid.chunks_y > 1 else 0),
+               2: (0, overlap if grid.chunks_x > 1 else 0)},
         boundary="none",
         trim=False,
         dtype=object,
@@ -158,8 +268,10 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
         chunks=((1,) * grid.chunks_y, (1,) * grid.chunks_x),
         grid=grid,
         spec=spec,
-        range_adjustment=request.range_adjustment,
+        range_adjustment=adjustment["type"],
         bits=plan.info.bits,
+        stretch=stretch,
+        roi=plan.roi,
         name=f"detect-{plan.url.rsplit('/', 1)[-1]}",
     )
     resources = spec.options.get("resources")
@@ -174,7 +286,7 @@ def image_job(request: ImageRequest) -> dict[str, da.Array]:
     spec = model_spec(request)
     check_model(spec)
     graphs = {}
-    for url in request.image_urls:
+    for url in image_urls(request):
         try:
             graphs[url] = chunk_results(plan_image(request, url), request, spec)
         except ImageError as exc:
@@ -269,7 +381,8 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         waiting = detections.select(~final)
     with outcome.timer.stage("geolocate"):
         features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
-                               feature_properties=request.merged_feature_properties)
+                               feature_properties=request.merged_feature_properties,
+                               extra_columns=plan.feature_columns)
     with outcome.timer.stage("write"):
         record = store.write_chunk(
             index, result.chunk, features, waiting,
@@ -291,7 +404,8 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
     outcome.border.clear()
     with outcome.timer.stage("geolocate"):
         features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
-                               feature_properties=request.merged_feature_properties)
+                               feature_properties=request.merged_feature_properties,
+                               extra_columns=plan.feature_columns)
     with outcome.timer.stage("write"):
         store.write_border(index, features)
     return len(features)
@@ -359,7 +473,7 @@ def run_job(
                       fingerprint(request.to_wire(), chunk_target), resume=resume)
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
 
-    outcomes = [ImageOutcome(url) for url in request.image_urls]
+    outcomes = [ImageOutcome(url) for url in image_urls(request)]
     futures: dict[Any, tuple[int, ImageOutcome, tuple[int, int]]] = {}
     resumed_tiles = resumed_chunks = 0
     for index, outcome in enumerate(outcomes):
@@ -371,7 +485,7 @@ def run_job(
                 outcome.status, outcome.reason = ev.FAILED, str(exc)
                 bus.emit(ev.FAILED, request.job_id, outcome.url, str(exc))
                 continue
-            outcome.tiles = outcome.plan.grid.n_tiles
+            outcome.tiles = tiles_in(outcome.plan.chunk_mask, outcome.plan.grid)
             finished = store.finished(index)
             for record in finished.values():
                 outcome.raw_detections += record["rawDetections"]
@@ -382,7 +496,9 @@ def run_job(
                 resumed_tiles += record["tiles"]
             resumed_chunks += len(finished)
             delayed = results.to_delayed(optimize_graph=not spec.options.get("resources"))
-            todo = [(chunk, item) for chunk, item in np.ndenumerate(delayed) if chunk not in finished]
+            mask = outcome.plan.chunk_mask  # chunks outside the regionOfInterest are skipped
+            todo = [(chunk, item) for chunk, item in np.ndenumerate(delayed)
+                    if chunk not in finished and (mask is None or mask[chunk])]
         for (chunk, _), future in zip(todo, client.compute([item for _, item in todo]), strict=True):
             futures[future] = (index, outcome, chunk)
 

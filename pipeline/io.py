@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -196,8 +197,10 @@ def _read_info(url: str, src: Any) -> ImageInfo:
 def describe(url: str, options: dict[str, str] | None = None) -> ImageInfo:
     """Read an image's header; raise :class:`ImageError` with one line if it cannot be opened."""
     try:
-        with gdal_env(url, options), open_raster(gdal_path(url)) as src:  # image drivers only
-            info = _read_info(url, src)
+        with gdal_env(url, options), warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with open_raster(gdal_path(url)) as src:  # image drivers only
+                info = _read_info(url, src)
     except FileNotFoundError:
         raise ImageError(f"image not found: {url}") from None
     except rasterio.errors.RasterioIOError as exc:
@@ -446,7 +449,7 @@ class AffineSensorModel:
         map_y = d * x + e * y + f
         crs = CRS.from_wkt(self.crs_wkt)
         if _is_wgs84(crs):
-            return map_x, map_y
+            return wrap_longitude(map_x), map_y
         transformer = Transformer.from_crs(crs, WGS84, always_xy=True)
         lon, lat = transformer.transform(map_x, map_y)
         return np.asarray(lon), np.asarray(lat)
@@ -572,6 +575,46 @@ class GCPSensorModel:
         return np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
 
 
+def wrap_longitude(lon: np.ndarray) -> np.ndarray:
+    """Longitudes in ``[-180, 180)``."""
+    return np.asarray((np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0)
+
+
+def _antimeridian(info: ImageInfo) -> tuple[float, ...]:
+    """GDAL reads NITF IGEOLO corners that cross the antimeridian (160E → 160W) as a
+    westward transform more than 180° wide; the image really spans the short way, eastward."""
+    assert info.transform is not None
+    a, b, c, d, e, f = info.transform[:6]
+    if info.driver == "NITF" and info.crs and CRS.from_wkt(info.crs).is_geographic and a * info.width < -180:
+        return (a + 360.0 / info.width, b, c, d, e, f)
+    return info.transform
+
+
+def footprint(model: SensorModel, width: int, height: int, per_side: int = 16) -> Any:
+    """The image outline in lon/lat (RFC 7946: split at the antimeridian, counter-clockwise),
+    or None for an image without georeferencing."""
+    import shapely
+
+    if not model.georeferenced:
+        return None
+    t = np.linspace(0.0, 1.0, per_side, endpoint=False)
+    x = np.concatenate([t * width, np.full(per_side, width), (1 - t) * width, np.zeros(per_side)])
+    y = np.concatenate([np.zeros(per_side), t * height, np.full(per_side, height), (1 - t) * height])
+    lon, lat = model.pixel_to_lonlat(x, y)
+    lon = np.rad2deg(np.unwrap(np.deg2rad(lon)))  # continuous across the antimeridian
+    outline = shapely.make_valid(shapely.Polygon(np.column_stack([lon, lat])))
+    parts = []
+    for shift in (-360.0, 0.0, 360.0):
+        window = shapely.box(-180.0 - shift, -90.0, 180.0 - shift, 90.0)
+        part = shapely.intersection(outline, window)
+        if not part.is_empty and part.area > 0:
+            parts.append(shapely.transform(part, lambda c, s=shift: c + [s, 0.0]))
+    merged = shapely.union_all(parts) if parts else outline
+    polygons = [g for g in shapely.get_parts(merged) if isinstance(g, shapely.Polygon)]
+    shape = polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
+    return shapely.orient_polygons(shape)
+
+
 def elevation_model(
     elevation: dict[str, Any] | None, options: dict[str, str] | None = None
 ) -> tuple[float | None, str | None, dict[str, str]]:
@@ -599,7 +642,7 @@ def sensor_model(
         chip = chip_transform(info.tre_xml) if info.tre_xml else None
         return RPCSensorModel(dict(info.rpcs), height, dem, dem_options, chip)
     if info.transform is not None and info.crs is not None:
-        return AffineSensorModel(info.transform, info.crs)
+        return AffineSensorModel(_antimeridian(info), info.crs)
     if len(info.gcps) >= 3:
         return GCPSensorModel(info.gcps, info.gcp_crs)
     log.warning("%s has no georeferencing: features stay in pixel coordinates", info.url)

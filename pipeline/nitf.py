@@ -36,19 +36,20 @@ def _nitf_time(value: str) -> str | None:
 
 
 def source_metadata(tags: dict[str, str], driver: str = "NITF") -> dict[str, Any]:
-    """The header facts that features carry as ``sourceMetadata`` (empty for non-NITF)."""
+    """The header facts that features carry as ``sourceMetadata`` (empty for non-NITF).
+
+    The keys are always the same (absent values are None, TRE names one comma-separated
+    string), so that the features of different images share one GeoParquet schema.
+    """
     if driver != "NITF":
         return {}
-    meta: dict[str, Any] = {"sourceDT": None}
+    meta: dict[str, Any] = {}
     for key, name in _FIELDS.items():
         value = (tags.get(key) or "").strip()
-        if value and value.lower() not in ("unknown", "missing id"):
-            meta[name] = value
+        meta[name] = value if value and value.lower() not in ("unknown", "missing id") else None
     meta["sourceDT"] = _nitf_time(tags.get("NITF_IDATIM", ""))
-    trees = sorted(k[4:] for k in tags if k.startswith("TRE_"))
-    if trees:
-        meta["tres"] = trees
-    return {k: v for k, v in meta.items() if v is not None}
+    meta["tres"] = ",".join(sorted(k[4:] for k in tags if k.startswith("TRE_"))) or None
+    return meta
 
 
 def tre_fields(tre_xml: str, name: str) -> dict[str, Any] | None:

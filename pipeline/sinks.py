@@ -95,7 +95,11 @@ def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
     schema = unified.with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
     with pq.ParquetWriter(path, schema) as writer:
         for part in paths:
-            writer.write_table(pq.read_table(part).select(schema.names).cast(schema))
+            table = pq.read_table(part)
+            for name in schema.names:  # a column that some parts lack (per-image properties)
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            writer.write_table(table.select(schema.names).cast(schema))
 
 
 WRITERS: dict[str, Callable[[gpd.GeoDataFrame, str | Path], None]] = {
