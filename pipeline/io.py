@@ -237,7 +237,7 @@ class RasterSource:
     url: str
     shape: tuple[int, int, int]
     dtype: np.dtype[Any]
-    options: dict[str, str]
+    options: dict[str, str] = field(repr=False)
 
     @property
     def ndim(self) -> int:
@@ -263,7 +263,9 @@ def lazy_pixels(
     from dask.base import tokenize
 
     rows, cols = (chunks, chunks) if isinstance(chunks, int) else chunks
-    options = dict(options) if options is not None else read_options(url)
+    from pipeline.aws import GdalOptions
+
+    options = GdalOptions(options) if options is not None else read_options(url)
     source = RasterSource(url, (info.bands, info.height, info.width), np.dtype(info.dtype), options)
     name = f"read-{url.rsplit('/', 1)[-1]}-{tokenize(url, info.width, info.height, rows, cols)}"
     return da.from_array(
@@ -483,7 +485,7 @@ class RPCSensorModel:
     rpcs: dict[str, Any]
     height: float | None = None
     dem: str | None = None
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict, repr=False)
     chip: tuple[float, ...] | None = None
     georeferenced: bool = True
     kind: str = "RPC"
