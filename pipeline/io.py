@@ -402,8 +402,11 @@ class SensorModel(Protocol):
     (used for regions of interest).
     """
 
-    georeferenced: bool
-    kind: str
+    @property
+    def georeferenced(self) -> bool: ...
+
+    @property
+    def kind(self) -> str: ...
 
     def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ...
@@ -472,6 +475,11 @@ class AffineSensorModel:
         return Affine(*self.transform[:6])
 
 
+def _affine(t: tuple[float, ...], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b, c, d, e, f = t[:6]
+    return a * x + b * y + c, d * x + e * y + f
+
+
 @dataclass(frozen=True)
 class RPCSensorModel:
     """A rational polynomial camera (GDAL's RPC transformer, vectorised over points).
@@ -517,7 +525,7 @@ class RPCSensorModel:
     def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = _floats(x, y)
         if self.chip is not None:
-            x, y = Affine(*self.chip[:6]) * (x, y)
+            x, y = _affine(self.chip, x, y)
         if not x.size:
             return x, y
         with rasterio_env(self.options), self._transformer() as transformer:
@@ -533,7 +541,7 @@ class RPCSensorModel:
             rows, cols = transformer.rowcol(lon, lat, op=lambda v: v)
         x, y = np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
         if self.chip is not None:
-            x, y = ~Affine(*self.chip[:6]) * (x, y)
+            x, y = _affine(tuple(~Affine(*self.chip[:6]))[:6], x, y)
         return np.asarray(x), np.asarray(y)
 
 

@@ -43,7 +43,8 @@ def roi_pixels(wkt: str, model: SensorModel, width: int, height: int, url: str) 
 def chunk_mask(roi: Any, grid: TileGrid) -> np.ndarray:
     """``(chunks_y, chunks_x)`` booleans: which chunks' tile windows touch the ROI."""
     rows, cols = np.meshgrid(np.arange(grid.chunks_y), np.arange(grid.chunks_x), indexing="ij")
-    windows = np.array([grid.chunk_window(r, c) for r, c in zip(rows.ravel(), cols.ravel(), strict=True)])
+    windows = np.array([grid.chunk_window(int(r), int(c))
+                        for r, c in zip(rows.ravel(), cols.ravel(), strict=True)])
     boxes = shapely.box(windows[:, 0], windows[:, 1], windows[:, 2], windows[:, 3])
     return np.asarray(shapely.intersects(boxes, roi)).reshape(rows.shape)
 

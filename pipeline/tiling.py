@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -184,7 +185,7 @@ def to_uint8(
     pixels: np.ndarray,
     range_adjustment: str = "NONE",
     bits: int | None = None,
-    stretch: tuple[np.ndarray, np.ndarray] | None = None,
+    stretch: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
     """Pixels as uint8 for the model.
 
@@ -197,9 +198,9 @@ def to_uint8(
         return pixels
     data = np.nan_to_num(pixels.astype(np.float64, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     if range_adjustment == "DRA" and stretch is not None:
-        low = np.asarray(stretch[0], dtype=np.float64)
-        high = np.asarray(stretch[1], dtype=np.float64)
-        data = (data - low) * (255.0 / np.maximum(high - low, 1e-9))
+        floor = np.asarray(stretch[0], dtype=np.float64)
+        ceiling = np.asarray(stretch[1], dtype=np.float64)
+        data = (data - floor) * (255.0 / np.maximum(ceiling - floor, 1e-9))
     elif range_adjustment == "MINMAX":
         if bits:
             top = float(2**bits - 1)
