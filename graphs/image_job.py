@@ -117,6 +117,7 @@ class ImageOutcome:
     tiles: int = 0
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     raw_detections: int = 0
+    dropped_detections: int = 0
     before_merge: int = 0
     after_merge: int = 0
     timer: StageTimer = field(default_factory=StageTimer)
@@ -139,6 +140,7 @@ class ImageOutcome:
             "failedTiles": self.failed_tiles,
             "detections": {
                 "model": self.raw_detections,
+                "dropped": self.dropped_detections,
                 "beforeMerge": self.before_merge,
                 "afterMerge": self.after_merge,
             },
@@ -387,6 +389,7 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         record = store.write_chunk(
             index, result.chunk, features, waiting,
             {"url": plan.url, "tiles": result.tiles, "rawDetections": result.raw_detections,
+             "droppedDetections": result.dropped_detections,
              "detections": len(detections), "modelSeconds": round(result.model_seconds, 4)},
             complete=not result.failed_tiles,
         )
@@ -481,14 +484,16 @@ def run_job(
             try:
                 outcome.plan = plan_image(request, outcome.url, chunk_target)
                 results = chunk_results(outcome.plan, request, spec)
-            except ImageError as exc:
-                outcome.status, outcome.reason = ev.FAILED, str(exc)
-                bus.emit(ev.FAILED, request.job_id, outcome.url, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
+                reason = str(exc) if isinstance(exc, ImageError) else _one_line_error(exc)
+                outcome.status, outcome.reason = ev.FAILED, reason
+                bus.emit(ev.FAILED, request.job_id, outcome.url, reason)
                 continue
             outcome.tiles = tiles_in(outcome.plan.chunk_mask, outcome.plan.grid)
             finished = store.finished(index)
             for record in finished.values():
                 outcome.raw_detections += record["rawDetections"]
+                outcome.dropped_detections += record.get("droppedDetections", 0)
                 outcome.before_merge += record["detections"]
                 outcome.after_merge += record["features"]
                 outcome.timer.add("model", record["modelSeconds"])
@@ -524,6 +529,7 @@ def run_job(
         record = _settle_chunk(store, index, outcome, result, request)
         outcome.failed_tiles.extend(result.failed_tiles)
         outcome.raw_detections += result.raw_detections
+        outcome.dropped_detections += result.dropped_detections
         outcome.before_merge += len(result.detections)
         outcome.after_merge += record["features"]
         outcome.timer.add("model", result.model_seconds)
@@ -604,6 +610,11 @@ def run_job(
         store.remove()  # kept otherwise, for a resume
     bus.emit(status, request.job_id, message=f"{summary['features']} features")
     return JobResult(features, summary, written)
+
+
+def _one_line_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"cannot plan image: {type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _future_error(future: Any) -> str:

@@ -69,7 +69,7 @@ def test_cli_run_writes_readable_geojson_and_geoparquet(scene, tmp_path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "job cli-job: SUCCESS" in proc.stdout
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["cli-job.geojson", "cli-job.parquet", "cli-job.summary.json"]
+    assert files == ["cli-job.geojson", "cli-job.parquet", "cli-job.summary.json", "cli-job.summary.png"]
 
     collection = json.loads((out / "cli-job.geojson").read_text())
     assert collection["type"] == "FeatureCollection"
@@ -115,19 +115,20 @@ def test_all_images_missing_is_failed_and_writes_no_features(tmp_path, dask_clie
     request = request.model_copy(update={"image_urls": [str(tmp_path / "nope.tif")]})
     result = run_job(request, dask_client)
     assert result.status == "FAILED"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e2e.summary.json"]
+    assert not list(tmp_path.glob("e2e.geojson")) and not list(tmp_path.glob("e2e.parquet"))
+    assert (tmp_path / "e2e.summary.json").exists()
 
 
 def test_failing_model_tiles_make_a_partial_job(scene, tmp_path, dask_client) -> None:
     request = _request(scene, tmp_path).model_copy(update={
         "image_processor": {"name": "tests.flaky_model:make", "type": "PYTHON"},
-        "image_processor_parameters": {"fail_x": 512},
+        "image_processor_parameters": {"fail_x": 416},
     })
     request = ImageRequest.parse(request.to_wire())
     result = run_job(request, dask_client, chunk_target=600)
     assert result.status == "PARTIAL"
     failed = result.summary["images"][0]["failedTiles"]
-    # tiles whose x offset is 512 fail: one column of 7 tiles
-    assert len(failed) == 7 and all(t["window"][0] == 512 for t in failed)
-    assert "RuntimeError: tile at x=512 refused" in failed[0]["reason"]
+    # tiles whose x offset is 416 fail: one column of 7 tiles
+    assert len(failed) == 7 and all(t["window"][0] == 416 for t in failed)
+    assert "RuntimeError: tile at x=416 refused" in failed[0]["reason"]
     assert (tmp_path / "e2e.geojson").exists()

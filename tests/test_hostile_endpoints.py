@@ -121,16 +121,14 @@ def test_transient_faults_are_retried_and_permanent_ones_are_not(
 
 def test_a_slow_trickle_hits_a_total_deadline(outcome: Any) -> None:
     reason = _failed(outcome).get(tuple(_window(2, 3)))
-    if reason is None:
-        pytest.xfail("the HTTP adapter has no total deadline: a 1-byte-per-0.2-s answer took 6 s")
+    assert reason is not None, "the HTTP adapter has no total deadline"
     assert "timed out" in reason
 
 
 def test_a_huge_response_is_refused_at_the_cap(outcome: Any) -> None:
     reason = _failed(outcome).get(tuple(_window(3, 0)))
     assert reason is not None
-    if "larger than" not in reason:
-        pytest.xfail(f"the HTTP adapter read the whole 256 MiB body before failing: {reason}")
+    assert "larger than" in reason, reason
 
 
 def test_boxes_per_tile_are_capped_and_counted(outcome: Any) -> None:
@@ -138,9 +136,8 @@ def test_boxes_per_tile_are_capped_and_counted(outcome: Any) -> None:
     x0, y0, x1, y1 = _window(3, 1)
     boxes = np.array(list(outcome.features["imageBBox"]), dtype=float).reshape(-1, 4)
     inside = (boxes[:, 0] >= x0) & (boxes[:, 2] <= x1) & (boxes[:, 1] >= y0) & (boxes[:, 3] <= y1)
-    if inside.sum() > MAX_DETECTIONS_PER_TILE:
-        pytest.xfail(f"no per-tile cap: {int(inside.sum())} boxes kept from one tile")
-    assert inside.sum() == MAX_DETECTIONS_PER_TILE
+    # the cap applies to what the model returned; ownership and NMS may then drop a few more
+    assert 0.95 * MAX_DETECTIONS_PER_TILE <= inside.sum() <= MAX_DETECTIONS_PER_TILE
     assert image["detections"].get("dropped", 0) == hs.MANY - MAX_DETECTIONS_PER_TILE
 
 
