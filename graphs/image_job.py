@@ -22,22 +22,24 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
+from dask.base import tokenize
 
 from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
 from pipeline import synthetic
+from pipeline.aws import GdalOptions
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
 from pipeline.io import (
     ImageError,
     ImageInfo,
+    RasterSource,
     RPCSensorModel,
     SensorModel,
     describe,
     footprint,
     image_segments,
-    lazy_pixels,
     open_image,
     range_adjustment,
     read_options,
@@ -214,8 +216,9 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
         adjustment = {"type": request.range_adjustment or "NONE", "requested": request.range_adjustment}
     else:
         adjustment = range_adjustment(request.range_adjustment, info, options)
-        if adjustment["type"] != "DRA":
-            read_window(url, (0, 0, 1, 1), options)  # unreadable pixels fail here, in one line
+        if adjustment["type"] != "DRA":  # unreadable pixels fail here, in one line
+            x, y = (int(v) for v in roi.bounds[:2]) if roi is not None else (0, 0)
+            read_window(url, (x, y, x + 1, y + 1), options)
     return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
 
 
@@ -231,6 +234,20 @@ def _chunk_task(
 ) -> np.ndarray:
     assert block_info is not None
     _, row, col = block_info[0]["chunk-location"]
+    return _detect(block, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+
+
+def _detect(
+    block: np.ndarray,
+    row: int,
+    col: int,
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str,
+    bits: int | None,
+    stretch: tuple[list[float], list[float]] | None,
+    roi: Any,
+) -> np.ndarray:
     origin = (col * grid.chunk, row * grid.chunk)
     if stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
         block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", bits, stretch), -1, 0)
@@ -242,22 +259,66 @@ def _chunk_task(
     return out
 
 
+def _read_chunk_task(
+    _: np.ndarray,
+    source: RasterSource,
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str,
+    bits: int | None,
+    stretch: tuple[list[float], list[float]] | None = None,
+    roi: Any = None,
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """Read one chunk's window (its tiles, halo included) from the file and detect in it."""
+    assert block_info is not None
+    row, col = block_info[0]["chunk-location"]
+    x0, y0, x1, y1 = grid.chunk_window(row, col)
+    pixels = source[:, y0:y1, x0:x1]
+    return _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+
+
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
     """Lazy ``(chunks_y, chunks_x)`` object array of :class:`ChunkResult` for one image.
 
-    Each chunk holds a whole number of tile strides; ``map_overlap`` adds a halo of
-    ``overlap`` pixels on the right and bottom only, which is exactly what the chunk's last
-    tiles reach into.
+    Each chunk holds a whole number of tile strides plus a halo of ``overlap`` pixels on the
+    right and bottom, which is exactly what the chunk's last tiles reach into. A file's chunk
+    task reads its own window (chunk and halo) under the image's read options, so no pixels
+    move between workers and a chunk outside the regionOfInterest costs no read; generated
+    (``synthetic://``) pixels go through ``map_overlap``.
     """
     grid = plan.grid
-    if synthetic.is_synthetic(plan.url):
-        pixels = _open_image(plan.url, chunks=grid.chunk).data
-    else:
-        pixels = lazy_pixels(plan.url, plan.info, grid.chunk, plan.read_options)
     adjustment = plan.range_adjustment
     stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
+    name = f"detect-{plan.url.rsplit('/', 1)[-1]}"
+    if not synthetic.is_synthetic(plan.url):
+        info = plan.info
+        roi_wkt = plan.roi.wkt if plan.roi is not None else None
+        source = RasterSource(plan.url, (info.bands, info.height, info.width), np.dtype(info.dtype),
+                              GdalOptions(plan.read_options))
+        layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
+        results = da.map_blocks(
+            _read_chunk_task, layout, source=source, grid=grid, spec=spec,
+            range_adjustment=adjustment["type"], bits=info.bits, stretch=stretch, roi=plan.roi,
+            dtype=object, name=f"{name}-{tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)}",
+            meta=np.empty((0, 0), dtype=object),
+        )
+    else:
+        results = _overlap_results(plan, spec, adjustment["type"], stretch, name)
+    resources = spec.options.get("resources")
+    if resources:  # only the model tasks; run_job computes them unoptimised (fusion drops it)
+        results.dask.layers[results.name].annotations = {"resources": dict(resources)}
+    return results
+
+
+def _overlap_results(
+    plan: ImagePlan, spec: ModelSpec, range_adjustment: str,
+    stretch: tuple[list[float], list[float]] | None, name: str,
+) -> da.Array:
+    grid = plan.grid
+    pixels = _open_image(plan.url, chunks=grid.chunk).data
     overlap = grid.overlap
-    results = da.map_overlap(
+    return da.map_overlap(
         _chunk_task,
         pixels,
         # no halo along an axis with one chunk (dask refuses a depth larger than the image)
@@ -270,16 +331,12 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
         chunks=((1,) * grid.chunks_y, (1,) * grid.chunks_x),
         grid=grid,
         spec=spec,
-        range_adjustment=adjustment["type"],
+        range_adjustment=range_adjustment,
         bits=plan.info.bits,
         stretch=stretch,
         roi=plan.roi,
-        name=f"detect-{plan.url.rsplit('/', 1)[-1]}",
+        name=name,
     )
-    resources = spec.options.get("resources")
-    if resources:  # only the model tasks; run_job computes them unoptimised (fusion drops it)
-        results.dask.layers[results.name].annotations = {"resources": dict(resources)}
-    return results
 
 
 def image_job(request: ImageRequest) -> dict[str, da.Array]:
