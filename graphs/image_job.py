@@ -21,6 +21,7 @@ import dask.array as da
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import rasterio.errors
 import shapely
 from dask.base import tokenize
 
@@ -274,7 +275,13 @@ def _read_chunk_task(
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
     x0, y0, x1, y1 = grid.chunk_window(row, col)
-    pixels = source[:, y0:y1, x0:x1]
+    try:
+        pixels = source[:, y0:y1, x0:x1]
+    except rasterio.errors.RasterioIOError as exc:  # the chunk's tiles fail, with one line
+        out = np.empty((1, 1), dtype=object)
+        reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {str(exc).splitlines()[0]}"
+        out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), reason)
+        return out
     return _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
 
 
