@@ -93,30 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--progress-seconds", type=float, default=30.0,
                         help="at most one IN_PROGRESS status per this many seconds (30)")
     worker.add_argument("--chunk-target", type=_positive, default=None, help=argparse.SUPPRESS)
-    worker = commands.add_parser(
-        "worker", help="run ImageRequest messages from an SQS queue (OSML-compatible)",
-        description="Long-poll an SQS queue for OSML ImageRequest messages, run each as a job, "
-        "publish status to SNS. SIGTERM/SIGINT: stop taking messages, release the current one.")
-    worker.add_argument("--queue-url", required=True, help="the SQS queue of image requests")
-    worker.add_argument("--status-topic-arn", default=None, help="SNS topic for status messages")
-    worker.add_argument("--cluster", default="local",
-                        help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
-    worker.add_argument("--workers", type=_positive, default=None,
-                        help="LocalCluster worker processes (default: one per core)")
-    worker.add_argument("--max-jobs", type=_positive, default=None,
-                        help="exit after handling this many messages")
-    worker.add_argument("--exit-when-idle", action="store_true",
-                        help="exit when a poll finds the queue empty")
-    worker.add_argument("--wait-seconds", type=int, default=20, help="long-poll wait, 0-20 (20)")
-    worker.add_argument("--visibility-timeout", type=_positive, default=120,
-                        help="seconds a message stays hidden, renewed while its job runs (120)")
-    worker.add_argument("--retry-delay", type=int, default=10,
-                        help="seconds before a failed job is retried (10)")
-    worker.add_argument("--grace-seconds", type=float, default=0.0,
-                        help="on SIGTERM, let the current job finish for this long (0)")
-    worker.add_argument("--progress-seconds", type=float, default=30.0,
-                        help="at most one IN_PROGRESS status per this many seconds (30)")
-    worker.add_argument("--chunk-target", type=_positive, default=None, help=argparse.SUPPRESS)
     tiles = commands.add_parser(
         "tiles", help="run a model over a list of XYZ map tiles (chip-n-scale style)",
         description="Fetch XYZ tiles (from a z/x/y or x-y-z list, or a bbox and zoom), run a model "
@@ -307,23 +283,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from graphs.queue_worker import WorkerConfig, run_worker
-
-    config = WorkerConfig(
-        queue_url=args.queue_url, status_topic_arn=args.status_topic_arn,
-        max_jobs=args.max_jobs, exit_when_idle=args.exit_when_idle,
-        wait_seconds=args.wait_seconds, visibility_timeout=args.visibility_timeout,
-        retry_delay=args.retry_delay, grace_seconds=args.grace_seconds,
-        progress_seconds=args.progress_seconds, chunk_target=args.chunk_target,
-    )
-    stats = run_worker(config, args.cluster, args.workers)
-    print(f"worker: {stats.received} messages: {stats.succeeded} succeeded, {stats.partial} "
-          f"partial, {stats.failed} failed, {stats.poison} poison, {stats.duplicates} already "
-          f"done, {stats.released} released")
-    return EXIT_OK
-
-
 def _tile_request(args: argparse.Namespace) -> Any:
     """The tile job of a file and/or the command line options."""
     import json
@@ -445,7 +404,6 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "demo": cmd_demo}
 COMMANDS["serve-model"] = cmd_serve_model
 COMMANDS["tiles"] = cmd_tiles
-COMMANDS["worker"] = cmd_worker
 COMMANDS["worker"] = cmd_worker
 
 
