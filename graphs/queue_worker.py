@@ -17,7 +17,6 @@ At least once, done right:
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import signal
@@ -232,9 +231,17 @@ class QueueWorker:
 
     def run(self) -> WorkerStats:
         """Poll until stopped, idle (``exit_when_idle``) or ``max_jobs`` messages are handled."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self.stop)
+                previous[signum] = signal.signal(signum, self.stop)
+        try:
+            return self._loop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _loop(self) -> WorkerStats:
         log.info("polling %s", self.config.queue_url)
         while not self.stopping.is_set():
             if self.config.max_jobs is not None and self.stats.received >= self.config.max_jobs:
@@ -359,12 +366,18 @@ class QueueWorker:
         }
         if self.config.chunk_target:
             kwargs["chunk_target"] = self.config.chunk_target
-        if "resume" in inspect.signature(run_job).parameters:
-            kwargs["resume"] = True
+        kwargs["resume"] = True  # a message whose job crashed mid-way continues from its parts
 
         def target() -> None:
+            from pipeline.parts import ResumeError
+
             try:
-                outcome["status"] = run_job(request, self.client, **kwargs).status
+                try:
+                    outcome["status"] = run_job(request, self.client, **kwargs).status
+                except ResumeError as exc:  # the parts of another request with this jobId
+                    log.warning("job %s: %s; starting over", request.job_id, exc)
+                    kwargs["resume"] = False
+                    outcome["status"] = run_job(request, self.client, **kwargs).status
             except JobCancelled:
                 outcome["status"] = "RELEASED"
             except Exception as exc:  # noqa: BLE001 - reported as FAILED, retried by SQS
