@@ -439,6 +439,7 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
     """Run a tile-list job on ``client`` and write its outputs."""
     from distributed import as_completed
 
+    from graphs.model_targets import finish_model, prepare_model
     from pipeline.sinks import make_sink
 
     bus = bus or ev.EventBus()
@@ -446,6 +447,8 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
     began = time.perf_counter()
     spec = request.model_spec()
     check_model(spec)
+    spec = prepare_model(client, spec)  # endpoint settings, resources (fail fast), metrics
+    resources = spec.options.get("resources") or None
     tiles = request.tile_list()
     parts = [[(t.x, t.y, t.z) for t in tiles[i : i + request.tiles_per_task]]
              for i in range(0, len(tiles), request.tiles_per_task)]
@@ -476,7 +479,8 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
             continue
         future = client.submit(run_part, number, part, request.imagery_url, spec, request.job_id,
                                request.concurrency, request.retries, request.timeout, s3,
-                               key=f"tiles-{request.job_id}-{number}-{time.time_ns()}")
+                               key=f"tiles-{request.job_id}-{number}-{time.time_ns()}",
+                               resources=resources)
         futures[future] = number
     resumed = len(results)
     if resume:
@@ -543,6 +547,7 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
             "model": round(sum(r.model_seconds for r in results), 4),
         },
         "outputs": list(written),
+        "modelMetrics": finish_model(client),
     }
     for output in request.outputs:
         written.append(make_sink(output).write_summary(request.job_id, summary))
