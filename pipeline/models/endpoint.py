@@ -197,6 +197,15 @@ class EndpointAdapter(ModelAdapter):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def validate_url_target(spec: ModelSpec) -> None:
+    """Common checks plus: ``imageProcessor.name`` is an http(s) URL (HTTP, TF Serving)."""
+    validate_common(spec)
+    if not spec.name.startswith(("http://", "https://")):
+        raise ModelError(
+            f"{spec.type} imageProcessor.name must be an http(s) URL, got {spec.name!r}"
+        )
+
+
 def validate_common(spec: ModelSpec) -> None:
     """Checks every endpoint target shares: tile format/compression, numbers."""
     check_format(spec.tile_format, spec.tile_compression)

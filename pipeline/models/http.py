@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
-from pipeline.models.endpoint import EndpointAdapter, concurrency_parameter, validate_common, with_options
+from pipeline.models.endpoint import (
+    EndpointAdapter,
+    concurrency_parameter,
+    validate_url_target,
+    with_options,
+)
 from pipeline.models.retry import DEFAULT_CONCURRENCY, ThrottledError, TimeoutFault, TransientError
 
 
@@ -75,9 +80,7 @@ class HttpEndpoint(EndpointAdapter):
 
 
 def validate(spec: ModelSpec) -> None:
-    validate_common(spec)
-    if not spec.name.startswith(("http://", "https://")):
-        raise ModelError(f"HTTP_ENDPOINT imageProcessor.name must be an http(s) URL, got {spec.name!r}")
+    validate_url_target(spec)
 
 
 def resolve(spec: ModelSpec) -> ModelSpec:

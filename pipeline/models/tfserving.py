@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.detections import Detections
 from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
-from pipeline.models.endpoint import EndpointAdapter, _outcome, validate_common
+from pipeline.models.endpoint import EndpointAdapter, _outcome, validate_url_target
 from pipeline.models.http import post, resolve, session_for
 from pipeline.models.results import MalformedResponse, parse_tfserving
 from pipeline.models.retry import METRICS, call_with_retries
@@ -85,9 +85,7 @@ class TFServingEndpoint(EndpointAdapter):
 
 
 def validate(spec: ModelSpec) -> None:
-    validate_common(spec)
-    if not spec.name.startswith(("http://", "https://")):
-        raise ModelError(f"TFSERVING_ENDPOINT imageProcessor.name must be an http(s) URL, got {spec.name!r}")
+    validate_url_target(spec)
     for key in ("scoreThresholds", "classNames"):
         _mapping(spec, key)
 
