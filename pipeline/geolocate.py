@@ -9,13 +9,14 @@ x = lon). The properties follow OSML Model Runner: ``imageBBox``, ``imageGeometr
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
 import shapely
 
+from pipeline import antimeridian
 from pipeline.detections import Detections
 from pipeline.io import SensorModel
 
@@ -37,6 +38,19 @@ FEATURE_COLUMNS = (
 def box_rings(boxes: np.ndarray) -> np.ndarray:
     """``N × 5 × 2`` closed rings of the box corners, in pixels."""
     return boxes[:, _CORNERS.ravel()].reshape(len(boxes), 5, 2)
+
+
+def ground_polygons(ground: np.ndarray) -> np.ndarray:
+    """Counter-clockwise lon/lat polygons of ``N × 5 × 2`` rings; the few that cross the
+    antimeridian are cut there into MultiPolygons (RFC 7946)."""
+    if not len(ground):
+        return np.empty(0, dtype=object)
+    crossing = antimeridian.crosses(ground[..., 0])
+    ground = ground.copy()
+    ground[crossing, :, 0] = antimeridian.unwrap(ground[crossing, :, 0])
+    geometry = shapely.orient_polygons(shapely.polygons(ground))
+    geometry[crossing] = [antimeridian.split(polygon) for polygon in geometry[crossing]]
+    return np.asarray(geometry)
 
 
 def feature_ids(image_url: str, detections: Detections) -> list[str]:
@@ -62,10 +76,10 @@ def to_features(
     rings = box_rings(detections.boxes)
     lon, lat = model.pixel_to_lonlat(rings[..., 0].ravel(), rings[..., 1].ravel())
     ground = np.stack([lon, lat], axis=-1).reshape(n, 5, 2)
-    geometry = shapely.orient_polygons(shapely.polygons(ground)) if n else np.empty(0, dtype=object)
+    geometry = ground_polygons(ground)
     cx, cy = detections.centers
     center_lon, center_lat = model.pixel_to_lonlat(cx, cy)
-    when = (inference_time or datetime.now(timezone.utc)).isoformat()
+    when = (inference_time or datetime.now(UTC)).isoformat()
     columns: dict[str, Any] = {
         "id": feature_ids(image_url, detections),
         "imageBBox": [list(map(float, box)) for box in detections.boxes],

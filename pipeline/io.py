@@ -605,24 +605,16 @@ def footprint(model: SensorModel, width: int, height: int, per_side: int = 16) -
     or None for an image without georeferencing."""
     import shapely
 
+    from pipeline import antimeridian
+
     if not model.georeferenced:
         return None
     t = np.linspace(0.0, 1.0, per_side, endpoint=False)
     x = np.concatenate([t * width, np.full(per_side, width), (1 - t) * width, np.zeros(per_side)])
     y = np.concatenate([np.zeros(per_side), t * height, np.full(per_side, height), (1 - t) * height])
     lon, lat = model.pixel_to_lonlat(x, y)
-    lon = np.rad2deg(np.unwrap(np.deg2rad(lon)))  # continuous across the antimeridian
-    outline = shapely.make_valid(shapely.Polygon(np.column_stack([lon, lat])))
-    parts = []
-    for shift in (-360.0, 0.0, 360.0):
-        window = shapely.box(-180.0 - shift, -90.0, 180.0 - shift, 90.0)
-        part = shapely.intersection(outline, window)
-        if not part.is_empty and part.area > 0:
-            parts.append(shapely.transform(part, lambda c, s=shift: c + [s, 0.0]))
-    merged = shapely.union_all(parts) if parts else outline
-    polygons = [g for g in shapely.get_parts(merged) if isinstance(g, shapely.Polygon)]
-    shape = polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
-    return shapely.orient_polygons(shape)
+    outline = shapely.make_valid(shapely.Polygon(np.column_stack([antimeridian.unwrap(lon), lat])))
+    return antimeridian.split(outline)
 
 
 def elevation_model(

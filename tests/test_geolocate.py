@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
-from pyproj import Transformer
+from pyproj import CRS, Transformer
 from rasterio.transform import from_origin
 
-from tests.conftest import shared_file
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
 from pipeline.io import AffineSensorModel, PixelSensorModel, describe, sensor_model
+from tests.conftest import shared_file
 
+CRS_4326 = CRS.from_epsg(4326)
 BOXES = np.array([[0, 0, 10, 10], [100.5, 20, 130, 61], [700, 650, 718, 718]], dtype=float)
 
 
@@ -81,3 +82,21 @@ def test_pixel_space_without_georeferencing() -> None:
     assert features["team"].iloc[0] == "t"
     assert features["imageBBox"].iloc[0] == [0.0, 0.0, 10.0, 10.0]
     assert features["featureClasses"].iloc[0] == [{"iri": "x", "score": 0.5}]
+
+
+def test_boxes_across_the_antimeridian_are_split() -> None:
+    # 0.01° pixels from 179.5°E: pixel column 50 lies on the antimeridian.
+    model = AffineSensorModel((0.01, 0.0, 179.5, 0.0, -0.01, 10.0), CRS_4326.to_wkt())
+    boxes = np.array([[40, 0, 60, 10], [0, 0, 10, 10], [60, 0, 70, 10]], dtype=float)
+    features = to_features(Detections(boxes, np.ones(3), ["x"] * 3), model, image_url="a", job_id="j")
+    crossing, west, east = features.geometry
+    assert crossing.geom_type == "MultiPolygon" and crossing.is_valid
+    parts = sorted(crossing.geoms, key=lambda p: p.bounds[0])
+    assert parts[0].bounds == pytest.approx((-180.0, 9.9, -179.9, 10.0))
+    assert parts[1].bounds == pytest.approx((179.9, 9.9, 180.0, 10.0))
+    assert crossing.area == pytest.approx(0.2 * 0.1)  # nothing lost by the cut
+    assert all(part.exterior.is_ccw for part in parts)
+    assert west.geom_type == east.geom_type == "Polygon"
+    assert west.bounds == pytest.approx((179.5, 9.9, 179.6, 10.0))
+    assert east.bounds == pytest.approx((-179.9, 9.9, -179.8, 10.0))
+    assert features["center_longitude"].iloc[0] == pytest.approx(-180.0)
