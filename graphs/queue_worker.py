@@ -242,7 +242,7 @@ class QueueWorker:
                 signal.signal(signum, handler)
 
     def _loop(self) -> WorkerStats:
-        log.info("polling %s", self.config.queue_url)
+        log.info("polling %s; allow-list: %s", self.config.queue_url, self.allow.describe())
         while not self.stopping.is_set():
             if self.config.max_jobs is not None and self.stats.received >= self.config.max_jobs:
                 break

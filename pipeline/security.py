@@ -12,9 +12,10 @@ the rules, a source is refused if it is a GDAL virtual path or connection string
 (``/vsicurl/``, ``/vsizip/``, ``vrt://``, ``GTIFF_DIR:``, inline ``<VRTDataset>``), carries
 credentials (``https://user:pass@``), has ``..`` segments, or points a wildcard at a cloud
 metadata address; ``/vsis3/b/k`` is read as ``s3://b/k`` and ``NITF_IM:<k>:<url>`` is checked
-as ``<url>``. Worker defaults (:meth:`AllowList.from_env`): any S3 bucket for reading and
-writing (IAM decides) and Kinesis streams; no local paths and no HTTP hosts unless
-``MODEL_RUNNER_ALLOWED_SOURCES``/``MODEL_RUNNER_ALLOWED_OUTPUTS`` list them.
+as ``<url>``. The worker's door is closed by default (:meth:`AllowList.for_worker`): without
+``MODEL_RUNNER_ALLOWED_SOURCES``/``MODEL_RUNNER_ALLOWED_OUTPUTS`` it reads and writes S3 only
+(IAM decides which buckets) and writes Kinesis streams; no local path, ``file://``, or HTTP
+host is allowed unless listed.
 
 GDAL itself is closed too: :func:`open_raster` opens only :data:`IMAGE_DRIVERS` (no VRT, WMS
 or other formats that fetch other URLs), and :data:`GDAL_SAFE_OPTIONS` stop directory listing,
@@ -60,12 +61,9 @@ MAX_DETECTIONS_PER_TILE = 10_000
 
 ENV_SOURCES = "MODEL_RUNNER_ALLOWED_SOURCES"
 ENV_OUTPUTS = "MODEL_RUNNER_ALLOWED_OUTPUTS"
+#: the worker's closed defaults (neither variable set): S3 in, S3/Kinesis out, nothing local or HTTP
 DEFAULT_SOURCES = ("s3://*",)
 DEFAULT_OUTPUTS = ("s3://*", "kinesis://*")
-#: a worker with neither variable set: any bucket, host or local path, but the refusals that
-#: hold whatever the rules (GDAL virtual paths, credentials in URLs, metadata addresses, '..')
-OPEN_SOURCES = ("s3://*", "https://*", "http://*", "/")
-OPEN_OUTPUTS = ("s3://*", "kinesis://*", "/")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
@@ -166,16 +164,20 @@ class AllowList:
 
     @classmethod
     def for_worker(cls, environ: Mapping[str, str] | None = None) -> AllowList:
-        """:meth:`from_env` when either variable is set; else :data:`OPEN_SOURCES`/``OUTPUTS``
-        (with a warning), so that an unconfigured worker still refuses GDAL virtual paths,
-        credentials in URLs and metadata addresses."""
+        """The queue worker's allow-list: :meth:`from_env`, closed by default (S3 only; a
+        variable that is not set keeps its default, so naming local roots in one does not open
+        the other)."""
         environ = os.environ if environ is None else environ
-        if ENV_SOURCES in environ or ENV_OUTPUTS in environ:
-            return cls.from_env(environ)
-        logging.getLogger(__name__).warning(
-            "no allow-list configured (%s, %s): any bucket, host and local path may be named",
-            ENV_SOURCES, ENV_OUTPUTS)
-        return cls.from_strings(OPEN_SOURCES, OPEN_OUTPUTS)
+        if ENV_SOURCES not in environ and ENV_OUTPUTS not in environ:
+            logging.getLogger(__name__).info(
+                "no allow-list configured (%s, %s): image sources %s, outputs %s only",
+                ENV_SOURCES, ENV_OUTPUTS, ", ".join(DEFAULT_SOURCES), ", ".join(DEFAULT_OUTPUTS))
+        return cls.from_env(environ)
+
+    def describe(self) -> str:
+        """One line: the rules in force (for the worker's start-up log)."""
+        return (f"image sources {', '.join(map(str, self.sources)) or 'none'}; "
+                f"outputs {', '.join(map(str, self.outputs)) or 'none'}")
 
     # ------------------------------------------------------------------ checks
     def check_source(self, url: str, field: str = "imageUrls") -> str:

@@ -49,6 +49,16 @@ def left_column_fails():
 
 
 # ---------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def allow_list(tmp_path_factory, monkeypatch) -> None:
+    """The worker's door is closed by default: open it to this session's temporary folders
+    (scenes in, LOCAL outputs) and to S3/Kinesis, for in-process and ``model-runner worker``
+    subprocess workers alike."""
+    root = str(tmp_path_factory.getbasetemp())
+    monkeypatch.setenv("MODEL_RUNNER_ALLOWED_SOURCES", f"s3://* {root}")
+    monkeypatch.setenv("MODEL_RUNNER_ALLOWED_OUTPUTS", f"s3://* kinesis://* {root}")
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     return write_scene(tmp_path_factory.mktemp("scene") / "scene.tif", size=512, count=12,

@@ -331,17 +331,32 @@ def test_the_worker_refuses_requests_that_reach_outside(
     assert "outputs[0]: local path /etc/cron.d" in reasons["local-output"]
 
 
-def test_an_unconfigured_worker_still_refuses_gdal_paths_and_metadata() -> None:
-    open_door = AllowList.for_worker({})
-    assert open_door.check_source("/data/a.tif") == "/data/a.tif"
-    assert open_door.check_source("https://example.com/a.tif")
-    for url in ("/vsicurl/https://example.com/a.tif", "http://169.254.169.254/latest/",
-                "https://u:p@example.com/a.tif", "vrt:///data/a.tif"):
-        with pytest.raises(AccessDenied):
-            open_door.check_source(url)
-    closed = AllowList.for_worker({"MODEL_RUNNER_ALLOWED_SOURCES": "s3://a"})
-    with pytest.raises(AccessDenied):
-        closed.check_source("/data/a.tif")
+def test_an_unconfigured_worker_is_closed(caplog: pytest.LogCaptureFixture) -> None:
+    """No MODEL_RUNNER_ALLOWED_* variables: S3 in, S3/Kinesis out, nothing local or HTTP."""
+    with caplog.at_level(logging.INFO, logger="pipeline.security"):
+        closed = AllowList.for_worker({})
+    assert "no allow-list configured" in caplog.text
+    assert closed.check_source("s3://any-bucket/a.tif") == "s3://any-bucket/a.tif"
+    assert closed.check_output("s3://any-bucket/out") and closed.check_output("kinesis://s")
+    for url, reason in (("/data/a.tif", "local path /data/a.tif is not on the allow-list"),
+                        ("file:///data/a.tif", "local path /data/a.tif is not on the allow-list"),
+                        ("https://example.com/a.tif", "https://example.com/a.tif is not on"),
+                        ("http://127.0.0.1:8080/a.tif", "http://127.0.0.1:8080/a.tif is not on"),
+                        ("/vsicurl/https://example.com/a.tif", "virtual file systems"),
+                        ("http://169.254.169.254/latest/", "not on the allow-list"),
+                        ("https://u:p@example.com/a.tif", "credentials in the URL"),
+                        ("vrt:///data/a.tif", "scheme 'vrt'")):
+        with pytest.raises(AccessDenied, match=reason):
+            closed.check_source(url)
+    for url in ("/tmp/out", "file:///tmp/out"):
+        with pytest.raises(AccessDenied, match="local path /tmp/out is not on the allow-list"):
+            closed.check_output(url)
+    # one variable set: the other keeps its closed default
+    sources_only = AllowList.for_worker({"MODEL_RUNNER_ALLOWED_SOURCES": "s3://a /data"})
+    assert sources_only.check_source("/data/a.tif") == "/data/a.tif"
+    with pytest.raises(AccessDenied, match="local path"):
+        sources_only.check_output("/data/out")
+    assert sources_only.describe() == "image sources s3://a, /data; outputs s3://*, kinesis://*"
 
 
 def test_the_cli_never_shows_presigned_secrets(
@@ -376,3 +391,17 @@ def test_the_cli_never_shows_presigned_secrets(
         assert "scene.tif?X-Amz-Algorithm=" in text or text is done.stderr
         for secret in secrets:
             assert secret not in text
+
+
+def test_the_example_worker_config_admits_the_example_request() -> None:
+    """configs/worker: the example request passes the example allow-list; other places do not."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "worker"
+    lines = (root / "worker.env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    allow = AllowList.for_worker(env)
+    request, _ = ImageRequest.from_message((root / "osml-image-request.json").read_text())
+    allow.check_request(request)
+    with pytest.raises(AccessDenied, match="outputs.0.: s3://my-results-bucket/other"):
+        allow.check_output("s3://my-results-bucket/other", "outputs[0]")
+    with pytest.raises(AccessDenied, match="imageUrls.0.: s3://my-imagery-bucket/private/a.tif"):
+        allow.check_source("s3://my-imagery-bucket/private/a.tif", "imageUrls[0]")
