@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,16 +39,31 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """A real moto server (S3, SQS, SNS, STS, Kinesis, ...) on 127.0.0.1; yields its URL."""
-    from moto.server import ThreadedMotoServer
+    """A real moto server (S3, SQS, SNS, STS, Kinesis, ...) on 127.0.0.1; yields its URL.
 
+    It runs in its own process: GDAL calls that hold the GIL while they wait on HTTP
+    (``src.overviews()`` on /vsis3/, for one) deadlock against a server thread of the same
+    process.
+    """
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(  # noqa: S603 - fixed argv
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture

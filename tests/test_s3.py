@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -27,32 +26,6 @@ from pipeline.sinks import S3Sink, make_sink
 from tests.conftest import free_port
 
 ROLE = "arn:aws:iam::123456789012:role/image-reader"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """moto in its own process (overrides conftest's in-process server for this module).
-
-    GDAL calls that hold the GIL while they wait on HTTP (``src.overviews()`` on /vsis3/, for
-    one) deadlock against a server thread of the same process; a separate process cannot.
-    """
-    port = free_port()
-    server = subprocess.Popen(  # noqa: S603 - fixed argv
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
