@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (or: make PYTHON=python3)"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e '.[test,cloud]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e '.[test,cloud,onnx]'
 	touch $(STAMP)
 
 demo: install
@@ -40,7 +40,7 @@ strip-notebooks: install
 	$(BIN)/python scripts/strip_notebooks.py notebooks/*.ipynb
 
 lock:
-	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -e '.[test,cloud]' \
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -e '.[test,cloud,onnx]' \
 	  && .lockenv/bin/pip freeze --exclude-editable > constraints.txt && rm -rf .lockenv
 
 clean:
