@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline import events as ev
 from pipeline.notify import StatusPublisher
+from pipeline.redact import redact
 from pipeline.request import ImageRequest, RequestError
 from pipeline.security import AccessDenied, AllowList
 
@@ -210,6 +211,7 @@ class QueueWorker:
 
     def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
         """Move ``message`` to the dead-letter queue now (or delete it if there is none)."""
+        reason = redact(reason)
         if self.dead_letter_url:
             attributes = dict(message.get("MessageAttributes") or {})
             attributes["failure_reason"] = {"DataType": "String", "StringValue": reason[:1000]}

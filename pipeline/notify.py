@@ -5,6 +5,9 @@ Each message body is JSON (``jobId``, ``imageUrl``, ``status``, ``processingDura
 all SNS ``String`` values: ``status``, ``image_status``, ``job_id``, ``image_id``
 (``<jobId>:<imageUrl>``) and ``processing_duration`` (whole seconds). OSML status consumers
 and SNS filter policies on those attributes work unchanged.
+
+Everything published or logged is redacted first (:mod:`pipeline.redact`): presigned query
+strings and credentials in image URLs, and secrets in messages, never reach the topic.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import events as ev
+from pipeline.redact import redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,15 @@ class StatusPublisher:
 
     def publish(self, status: str, job_id: str, image_url: str = "", message: str = "", *,
                 duration: float = 0.0, failed_tiles: int = 0, **extra: Any) -> None:
-        """Publish one status message; a failure to publish is logged, never raised."""
-        body = status_body(status, job_id, image_url, duration, failed_tiles, message, **extra)
+        """Publish one status message (redacted); a failure to publish is logged, never raised."""
+        image_url, message = redact(image_url), redact(message)
+        body = redact_obj(status_body(status, job_id, image_url, duration, failed_tiles, message,
+                                      **extra))
         log.info("status %s %s %s", status, job_id, message)
         if not self.topic_arn:
             return
-        attributes = status_attributes(status, job_id, image_url, duration)
+        attributes = {k: redact(v) for k, v in
+                      status_attributes(status, job_id, image_url, duration).items()}
         try:
             self._client.publish(
                 TopicArn=self.topic_arn,
@@ -75,7 +82,8 @@ class StatusPublisher:
             )
         except Exception as exc:  # noqa: BLE001 - status must never break a job
             log.warning("cannot publish status to %s: %s", self.topic_arn,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                        redact(str(exc).strip().splitlines()[0]) if str(exc).strip()
+                        else type(exc).__name__)
 
     def for_job(self, job_id: str, image_url: str) -> JobStatus:
         """A :class:`~pipeline.events.EventBus` subscriber for one job."""

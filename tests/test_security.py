@@ -405,3 +405,120 @@ def test_the_example_worker_config_admits_the_example_request() -> None:
         allow.check_output("s3://my-results-bucket/other", "outputs[0]")
     with pytest.raises(AccessDenied, match="imageUrls.0.: s3://my-imagery-bucket/private/a.tif"):
         allow.check_source("s3://my-imagery-bucket/private/a.tif", "imageUrls[0]")
+
+
+# ---------------------------------------------------------------------- status on SNS
+def _status_queue(tag: str) -> tuple[str, str, str]:
+    """A topic with a raw SNS → SQS subscription: ``(topic ARN, status queue URL, request queue URL)``."""
+    import boto3
+
+    sqs, sns = boto3.client("sqs"), boto3.client("sns")
+    status = sqs.create_queue(QueueName=f"status-{tag}")["QueueUrl"]
+    status_arn = sqs.get_queue_attributes(QueueUrl=status, AttributeNames=["QueueArn"])
+    topic = sns.create_topic(Name=f"status-{tag}")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=status_arn["Attributes"]["QueueArn"],
+                  Attributes={"RawMessageDelivery": "true"})
+    requests = sqs.create_queue(QueueName=f"requests-{tag}")["QueueUrl"]
+    return topic, status, requests
+
+
+def _delivered(queue_url: str) -> list[str]:
+    """Every message delivered to ``queue_url``: its body and attributes as one JSON text."""
+    import json
+
+    import boto3
+
+    sqs, found = boto3.client("sqs"), []
+    while True:
+        messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                       MessageAttributeNames=["All"]).get("Messages", [])
+        if not messages:
+            return found
+        for m in messages:
+            found.append(json.dumps({"body": m["Body"], "attributes": m.get("MessageAttributes", {})}))
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=m["ReceiptHandle"])
+
+
+PRESIGNED_SECRETS = ("SIGcafe0123456789abcdef", "ASIAQEXAMPLE7TOKEN99", "IQoJb3JpZ2luX2VjELr-token")
+
+
+def _presigned(base: str) -> str:
+    signature, key, token = PRESIGNED_SECRETS
+    return (f"{base}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={key}%2F20250101%2Fus-east-1"
+            f"&X-Amz-Signature={signature}&X-Amz-Security-Token={token}")
+
+
+def test_status_messages_on_sns_are_redacted(aws: str) -> None:
+    """StatusPublisher through a real SNS → SQS subscription: URL kept, its secrets not."""
+    import json
+    import uuid
+
+    from pipeline.notify import StatusPublisher
+
+    register_secret("runtime-secret-0123456789")
+    topic, status, _ = _status_queue(uuid.uuid4().hex[:8])
+    url = _presigned("https://imagery.example.com/scenes/a.tif")
+    publisher = StatusPublisher(topic)
+    publisher.publish("FAILED", "job-1", url,
+                      f"cannot open image {url}: denied with password=hunter2hunter2 and "
+                      f"runtime-secret-0123456789", duration=2.5, failed_tiles=3,
+                      detail={"sessionToken": "zzz-raw-session-token"})
+    (text,) = _delivered(status)
+    message = json.loads(text)
+    body, attributes = json.loads(message["body"]), message["attributes"]
+    assert body["status"] == "FAILED" and body["failedTiles"] == 3
+    assert body["imageUrl"].startswith("https://imagery.example.com/scenes/a.tif?X-Amz-Algorithm=")
+    assert attributes["image_id"]["StringValue"].startswith("job-1:https://imagery.example.com/")
+    assert "cannot open image https://imagery.example.com/scenes/a.tif" in body["message"]
+    assert body["detail"]["sessionToken"] == MASK
+    for secret in (*PRESIGNED_SECRETS, "hunter2hunter2", "runtime-secret-0123456789",
+                   "zzz-raw-session-token"):
+        assert secret not in text
+
+
+def test_worker_failure_status_and_dead_letter_reasons_are_redacted(
+    aws: str, tmp_path: Path, counting_server: tuple[str, list[str]], dask_client: object,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A presigned image URL that fails (404) and a refused one: neither the FAILED statuses on
+    SNS, the dead-letter reason nor the worker's log carry the signature, key id or token."""
+    import json
+    import uuid
+
+    import boto3
+
+    from graphs.queue_worker import QueueWorker, WorkerConfig
+
+    url, hits = counting_server
+    tag = uuid.uuid4().hex[:8]
+    topic, status, requests = _status_queue(tag)
+    sqs = boto3.client("sqs")
+    body = {"imageProcessor": {"name": "null", "type": "BUILTIN"},
+            "outputs": [{"type": "LOCAL", "path": str(tmp_path)}]}
+    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
+        {**body, "jobId": "presigned", "imageUrls": [_presigned(f"{url}/scene.tif")]}))
+    sqs.send_message(QueueUrl=requests, MessageBody=json.dumps(
+        {**body, "jobId": "refused", "imageUrls": [_presigned("https://elsewhere.example.org/a.tif")]}))
+    allow = AllowList.from_strings([url], [str(tmp_path)])
+    config = WorkerConfig(queue_url=requests, status_topic_arn=topic, max_jobs=2, wait_seconds=0,
+                          retry_delay=30)
+    flt = RedactingFilter()  # what `model-runner worker` installs on its log handlers
+    caplog.handler.addFilter(flt)
+    try:
+        with caplog.at_level(logging.INFO):
+            stats = QueueWorker(config, dask_client, allow=allow).run()
+    finally:
+        caplog.handler.removeFilter(flt)
+    assert (stats.received, stats.failed, stats.poison) == (2, 1, 1)
+    assert any(h.startswith("/scene.tif?X-Amz-Algorithm=") for h in hits)  # the URL was read
+    delivered = _delivered(status)
+    statuses = [json.loads(json.loads(t)["body"]) for t in delivered]
+    failed = {s["jobId"]: s for s in statuses if s["status"] == "FAILED"}
+    assert set(failed) == {"presigned", "refused"}
+    assert failed["presigned"]["imageUrl"] == (f"{url}/scene.tif?X-Amz-Algorithm=***&X-Amz-Credential=***"
+                                               "&X-Amz-Signature=***&X-Amz-Security-Token=***")
+    assert failed["refused"]["message"].startswith(
+        "refused: imageUrls[0]: https://elsewhere.example.org/a.tif is not on the allow-list")
+    for secret in PRESIGNED_SECRETS:
+        assert not [t for t in delivered if secret in t]
+        assert secret not in caplog.text
