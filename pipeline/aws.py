@@ -69,9 +69,15 @@ def client(service: str, role_arn: str | None = None) -> Any:
 
 
 def assume_role(role_arn: str, *, purpose: str = "aws") -> dict[str, Any]:
-    """Temporary credentials of ``role_arn`` (raises :class:`AwsError` with one line)."""
+    """Temporary credentials of ``role_arn`` (raises :class:`AwsError` with one line).
+
+    The access key id, secret and session token are registered with
+    :func:`pipeline.redact.register_secret`, so no log, status, summary or exception shows them.
+    """
     import boto3
     import botocore.exceptions
+
+    from pipeline.redact import redact, register_secret
 
     sts = boto3.session.Session(region_name=region()).client(
         "sts", endpoint_url=endpoint_url("sts")
@@ -79,9 +85,12 @@ def assume_role(role_arn: str, *, purpose: str = "aws") -> dict[str, Any]:
     try:
         answer = sts.assume_role(RoleArn=role_arn, RoleSessionName=f"model-runner-{purpose}"[:64])
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise AwsError(f"cannot assume role {role_arn}: {message}") from None
-    return dict(answer["Credentials"])
+    credentials = dict(answer["Credentials"])
+    for name in ("AccessKeyId", "SecretAccessKey", "SessionToken"):
+        register_secret(credentials.get(name))
+    return credentials
 
 
 def gdal_endpoint_options(url: str | None) -> dict[str, str]:

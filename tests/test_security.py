@@ -522,3 +522,48 @@ def test_worker_failure_status_and_dead_letter_reasons_are_redacted(
     for secret in PRESIGNED_SECRETS:
         assert not [t for t in delivered if secret in t]
         assert secret not in caplog.text
+
+
+# ---------------------------------------------------------------------- assumed roles
+def test_assumed_role_credentials_never_show(aws: str) -> None:
+    """Temporary credentials from (moto) STS are masked in logs, summaries and exceptions."""
+    import json
+
+    from pipeline import aws as aws_module
+    from pipeline.io import read_options
+
+    credentials = aws_module.assume_role("arn:aws:iam::123456789012:role/image-reader", purpose="t")
+    secrets = [credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]]
+    assert all(len(s) >= 16 for s in secrets)
+    text = f"read with {secrets[0]} / {secrets[1]} / {secrets[2]} failed"
+    assert redact(text) == f"read with {MASK} / {MASK} / {MASK} failed"
+    summary = {"images": [{"reason": f"denied: key {secrets[0]} token {secrets[2]}"}],
+               "read": {"note": secrets[1]}}
+    assert not any(s in json.dumps(redact_obj(summary)) for s in secrets)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.assumed")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise PermissionError(f"AccessDenied for {secrets[0]}:{secrets[1]}")
+        except PermissionError:
+            logger.exception("reading with session token %s", secrets[2])
+    finally:
+        logger.removeHandler(handler)
+    assert "PermissionError" in stream.getvalue()
+    assert not any(s in stream.getvalue() for s in secrets)
+    # the per-image read options of an imageReadRole carry them, but never show them
+    options = read_options("s3://bucket/a.tif", role="arn:aws:iam::123456789012:role/image-reader")
+    assert options["AWS_SESSION_TOKEN"] and options["AWS_SESSION_TOKEN"] not in repr(options)
+    assert redact(str(dict(options))).count(MASK) >= 3
+
+
+def test_an_sts_failure_is_one_line(aws: str) -> None:
+    from pipeline.aws import AwsError, assume_role
+
+    with pytest.raises(AwsError, match=r"^cannot assume role not-an-arn: ") as err:
+        assume_role("not-an-arn")
+    assert "\n" not in str(err.value)
