@@ -123,9 +123,34 @@ def gdal_env(url: str, options: dict[str, str] | None = None) -> Iterator[None]:
         yield
 
 
+#: GDAL's part of a reason is cut to this many characters
+MAX_GDAL_REASON = 240
+
+
 def _one_line(exc: BaseException) -> str:
+    """One redacted line for ``exc``; for rasterio's "Read failed. See previous exception for
+    details." it is GDAL's own cause (and its root cause, where that says more), e.g.
+    ``band 1: IReadBlock failed at X offset 0, Y offset 0: TIFFReadEncodedTile() failed.
+    (TIFFFillTile:Read error at row 4294967295, col 4294967295, tile 0; got 0 bytes, expected 1224)``."""
+    from pipeline.redact import redact
+
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    if "See previous exception" in line:
+        causes, seen = [], {id(exc)}
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            first = str(cause).strip().splitlines()
+            if first:
+                causes.append(first[0])
+            cause = cause.__cause__ or cause.__context__
+        if causes:
+            line = causes[0]
+            if causes[-1] not in line:
+                line = f"{line} ({causes[-1]})"
+            line = line if len(line) <= MAX_GDAL_REASON else line[: MAX_GDAL_REASON - 1] + "…"
+    return redact(line)
 
 
 @dataclass(frozen=True)
