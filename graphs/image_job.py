@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dask.array as da
 import geopandas as gpd
@@ -41,7 +41,6 @@ from pipeline.io import (
     describe,
     footprint,
     image_segments,
-    open_image,
     range_adjustment,
     read_options,
     read_window,
@@ -59,6 +58,16 @@ from pipeline.sinks import Sink, make_sink
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+class WindowSource(Protocol):
+    """What a chunk task reads its pixels from: a file (:class:`~pipeline.io.RasterSource`)
+    or a generated image (:class:`~pipeline.synthetic.SyntheticSource`)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -169,11 +178,6 @@ def _describe(url: str) -> ImageInfo:
     return synthetic.describe(url) if synthetic.is_synthetic(url) else describe(url)
 
 
-def _open_image(url: str, chunks: int) -> Any:
-    """``url`` as a lazy ``(band, y, x)`` array; ``synthetic://`` pixels are generated."""
-    return synthetic.open_image(url, chunks) if synthetic.is_synthetic(url) else open_image(url, chunks)
-
-
 def image_urls(request: ImageRequest) -> list[str]:
     """The request's images, a multi-segment NITF expanded to one image per segment."""
     urls: list[str] = []
@@ -223,21 +227,6 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
     return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
 
 
-def _chunk_task(
-    block: np.ndarray,
-    grid: TileGrid,
-    spec: ModelSpec,
-    range_adjustment: str,
-    bits: int | None,
-    block_info: dict[Any, Any] | None = None,
-    stretch: tuple[list[float], list[float]] | None = None,
-    roi: Any = None,
-) -> np.ndarray:
-    assert block_info is not None
-    _, row, col = block_info[0]["chunk-location"]
-    return _detect(block, row, col, grid, spec, range_adjustment, bits, stretch, roi)
-
-
 def _detect(
     block: np.ndarray,
     row: int,
@@ -262,7 +251,7 @@ def _detect(
 
 def _read_chunk_task(
     _: np.ndarray,
-    source: RasterSource,
+    source: WindowSource,
     grid: TileGrid,
     spec: ModelSpec,
     range_adjustment: str,
@@ -271,12 +260,12 @@ def _read_chunk_task(
     roi: Any = None,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Read one chunk's window (its tiles, halo included) from the file and detect in it."""
+    """Read (or render) one chunk's window, its tiles and halo, and detect in it."""
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
     x0, y0, x1, y1 = grid.chunk_window(row, col)
     try:
-        pixels = source[:, y0:y1, x0:x1]
+        pixels = source.read((x0, y0, x1, y1))
     except rasterio.errors.RasterioIOError as exc:  # the chunk's tiles fail, with one line
         out = np.empty((1, 1), dtype=object)
         reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {str(exc).splitlines()[0]}"
@@ -289,61 +278,34 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     """Lazy ``(chunks_y, chunks_x)`` object array of :class:`ChunkResult` for one image.
 
     Each chunk holds a whole number of tile strides plus a halo of ``overlap`` pixels on the
-    right and bottom, which is exactly what the chunk's last tiles reach into. A file's chunk
-    task reads its own window (chunk and halo) under the image's read options, so no pixels
-    move between workers and a chunk outside the regionOfInterest costs no read; generated
-    (``synthetic://``) pixels go through ``map_overlap``.
+    right and bottom, which is exactly what the chunk's last tiles reach into. Every chunk task
+    reads its own window (chunk and halo) under the image's read options, or renders it for a
+    ``synthetic://`` image: no pixels move between workers, a task holds one window at a time,
+    and a chunk outside the regionOfInterest costs no read.
     """
     grid = plan.grid
+    info = plan.info
     adjustment = plan.range_adjustment
     stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
     name = f"detect-{plan.url.rsplit('/', 1)[-1]}"
-    if not synthetic.is_synthetic(plan.url):
-        info = plan.info
-        roi_wkt = plan.roi.wkt if plan.roi is not None else None
+    roi_wkt = plan.roi.wkt if plan.roi is not None else None
+    source: WindowSource
+    if synthetic.is_synthetic(plan.url):
+        source = synthetic.SyntheticSource(plan.url)
+    else:
         source = RasterSource(plan.url, (info.bands, info.height, info.width), np.dtype(info.dtype),
                               GdalOptions(plan.read_options))
-        layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
-        results = da.map_blocks(
-            _read_chunk_task, layout, source=source, grid=grid, spec=spec,
-            range_adjustment=adjustment["type"], bits=info.bits, stretch=stretch, roi=plan.roi,
-            dtype=object, name=f"{name}-{tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)}",
-            meta=np.empty((0, 0), dtype=object),
-        )
-    else:
-        results = _overlap_results(plan, spec, adjustment["type"], stretch, name)
+    layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
+    results = da.map_blocks(
+        _read_chunk_task, layout, source=source, grid=grid, spec=spec,
+        range_adjustment=adjustment["type"], bits=info.bits, stretch=stretch, roi=plan.roi,
+        dtype=object, name=f"{name}-{tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)}",
+        meta=np.empty((0, 0), dtype=object),
+    )
     resources = spec.options.get("resources")
     if resources:  # only the model tasks; run_job computes them unoptimised (fusion drops it)
         results.dask.layers[results.name].annotations = {"resources": dict(resources)}
     return results
-
-
-def _overlap_results(
-    plan: ImagePlan, spec: ModelSpec, range_adjustment: str,
-    stretch: tuple[list[float], list[float]] | None, name: str,
-) -> da.Array:
-    grid = plan.grid
-    pixels = _open_image(plan.url, chunks=grid.chunk).data
-    overlap = grid.overlap
-    return da.map_overlap(
-        _chunk_task,
-        pixels,
-        # no halo along an axis with one chunk (dask refuses a depth larger than the image)
-        depth={0: 0, 1: (0, overlap if grid.chunks_y > 1 else 0),
-               2: (0, overlap if grid.chunks_x > 1 else 0)},
-        boundary="none",
-        trim=False,
-        dtype=object,
-        drop_axis=0,
-        chunks=((1,) * grid.chunks_y, (1,) * grid.chunks_x),
-        grid=grid,
-        spec=spec,
-        range_adjustment=range_adjustment,
-        bits=plan.info.bits,
-        stretch=stretch,
-        roi=plan.roi,
-        name=name,
-    )
 
 
 def image_job(request: ImageRequest) -> dict[str, da.Array]:

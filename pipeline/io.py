@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -272,8 +275,72 @@ class RasterSource:
         bands, rows, cols = key
         indexes = list(range(1, self.shape[0] + 1))[bands]
         window = rasterio.windows.Window.from_slices(rows, cols, height=self.shape[1], width=self.shape[2])
-        with gdal_env(self.url, self.options), rasterio.open(gdal_path(self.url)) as src:
-            return src.read(indexes, window=window)
+        cap_block_cache()
+        with gdal_env(self.url, self.options):
+            src = _open_cached(self.url, self.options)
+            try:
+                return src.read(indexes, window=window)
+            except rasterio.errors.RasterioIOError:
+                _forget(self.url, self.options)  # the next read reopens it
+                raise
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``."""
+        x0, y0, x1, y1 = window
+        return self[:, y0:y1, x0:x1]
+
+
+# ---------------------------------------------------------------------------- worker read state
+#: GDAL's block cache per process (bytes), unless ``GDAL_CACHEMAX`` is set in the environment.
+#: Chunk reads are disjoint windows, so a big cache (GDAL's default: 5% of RAM) only grows the
+#: worker; this holds a chunk's seam blocks for a neighbour read by the same worker.
+BLOCK_CACHE_BYTES = 96 * 2**20
+#: open datasets kept per thread (an open is a header read; a VRT mosaic's is a parse)
+OPEN_DATASETS = 4
+_local = threading.local()
+_cache_capped = False
+
+
+def cap_block_cache() -> None:
+    """Cap GDAL's block cache in this process at :data:`BLOCK_CACHE_BYTES` (once)."""
+    global _cache_capped
+    if not _cache_capped:
+        if "GDAL_CACHEMAX" not in os.environ:
+            from rasterio.env import set_gdal_config
+
+            set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
+        _cache_capped = True
+
+
+
+def _dataset_key(url: str, options: dict[str, str]) -> tuple[Any, ...]:
+    path = gdal_path(url)
+    try:  # a local file replaced since it was opened is opened again
+        stat = os.stat(split_segment(path)[1])
+        version: tuple[int, ...] = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = ()
+    return (path, tuple(sorted(options.items())), version)
+
+
+def _open_cached(url: str, options: dict[str, str]) -> Any:
+    """The open dataset for ``url`` in this thread (call inside its ``gdal_env``)."""
+    cache: OrderedDict[tuple[Any, ...], Any] = _local.__dict__.setdefault("datasets", OrderedDict())
+    key = _dataset_key(url, options)
+    src = cache.pop(key, None)
+    if src is None or src.closed:
+        src = open_raster(gdal_path(url))
+    cache[key] = src
+    while len(cache) > OPEN_DATASETS:
+        cache.popitem(last=False)[1].close()
+    return src
+
+
+def _forget(url: str, options: dict[str, str]) -> None:
+    cache = _local.__dict__.get("datasets", {})
+    src = cache.pop(_dataset_key(url, options), None)
+    if src is not None:
+        src.close()
 
 
 def lazy_pixels(

@@ -9,7 +9,8 @@ with ``gsd`` degrees per pixel (``gsd=0``: pixel coordinates only).
 :func:`describe` and :func:`open_image` have the interface of :mod:`pipeline.io`'s: an
 :class:`~pipeline.io.ImageInfo` header and a lazily chunked ``xarray.DataArray``
 ``(band, y, x)`` whose chunks are rendered independently wherever they are computed.
-:func:`truth` gives the exact object boxes in a window (for tests).
+:class:`SyntheticSource` renders any window in the job's chunk tasks (the same per-chunk path
+as a file's windowed reads). :func:`truth` gives the exact object boxes in a window (for tests).
 """
 
 from __future__ import annotations
@@ -165,6 +166,22 @@ def truth(url: str, window: tuple[int, int, int, int] | None = None) -> np.ndarr
     boxes = image.boxes((x0, y0, x1, y1))
     inside = (boxes[:, 0] >= x0) & (boxes[:, 1] >= y0) & (boxes[:, 2] <= x1) & (boxes[:, 3] <= y1)
     return boxes[inside]
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """A picklable window reader of a synthetic image, like :class:`pipeline.io.RasterSource`:
+    each read renders its window (plus whatever halo it asks for) on the fly."""
+
+    url: str
+
+    @property
+    def image(self) -> SyntheticImage:
+        return SyntheticImage.parse(self.url)
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``."""
+        return self.image.render(window)
 
 
 def _render_block(image: SyntheticImage, block_info: dict[Any, Any] | None = None) -> np.ndarray:
