@@ -153,8 +153,9 @@ def ours(cog: Path, model_url: str, server_pid: int, args: argparse.Namespace) -
                 cpus.append(cpu)
                 model_cpus.append(model)
         image = result.summary["images"][0]
+        each = ", ".join(f"{w:.2f}" for w in walls)
         print(f"ours: {image['tiles']} tiles, {result.summary['features']} features; job wall median "
-              f"{statistics.median(walls):.2f} s over {args.runs} runs ({', '.join(f'{w:.2f}' for w in walls)}); "
+              f"{statistics.median(walls):.2f} s over {args.runs} runs ({each}); "
               f"CPU {statistics.median(cpus):.1f} s per job (client and {args.workers} workers), "
               f"model server {statistics.median(model_cpus):.1f} s ({load()})", flush=True)
     return statistics.median(walls), statistics.median(cpus)
@@ -273,12 +274,12 @@ def main() -> None:
                 print("osml: not run (--no-osml); the issue's reference is ~9.2 s on 2 quiet cores")
                 return
             python, why = osml_python(args.osml_python)
-            outcome = theirs(python, cog, model_url, server.pid, args, tmp) if python else why
+            outcome = theirs(python, cog, model_url, server.pid, args, tmp) if python else str(why)
             if isinstance(outcome, str):
                 print(f"osml: cannot run here: {outcome}")
                 return
-            print(f"ratio: ours is {outcome[0] / wall:.1f}× faster in wall time (goal ≥ 3×), "
-                  f"uses {outcome[1] / cpu:.1f}× less CPU per job (model and moto servers apart)")
+            print(f"ratio: OSML / ours job wall time = {outcome[0] / wall:.2f} (goal ≥ 3); "
+                  f"CPU per job OSML / ours = {outcome[1] / cpu:.2f} (model and moto servers apart)")
         finally:
             server.terminate()
             server.wait()

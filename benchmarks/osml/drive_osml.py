@@ -143,7 +143,7 @@ def one_job(args: argparse.Namespace, env: dict[str, str], job_id: str, runner: 
         item = jobs.get_item(Key={"image_id": image_id}).get("Item", {})
     observed = time.perf_counter() - sent
     times1 = os.times()
-    watched = [proc_cpu(pid) - c for pid, c in zip(args.watch, watched0)]
+    watched = [proc_cpu(pid) - c for pid, c in zip(args.watch, watched0, strict=True)]
     rows = regions.query(KeyConditionExpression="image_id = :i",
                          ExpressionAttributeValues={":i": image_id})["Items"]
     try:
