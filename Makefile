@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint typecheck bench lock clean check-notebooks strip-notebooks
+.PHONY: install demo test test-all lint security audit typecheck bench lock clean check-notebooks strip-notebooks
 
 install: $(STAMP)
 
@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/model-runner demo --output-dir demo-output
 
 test: install
+	$(BIN)/ruff check --select S pipeline graphs
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-all: install
@@ -26,6 +27,19 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check pipeline graphs tests benchmarks
+
+# ruff's bandit rules (S) over the package; exceptions are per-file ignores in pyproject.toml
+security: install
+	$(BIN)/ruff check --select S pipeline graphs
+
+# pip-audit of the pinned stack in its own venv (needs PyPI's JSON API, or AUDIT_SERVICE=osv and
+# api.osv.dev): exit 0 clean, 1 known vulnerabilities, 2 no result (service unreachable)
+AUDITENV      := .auditenv
+AUDIT_SERVICE ?= pypi
+audit: security
+	test -x $(AUDITENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDITENV) \
+	  && $(AUDITENV)/bin/python -m pip install --quiet pip-audit; }
+	$(AUDITENV)/bin/python scripts/audit.py constraints.txt $(AUDIT_SERVICE)
 
 typecheck: install
 	$(BIN)/mypy
@@ -44,4 +58,4 @@ lock:
 	  && .lockenv/bin/pip freeze --exclude-editable > constraints.txt && rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AUDITENV) demo-output .pytest_cache .mypy_cache .ruff_cache
