@@ -18,7 +18,15 @@ import pipeline
 from pipeline.models import ModelError, ModelSpec, check_model, load_model
 from tests.conftest import shared_file
 
-HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnxruntime", "rapidocr_onnxruntime"))
+
+def installed(*modules: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except ImportError:
+        return False
+
+
+HAVE_ONNX = installed("onnxruntime", "rapidocr_onnxruntime")
 needs_onnx = pytest.mark.skipif(
     not HAVE_ONNX, reason="needs the onnx extra: pip install 'dask-model-runner[onnx]'"
 )
@@ -173,3 +181,14 @@ def test_without_onnxruntime_the_error_names_the_extra(monkeypatch: pytest.Monke
         "cannot import PYTHON model module 'pipeline.models.onnx': onnxruntime is not installed; "
         "install the onnx extra: pip install 'dask-model-runner[onnx]'"
     )
+
+
+@needs_onnx
+def test_example_request_validates() -> None:
+    from pipeline.api import as_request
+    from tests.conftest import ROOT
+
+    request = as_request(ROOT / "configs" / "requests" / "onnx-text.yaml")
+    spec = ModelSpec("PYTHON", request.image_processor.name, dict(request.image_processor_parameters))
+    check_model(spec)
+    assert spec.batch_size == 8 and spec.model_parameters["threads"] == 1
