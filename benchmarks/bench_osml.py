@@ -158,6 +158,9 @@ def ours(cog: Path, model_url: str, server_pid: int, args: argparse.Namespace) -
               f"{statistics.median(walls):.2f} s over {args.runs} runs ({each}); "
               f"CPU {statistics.median(cpus):.1f} s per job (client and {args.workers} workers), "
               f"model server {statistics.median(model_cpus):.1f} s ({load()})", flush=True)
+        seconds = result.summary["seconds"]
+        print(f"ours, last job: total {seconds['total']:.2f} s, client stages {seconds['stages']}, "
+              f"worker seconds {seconds['workers']}", flush=True)
     return statistics.median(walls), statistics.median(cpus)
 
 
