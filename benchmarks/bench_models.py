@@ -1,13 +1,14 @@
 """Model-target throughput.
 
-1. Endpoint saturation: ``serve-model`` with a fixed latency L and C processing slots, driven by
-   the HTTP_ENDPOINT and SM_ENDPOINT adapters with ``maxConcurrency`` C: tiles/s vs the ideal C/L
-   (goal >= 0.9).
+1. Endpoint saturation: ``model-runner serve-model`` (its own process, as a deployed endpoint is)
+   with a fixed latency L and C processing slots, driven by the HTTP_ENDPOINT and SM_ENDPOINT
+   adapters with ``maxConcurrency`` C: tiles/s vs the ideal C/L (goal >= 0.9). ``--in-process``
+   runs the server in this process instead (client and server then share one GIL).
 2. In-process batching: a vectorised PYTHON model with a fixed per-call overhead, batch sizes
-   1 vs 16 (the GPU path's shape, on CPU; pass ``--torch`` on a machine with CUDA to time a
-   real convolutional model on the GPU).
+   1 vs 16 (the GPU path's shape, on CPU).
 
-Usage: ``python benchmarks/bench_models.py [--tiles 400] [--latency 0.05] [--slots 8]``
+Usage: ``python benchmarks/bench_models.py [--tiles 400] [--latency 0.05] [--slots 8]
+[--format NITF] [--size 256] [--in-process]``
 """
 
 from __future__ import annotations
@@ -15,34 +16,94 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import requests
 
 from pipeline.models import ModelSpec, clear_cache, load_model
+from pipeline.models.encoding import DEFAULT_TILE_FORMAT, encode_tile
 from pipeline.models.endpoint import resolve_model
+from pipeline.models.retry import METRICS, merge_snapshots
 from pipeline.models.server import Behaviour, start_server
 
 
-def endpoint(kind: str, tiles: int, latency: float, slots: int, size: int) -> dict[str, float]:
-    server = start_server("centerpoint", behaviour=Behaviour(latency=latency, slots=slots))
-    os.environ.update(AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=server.url, AWS_ACCESS_KEY_ID="x",
-                      AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
-    name = server.url + "/invocations" if kind == "HTTP_ENDPOINT" else "bench"
-    spec = resolve_model(ModelSpec(kind, name, {"maxConcurrency": slots}))
-    adapter = load_model(spec)
-    batch = np.random.default_rng(0).integers(0, 255, (tiles, size, size, 3), dtype=np.uint8)
-    offsets = np.zeros((tiles, 2), dtype=np.int64)
-    adapter.predict(batch[:slots], offsets[:slots])  # warm connections
-    began = time.perf_counter()
-    results = adapter.predict(batch, offsets)
-    seconds = time.perf_counter() - began
-    assert not any(isinstance(r, BaseException) for r in results)
-    server.shutdown()
-    clear_cache()
+@contextmanager
+def serve(latency: float, slots: int, in_process: bool) -> Iterator[str]:
+    """The URL of a ``serve-model`` (centerpoint) with ``latency`` and ``slots``."""
+    if in_process:
+        server = start_server("centerpoint", behaviour=Behaviour(latency=latency, slots=slots))
+        try:
+            yield server.url
+        finally:
+            server.shutdown()
+        return
+    command = [sys.executable, "-m", "pipeline.cli", "serve-model", "--port", "0",
+               "--latency", str(latency), "--slots", str(slots)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # "serving centerpoint on http://127.0.0.1:PORT (...)"
+        yield line.split(" on ", 1)[1].split()[0]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def endpoint(kind: str, tiles: int, latency: float, slots: int, size: int, tile_format: str,
+             in_process: bool) -> dict[str, float]:
+    with serve(latency, slots, in_process) as url:
+        os.environ.update(AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=url, AWS_ACCESS_KEY_ID="x",
+                          AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+        name = url + "/invocations" if kind == "HTTP_ENDPOINT" else "bench"
+        spec = resolve_model(ModelSpec(kind, name, {"maxConcurrency": slots}, tile_format))
+        adapter = load_model(spec)
+        batch = np.random.default_rng(0).integers(0, 255, (tiles, size, size, 3), dtype=np.uint8)
+        offsets = np.zeros((tiles, 2), dtype=np.int64)
+        adapter.predict(batch[: 2 * slots], offsets[: 2 * slots])  # warm connections and threads
+        METRICS.reset()
+        began = time.perf_counter()
+        results = adapter.predict(batch, offsets)
+        seconds = time.perf_counter() - began
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, failed[0]
+        stats = requests.get(url + "/stats", timeout=5).json()
+        clear_cache()
     ideal = slots / latency
+    latency_ms = merge_snapshots([METRICS.snapshot()])[adapter.operation]["latencyMs"]  # type: ignore[attr-defined]
     return {"tiles_per_s": round(tiles / seconds, 1), "ideal": round(ideal, 1),
-            "efficiency": round(tiles / seconds / ideal, 3), "peak_in_flight": server.stats.peak_in_flight}
+            "efficiency": round(tiles / seconds / ideal, 3), "peak_in_flight": stats["peak_in_flight"],
+            "request_ms_p50": latency_ms["p50"], "request_ms_p90": latency_ms["p90"]}
+
+
+def raw_client(tiles: int, latency: float, slots: int, size: int, tile_format: str,
+               in_process: bool) -> dict[str, float]:
+    """The ceiling on this machine: C threads posting one pre-encoded tile over urllib3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import urllib3
+
+    data = encode_tile(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8),
+                       tile_format)
+    with serve(latency, slots, in_process) as url:
+        host, port = url.removeprefix("http://").split(":")
+        pool = urllib3.HTTPConnectionPool(host, int(port), maxsize=slots)
+
+        def send(_: int) -> int:
+            return pool.request("POST", "/invocations", body=data).status
+
+        with ThreadPoolExecutor(slots) as threads:
+            list(threads.map(send, range(2 * slots)))
+            began = time.perf_counter()
+            statuses = list(threads.map(send, range(tiles)))
+            seconds = time.perf_counter() - began
+    assert set(statuses) == {200}, statuses
+    ideal = slots / latency
+    return {"tiles_per_s": round(tiles / seconds, 1), "efficiency": round(tiles / seconds / ideal, 3)}
 
 
 class Overhead:
@@ -75,11 +136,15 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--format", default=DEFAULT_TILE_FORMAT, help="imageProcessorTileFormat")
+    parser.add_argument("--in-process", action="store_true", help="serve-model in this process")
     args = parser.parse_args()
-    report = {
-        kind: endpoint(kind, args.tiles, args.latency, args.slots, args.size)
+    report: dict[str, object] = {
+        kind: endpoint(kind, args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
         for kind in ("HTTP_ENDPOINT", "SM_ENDPOINT")
     }
+    report["raw_client"] = raw_client(args.tiles, args.latency, args.slots, args.size, args.format,
+                                      args.in_process)
     report["in_process"] = [batched(args.tiles, args.size, b) for b in (1, 16)]
     print(json.dumps(report, indent=2))
 

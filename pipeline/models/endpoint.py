@@ -166,8 +166,11 @@ class EndpointAdapter(ModelAdapter):
         self.policy = RetryPolicy.from_parameters(spec.parameters)
         self.cap = concurrency_parameter(spec) or DEFAULT_CONCURRENCY
         self.slots = Slots(f"{spec.type}:{spec.name}", self.cap)
-        self.batch_size = max(16, self.cap)
-        self._pool = ThreadPoolExecutor(self.cap, thread_name_prefix=spec.type.lower())
+        self.batch_size = max(16, 4 * self.cap)
+        # twice the cap: while ``cap`` requests are in flight, the other threads encode the next
+        # tiles and wait for a slot, so that a freed slot is refilled at once (the slot, not the
+        # pool, bounds what is in flight)
+        self._pool = ThreadPoolExecutor(2 * self.cap, thread_name_prefix=spec.type.lower())
 
     def invoke(self, payload: bytes) -> bytes:
         """Send one encoded tile; raise Transient/Throttled/Timeout errors or ModelError."""

@@ -174,7 +174,9 @@ class AIMDLimiter:
                 self.limit = max(1.0, self.limit / 2)
             else:
                 self.limit = min(float(self.cap), self.limit + 1.0 / max(self.limit, 1.0))
-            self._cond.notify_all()
+            free = max(1, int(self.limit)) - self.in_flight
+            if free > 0:  # wake only as many waiters as may start (not a herd per release)
+                self._cond.notify(free)
 
 
 class Slots:
