@@ -170,6 +170,7 @@ def model_spec(request: ImageRequest) -> ModelSpec:
         tile_format=request.tile_format,
         tile_compression=request.tile_compression,
         assumed_role=processor.assumed_role,
+        options=processor.spec_options,  # imageProcessor.maxConcurrency wins over endpoint defaults
     )
 
 

@@ -161,7 +161,8 @@ class TileRequest(BaseModel):
     def model_spec(self) -> ModelSpec:
         return ModelSpec(type=self.image_processor.type, name=self.image_processor.name,
                          parameters=dict(self.image_processor_parameters),
-                         assumed_role=self.image_processor.assumed_role)
+                         assumed_role=self.image_processor.assumed_role,
+                         options=self.image_processor.spec_options)
 
     def threshold(self, classes: pd.Series) -> np.ndarray:
         """The export threshold of each class."""

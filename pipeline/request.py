@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -47,11 +48,22 @@ def _upper(value: Any) -> Any:
 
 
 class ImageProcessor(_Strict):
-    """The model target: ``{"name": ..., "type": ..., "assumedRole": ...}``."""
+    """The model target: ``{"name": ..., "type": ..., "assumedRole": ..., "maxConcurrency": ...}``.
+
+    ``maxConcurrency`` (our extension of OSML's object) caps the requests in flight to an endpoint
+    across the cluster; it wins over ``imageProcessorParameters.maxConcurrency`` and over the
+    SageMaker default (instances × per-instance concurrency).
+    """
 
     name: str
     type: str = "SM_ENDPOINT"
     assumed_role: str | None = None
+    max_concurrency: int | None = Field(default=None, gt=0, strict=True)
+
+    @property
+    def spec_options(self) -> dict[str, Any]:
+        """What this object adds to ``ModelSpec.options`` (settings that win over defaults)."""
+        return {"maxConcurrency": self.max_concurrency} if self.max_concurrency is not None else {}
 
     _normalise_type = field_validator("type", mode="before")(_upper)
 
@@ -163,7 +175,7 @@ class ImageRequest(_Strict):
     tile_size: int = Field(default=DEFAULT_TILE_SIZE, gt=0, alias="imageProcessorTileSize")
     tile_overlap: int = Field(default=DEFAULT_TILE_OVERLAP, ge=0, alias="imageProcessorTileOverlap")
     tile_format: Literal["NITF", "JPEG", "PNG", "GTIFF"] = Field(
-        default="GTIFF", alias="imageProcessorTileFormat"
+        default="NITF", alias="imageProcessorTileFormat"  # as OSML
     )
     tile_compression: Literal["NONE", "JPEG", "J2K", "LZW"] = Field(
         default="NONE", alias="imageProcessorTileCompression"
@@ -180,6 +192,20 @@ class ImageRequest(_Strict):
     _normalise_enums = field_validator(
         "tile_format", "tile_compression", "range_adjustment", mode="before"
     )(_upper)
+
+    @field_validator("tile_compression")
+    @classmethod
+    def _valid_tile_encoding(cls, compression: str, info: ValidationInfo) -> str:
+        tile_format = info.data.get("tile_format")
+        if tile_format is not None:
+            from pipeline.models.base import ModelError
+            from pipeline.models.encoding import check_format
+
+            try:
+                check_format(tile_format, compression)
+            except ModelError as exc:
+                raise ValueError(str(exc)) from None
+        return compression
 
     @field_validator("image_urls")
     @classmethod

@@ -79,6 +79,39 @@ def test_invalid_combinations_name_both_fields(fmt: str, comp: str) -> None:
         check_format(fmt, comp)
 
 
+INVALID = [("PNG", "JPEG"), ("PNG", "LZW"), ("JPEG", "LZW"), ("JPEG", "J2K"), ("NITF", "LZW"),
+           ("GTIFF", "J2K")]
+
+
+@pytest.mark.parametrize("fmt,comp", INVALID)
+def test_requests_with_an_invalid_combination_are_rejected_naming_both_fields(fmt: str, comp: str) -> None:
+    from pipeline.request import ImageRequest, RequestError
+
+    data = {"jobId": "j", "imageUrls": ["x.tif"], "imageProcessor": {"name": "e"},
+            "imageProcessorTileFormat": fmt.lower(), "imageProcessorTileCompression": comp}
+    for parse in (ImageRequest.parse, ImageRequest.from_message):  # strict and queue traffic
+        with pytest.raises(RequestError, match=f"imageProcessorTileFormat {fmt} cannot use "
+                                               f"imageProcessorTileCompression {comp}") as info:
+            parse(data)  # type: ignore[operator]
+        assert "\n" not in str(info.value)
+
+
+def test_valid_combinations_pass_and_nitf_is_the_default() -> None:
+    from graphs.image_job import model_spec
+    from pipeline.models.base import ModelSpec
+    from pipeline.request import ImageRequest
+
+    base = {"jobId": "j", "imageUrls": ["x.tif"], "imageProcessor": {"name": "e"}}
+    request = ImageRequest.parse(base)
+    assert (request.tile_format, request.tile_compression) == ("NITF", "NONE")  # as OSML
+    assert model_spec(request).tile_format == "NITF" and ModelSpec("X", "e").tile_format == "NITF"
+    for fmt, comps in VALID_COMPRESSIONS.items():
+        for comp in comps:
+            parsed = ImageRequest.parse({**base, "imageProcessorTileFormat": fmt,
+                                         "imageProcessorTileCompression": comp})
+            assert (parsed.tile_format, parsed.tile_compression) == (fmt, comp)
+
+
 def test_bands_a_format_cannot_hold_are_dropped() -> None:
     four = np.zeros((16, 16, 4), np.uint8)
     assert decode_tile(encode_tile(four, "JPEG", "NONE")).shape == (16, 16, 3)

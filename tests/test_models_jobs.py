@@ -112,6 +112,21 @@ def test_misbehaving_endpoint_partial_with_exactly_the_failed_tile(client: Any, 
     clear_cache()
 
 
+def test_image_processor_max_concurrency_caps_a_sagemaker_job(client: Any, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    image = write_scene(tmp_path / "scene.tif")
+    with serving("bright-objects", instances=4, latency=0.05) as server:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", server.url)
+        processor = {"type": "SM_ENDPOINT", "name": "detector", "maxConcurrency": 2}
+        result = run_job(request(tmp_path, image, processor, dict(FAST)), client, progress=None)
+        peak, tiles = server.stats.peak_in_flight, server.stats.tiles
+    assert result.status == "SUCCESS"
+    np.testing.assert_array_equal(boxes_of(result.features), truth_boxes())
+    assert tiles == 16 and peak == 2  # describe_endpoint alone would allow 4 instances x 2
+    clear_cache()
+
+
 def test_retries_that_recover_every_tile_give_success(client: Any, tmp_path: Path) -> None:
     image = write_scene(tmp_path / "scene.tif")
     with serving("bright-objects", error_rate=0.3) as server:

@@ -139,6 +139,42 @@ def test_concurrency_cap_is_never_exceeded(aws) -> None:
     clear_cache()
 
 
+def test_image_processor_max_concurrency_wins_and_caps_the_adapter(sm) -> None:
+    from graphs.image_job import model_spec
+    from pipeline.request import ImageRequest
+
+    request = ImageRequest.parse({
+        "jobId": "j", "imageUrls": ["x.tif"],
+        "imageProcessor": {"name": "detector", "type": "SM_ENDPOINT", "maxConcurrency": 2},
+        "imageProcessorParameters": {"maxConcurrency": 5, "perInstanceConcurrency": 4, **FAST},
+    })
+    spec = resolve_model(model_spec(request))
+    assert spec.options["maxConcurrency"] == 2  # not 5 (parameters), not 3 instances x 4 (describe)
+    assert resolve_model(model_spec(request.model_copy(update={
+        "image_processor": request.image_processor.model_copy(update={"max_concurrency": None})
+    }))).options["maxConcurrency"] == 5
+    sm.behaviour.latency = 0.05
+    batch, _ = tiles(12)
+    adapter = load_model(spec)
+    same(adapter.predict(batch, np.zeros((12, 2), dtype=np.int64)), expected(batch))
+    assert sm.stats.peak_in_flight == 2
+
+
+@pytest.mark.parametrize("value,message", [
+    (0, "greater than 0"), (-3, "greater than 0"), ("4", "valid integer"), (2.5, "valid integer"),
+    (True, "valid integer"),
+])
+def test_image_processor_max_concurrency_is_validated(value: object, message: str) -> None:
+    from pipeline.request import ImageRequest, RequestError
+
+    data = {"jobId": "j", "imageUrls": ["x.tif"],
+            "imageProcessor": {"name": "detector", "maxConcurrency": value}}
+    for parse in (ImageRequest.parse, ImageRequest.from_message):
+        with pytest.raises(RequestError, match=f"imageProcessor.maxConcurrency: .*{message}") as info:
+            parse(data)  # type: ignore[operator]
+        assert "\n" not in str(info.value)
+
+
 def test_aimd_halves_on_throttling_and_recovers() -> None:
     limiter = AIMDLimiter(8)
     limiter.acquire()

@@ -32,7 +32,7 @@ class ModelSpec:
     type: str
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    tile_format: str = "GTIFF"
+    tile_format: str = "NITF"  # imageProcessorTileFormat (OSML default)
     tile_compression: str = "NONE"
     assumed_role: str | None = None
     #: settings resolved in the client (endpoint URLs, region, concurrency cap, assumed-role
