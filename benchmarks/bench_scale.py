@@ -5,14 +5,16 @@
 2. ``merge``: NMS over 1,000,000 clustered boxes (5 per object, as overlapping tiles and
    models give) vs a naive all-pairs NMS timed on a subset and scaled by n², and SAHI's
    published rate (20,000 boxes in 1.2 s); goal < 5 s.
-3. ``memory``: the ``null`` model over VRT mosaics of one 2048² DEFLATE GeoTIFF tile (10k²,
-   20k², 40k²; nothing big is written), with the peak RSS summed over the client and every
-   process of its LocalCluster (nannies included); goals: < 2 GB at 40k², flat as the image
-   grows. (Throughput against a raw read is ``bench_throughput.py``, on a real file: a VRT
-   that repeats one tile is served from GDAL's block cache, which flatters a raw read.)
+3. ``memory``: peak RSS summed over the client and every process of its LocalCluster
+   (nannies included) on 10k², 20k², 40k² images: ``synthetic://`` (pixels generated per
+   chunk; ``centerpoint`` model, so features flow through the streaming merge) and a VRT
+   mosaic of a real 512² RGB tile (``../shared/data/geotiff/osml_2_planes.tiff``, ``null``
+   model; a small nested VRT, nothing big is written). Goals: < 2 GB at 40k², flat as the
+   image grows. (Throughput against a raw read is ``bench_throughput.py``, on a real file: a
+   VRT that repeats one tile is served from GDAL's block cache, which flatters a raw read.)
 
 Usage: ``python benchmarks/bench_scale.py [plan merge memory] [--sizes 10240 20480 40960]
-[--workers 2]``
+[--workers 2] [--sources synthetic vrt]``
 """
 
 from __future__ import annotations
@@ -108,44 +110,41 @@ def bench_merge(n: int = 1_000_000) -> None:
           f"ours is {sahi_n / ours:.0f}x faster")
 
 
-# ---------------------------------------------------------------- 3. memory and throughput
-def write_tile(path: Path, size: int = 2048) -> Path:
-    """A 3-band uint8 tiled, DEFLATE-compressed GeoTIFF with texture and bright squares."""
+# ---------------------------------------------------------------- 3. memory
+#: the real tile the VRT mosaics repeat: 512 × 512 × 3 uint8, two parked airliners
+REAL_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geotiff" / "osml_2_planes.tiff"
+
+
+def write_mosaic(tile: Path, side: int, directory: Path) -> Path:
+    """A ``side × side`` VRT that repeats ``tile`` (nothing big is written): a row VRT of
+    ``tile`` side by side, and the mosaic of that row stacked, so the XML stays small."""
     import rasterio
-    from rasterio.transform import from_origin
 
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(20, 90, (3, size, size), dtype=np.uint8)
-    for x, y in rng.integers(0, size - 20, (200, 2)):
-        pixels[:, y:y + 12, x:x + 12] = 250
-    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
-               "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate",
-               "crs": "EPSG:4326", "transform": from_origin(10.0, 50.0, 1e-5, 1e-5)}
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(pixels)
-    return path
+    with rasterio.open(tile) as src:
+        tw, th, bands = src.width, src.height, src.count
+        dtype = {"uint8": "Byte", "uint16": "UInt16"}[src.dtypes[0]]
 
+    def vrt(path: Path, width: int, height: int, source: Path, sw: int, sh: int,
+            offsets: list[tuple[int, int]]) -> Path:
+        body = []
+        for band in range(1, bands + 1):
+            parts = "".join(
+                f'<SimpleSource><SourceFilename relativeToVRT="0">{source}</SourceFilename>'
+                f"<SourceBand>{band}</SourceBand>"
+                f'<SrcRect xOff="0" yOff="0" xSize="{sw}" ySize="{sh}"/>'
+                f'<DstRect xOff="{x}" yOff="{y}" xSize="{sw}" ySize="{sh}"/></SimpleSource>'
+                for x, y in offsets)
+            body.append(f'<VRTRasterBand dataType="{dtype}" band="{band}">{parts}</VRTRasterBand>')
+        path.write_text(
+            f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>EPSG:4326</SRS>'
+            f"<GeoTransform>10.0, 1e-5, 0.0, 50.0, 0.0, -1e-5</GeoTransform>"
+            f"<BlockXSize>512</BlockXSize><BlockYSize>512</BlockYSize>{''.join(body)}</VRTDataset>")
+        return path
 
-def write_mosaic(tile: Path, side: int, path: Path, tile_size: int = 2048) -> Path:
-    """A VRT of ``side × side`` pixels that repeats ``tile`` (a mosaic without a big file)."""
-    n = -(-side // tile_size)
-    sources = []
-    for band in (1, 2, 3):
-        parts = []
-        for row in range(n):
-            for col in range(n):
-                parts.append(
-                    f'<SimpleSource><SourceFilename relativeToVRT="0">{tile}</SourceFilename>'
-                    f"<SourceBand>{band}</SourceBand>"
-                    f'<SrcRect xOff="0" yOff="0" xSize="{tile_size}" ySize="{tile_size}"/>'
-                    f'<DstRect xOff="{col * tile_size}" yOff="{row * tile_size}" '
-                    f'xSize="{tile_size}" ySize="{tile_size}"/></SimpleSource>')
-        sources.append(f'<VRTRasterBand dataType="Byte" band="{band}">{"".join(parts)}</VRTRasterBand>')
-    path.write_text(
-        f'<VRTDataset rasterXSize="{side}" rasterYSize="{side}"><SRS>EPSG:4326</SRS>'
-        f"<GeoTransform>10.0, 1e-5, 0.0, 50.0, 0.0, -1e-5</GeoTransform>"
-        f"<BlockXSize>512</BlockXSize><BlockYSize>512</BlockYSize>{''.join(sources)}</VRTDataset>")
-    return path
+    n_x, n_y = -(-side // tw), -(-side // th)
+    row = vrt(directory / f"row{side}.vrt", n_x * tw, th, tile, tw, th, [(i * tw, 0) for i in range(n_x)])
+    return vrt(directory / f"mosaic{side}.vrt", side, side, row, n_x * tw, th,
+               [(0, j * th) for j in range(n_y)])
 
 
 class PeakRSS:
@@ -184,33 +183,42 @@ class PeakRSS:
         self.peak = max(self.peak, self._sample())
 
 
-def bench_memory(sizes: list[int], workers: int) -> None:
+def bench_memory(sizes: list[int], workers: int, sources: list[str]) -> None:
     from graphs.cluster import connect
     from graphs.image_job import plan_image, run_job
     from pipeline.request import ImageRequest
 
-    # the mosaic is a VRT of our own local tile; VRT is off the default driver list (security)
+    # the mosaic is a VRT of a local file; VRT is off the default driver list (security)
     os.environ["MODEL_RUNNER_IMAGE_DRIVERS"] = "GTiff,VRT"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tile = write_tile(work / "tile.tif")
-        for side in sizes:
-            mosaic = write_mosaic(tile, side, work / f"mosaic{side}.vrt")
-            request = ImageRequest.parse({
-                "jobId": f"mem{side}", "imageUrls": [str(mosaic)],
-                "outputs": [{"type": "LOCAL", "path": str(work / "out")}],
-                "imageProcessor": {"name": "null", "type": "BUILTIN"},
-            })
-            grid = plan_image(request, str(mosaic)).grid
-            with PeakRSS() as rss:
-                with connect("local", workers) as client:
+        peaks: dict[str, list[float]] = {}
+        for kind in sources:
+            for side in sizes:
+                if kind == "vrt":  # the null model: reading is the whole job
+                    url, model = str(write_mosaic(REAL_TILE, side, work)), "null"
+                else:  # one bright square per 256 px cell; centerpoint: a box per tile to merge
+                    url, model = f"synthetic://{side}x{side}", "centerpoint"
+                request = ImageRequest.parse({
+                    "jobId": f"mem-{kind}-{side}", "imageUrls": [url],
+                    "outputs": [{"type": "LOCAL", "path": str(work / "out")}],
+                    "imageProcessor": {"name": model, "type": "BUILTIN"},
+                })
+                grid = plan_image(request, url).grid
+                with PeakRSS() as rss, connect("local", workers) as client:
                     began = time.perf_counter()
                     result = run_job(request, client, collect_features=False)
                     job = time.perf_counter() - began
-            assert result.status == "SUCCESS", result.summary
-            print(f"{side}x{side} ({grid.n_tiles} tiles, {workers} workers): {job:.1f} s, "
-                  f"{grid.n_tiles / job:.0f} tiles/s; peak RSS of client + cluster processes "
-                  f"{rss.peak / 2**30:.2f} GiB (goal < 2 GB, flat)")
+                assert result.status == "SUCCESS", result.summary
+                peaks.setdefault(kind, []).append(rss.peak / 2**30)
+                print(f"{kind:9s} {side}x{side} ({grid.n_tiles} tiles, {grid.chunks_x * grid.chunks_y} "
+                      f"chunks, {workers} workers, {model}): {job:.1f} s, {grid.n_tiles / job:.0f} tiles/s, "
+                      f"{result.summary['features']} features; peak RSS of client + cluster processes "
+                      f"{rss.peak / 2**30:.2f} GiB", flush=True)
+        for kind, values in peaks.items():
+            print(f"{kind}: peak RSS {' / '.join(f'{v:.2f}' for v in values)} GiB at "
+                  f"{' / '.join(f'{s // 1024}k' for s in sizes)}; largest/smallest "
+                  f"{max(values) / min(values):.2f} (goal: < 2 GB at 40k, flat)")
 
 
 def main() -> None:
@@ -219,6 +227,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10240, 20480, 40960])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--boxes", type=int, default=1_000_000)
+    parser.add_argument("--sources", nargs="+", default=["synthetic", "vrt"], choices=["synthetic", "vrt"])
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}")
     if "plan" in args.sections:
@@ -226,7 +235,7 @@ def main() -> None:
     if "merge" in args.sections:
         bench_merge(args.boxes)
     if "memory" in args.sections:
-        bench_memory(args.sizes, args.workers)
+        bench_memory(args.sizes, args.workers, args.sources)
 
 
 if __name__ == "__main__":

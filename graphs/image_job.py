@@ -396,6 +396,10 @@ def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int
     return bounds, (col > 0, row > 0, col < grid.chunks_x - 1, row < grid.chunks_y - 1)
 
 
+#: what an empty chunk writes (only its length is read)
+_NO_FEATURES = empty_features(False)
+
+
 def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: ChunkResult,
                   request: ImageRequest) -> dict[str, Any]:
     """Stream one chunk out: merge and write what is final, keep its border detections."""
@@ -408,10 +412,10 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         final = settled(detections, border, request.distillation)
         merged = distill(detections.select(final), request.distillation)
         waiting = detections.select(~final)
-    with outcome.timer.stage("geolocate"):
+    with outcome.timer.stage("geolocate"):  # most chunks of a big image find nothing
         features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
                                feature_properties=request.merged_feature_properties,
-                               extra_columns=plan.feature_columns)
+                               extra_columns=plan.feature_columns) if len(merged) else _NO_FEATURES
     with outcome.timer.stage("write"):
         record = store.write_chunk(
             index, result.chunk, features, waiting,

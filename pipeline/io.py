@@ -275,19 +275,26 @@ class RasterSource:
         bands, rows, cols = key
         indexes = list(range(1, self.shape[0] + 1))[bands]
         window = rasterio.windows.Window.from_slices(rows, cols, height=self.shape[1], width=self.shape[2])
+        return self._read(indexes, window)
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``, stored band-last (a
+        transposed view of ``(rows, cols, bands)``): GDAL writes them in the order that
+        tiles are cut in, so cutting a tile copies whole rows."""
+        x0, y0, x1, y1 = window
+        out = np.empty((y1 - y0, x1 - x0, self.shape[0]), dtype=self.dtype).transpose(2, 0, 1)
+        indexes = list(range(1, self.shape[0] + 1))
+        return self._read(indexes, rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0), out)
+
+    def _read(self, indexes: list[int], window: Any, out: np.ndarray | None = None) -> np.ndarray:
         cap_block_cache()
         with gdal_env(self.url, self.options):
             src = _open_cached(self.url, self.options)
             try:
-                return src.read(indexes, window=window)
+                return src.read(indexes, window=window, out=out)
             except rasterio.errors.RasterioIOError:
                 _forget(self.url, self.options)  # the next read reopens it
                 raise
-
-    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
-        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``."""
-        x0, y0, x1, y1 = window
-        return self[:, y0:y1, x0:x1]
 
 
 # ---------------------------------------------------------------------------- worker read state

@@ -118,7 +118,9 @@ class SyntheticImage:
     def render(self, window: tuple[int, int, int, int]) -> np.ndarray:
         """The pixels ``(bands, rows, cols)`` of ``window`` ``(x0, y0, x1, y1)``."""
         x0, y0, x1, y1 = window
-        pixels = np.full((self.bands, y1 - y0, x1 - x0), self.background, dtype=self.dtype)
+        # band-last storage (a transposed view), like pipeline.io.RasterSource.read
+        pixels = np.full((y1 - y0, x1 - x0, self.bands), self.background, dtype=self.dtype)
+        pixels = pixels.transpose(2, 0, 1)
         boxes = self.boxes(window)
         if len(boxes):  # every object pixel inside the window, as (row, col) in window pixels
             steps = np.arange(self.size)
