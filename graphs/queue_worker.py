@@ -292,6 +292,7 @@ class QueueWorker:
             return None
         try:
             self.allow.check_request(request)
+            self.allow.check_request_redirects(request)  # GDAL would follow them unchecked
         except AccessDenied as exc:
             self._poison(message, f"refused: {exc}")
             return None

@@ -17,6 +17,10 @@ as ``<url>``. The worker's door is closed by default (:meth:`AllowList.for_worke
 (IAM decides which buckets) and writes Kinesis streams; no local path, ``file://``, or HTTP
 host is allowed unless listed.
 
+GDAL's curl follows HTTP redirects and has no option to stop, so the worker first follows an
+``http(s)://`` image's redirects itself (:meth:`AllowList.check_redirects`, one ranged GET per
+hop) and refuses a request that an allowed host sends elsewhere (an open redirect).
+
 GDAL itself is closed too: :func:`open_raster` opens only :data:`IMAGE_DRIVERS` (no VRT, WMS
 or other formats that fetch other URLs), and :data:`GDAL_SAFE_OPTIONS` stop directory listing,
 ``.netrc`` credentials, VRT Python pixel functions and verbose curl logs (headers).
@@ -33,7 +37,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 #: raster drivers a job may open (COGs are read by GTiff; J2K NITF segments by JP2OpenJPEG)
 IMAGE_DRIVERS: tuple[str, ...] = ("GTiff", "NITF", "JP2OpenJPEG", "JPEG", "PNG")
@@ -58,6 +62,9 @@ GDAL_RETRY_OPTIONS: dict[str, str] = {
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: detections kept from one tile; the rest are dropped and counted
 MAX_DETECTIONS_PER_TILE = 10_000
+
+#: HTTP redirects of one image URL followed (and checked) before GDAL opens it
+MAX_REDIRECTS = 5
 
 ENV_SOURCES = "MODEL_RUNNER_ALLOWED_SOURCES"
 ENV_OUTPUTS = "MODEL_RUNNER_ALLOWED_OUTPUTS"
@@ -208,6 +215,44 @@ class AllowList:
         if request.output_bucket:
             url = f"s3://{request.output_bucket}/{request.output_prefix or ''}"
             self.check_output(url, "outputBucket")
+
+    def check_redirects(self, url: str, field: str = "imageUrls", timeout: float = 10.0) -> str:
+        """Follow the HTTP redirects of an ``http(s)://`` image (at most :data:`MAX_REDIRECTS`)
+        and check every target with :meth:`check_source`; :class:`AccessDenied` names the hop.
+
+        One ``Range: bytes=0-0`` GET per hop, redirects not followed by ``requests``, no body
+        read. Other URLs, and network errors (GDAL reports those when it reads), pass.
+        """
+        import requests
+
+        from pipeline.redact import redact
+
+        current = url.split(":", 2)[2] if _NITF_SEGMENT.match(url) else url
+        for _ in range(MAX_REDIRECTS + 1):
+            if urlsplit(current).scheme.lower() not in ("http", "https"):
+                return url
+            try:
+                response = requests.get(current, headers={"Range": "bytes=0-0"}, stream=True,
+                                        allow_redirects=False, timeout=timeout)
+            except requests.RequestException:
+                return url
+            response.close()
+            location = response.headers.get("Location")
+            if not response.is_redirect or not location:
+                return url
+            target = urljoin(current, location)
+            try:
+                self.check_source(target, field)
+            except AccessDenied as exc:
+                raise AccessDenied(f"{field}: redirected to {redact(target)}, which is refused "
+                                   f"({str(exc).split(': ', 1)[-1]})") from None
+            current = target
+        raise AccessDenied(f"{field}: more than {MAX_REDIRECTS} redirects")
+
+    def check_request_redirects(self, request: Any) -> None:
+        """:meth:`check_redirects` for every image URL of ``request`` (worker mode)."""
+        for i, url in enumerate(request.image_urls):
+            self.check_redirects(url, f"imageUrls[{i}]")
 
     def refused_sources(self, urls: Iterable[str]) -> dict[str, str]:
         """``{url: reason}`` for every refused image URL (to fail only those images)."""

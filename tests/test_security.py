@@ -160,6 +160,116 @@ def counting_server() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
+@pytest.fixture
+def redirecting_server(counting_server: tuple[str, list[str]]) -> Iterator[tuple[str, list[str]]]:
+    """An "allowed" host: ``/open?to=URL`` redirects (302) anywhere, ``/loop`` to itself,
+    ``/here`` to ``/image.tif`` on the same host (404). Yields its URL and the paths it served."""
+    from urllib.parse import parse_qs, urlsplit
+
+    hits: list[str] = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            parts = urlsplit(self.path)
+            target = {"/open": parse_qs(parts.query).get("to", [""])[0], "/loop": "/loop",
+                      "/here": "/image.tif"}.get(parts.path)
+            self.send_response(302 if target else 404)
+            if target:
+                self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redirects_are_checked_before_gdal_follows_them(
+    redirecting_server: tuple[str, list[str]], counting_server: tuple[str, list[str]]
+) -> None:
+    """GDAL's curl follows redirects unchecked (no option stops it): every hop is checked first."""
+    allowed, served = redirecting_server
+    elsewhere, hits = counting_server
+    allow = AllowList.from_strings([allowed], [])
+    for target in (f"{elsewhere}/latest/meta-data/", "http://169.254.169.254/latest/meta-data/",
+                   "file:///etc/passwd"):
+        url = f"{allowed}/open?to={target}"
+        assert allow.check_source(url) == url  # the URL itself is allowed...
+        with pytest.raises(AccessDenied, match=r"^imageUrls\[0\]: redirected to .*, which is refused"):
+            allow.check_redirects(url, "imageUrls[0]")  # ...where it leads is not
+    assert hits == []
+    assert allow.check_redirects(f"{allowed}/here") == f"{allowed}/here"  # same host: fine
+    assert allow.check_redirects(f"NITF_IM:1:{allowed}/here") == f"NITF_IM:1:{allowed}/here"
+    with pytest.raises(AccessDenied, match="more than 5 redirects"):
+        allow.check_redirects(f"{allowed}/loop")
+    assert served.count("/loop") == 6
+
+
+def test_gdal_lists_no_directory_and_probes_no_sidecars(tmp_path: Path) -> None:
+    """GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR (every read): describe() of an HTTP image fetches
+    the image and nothing else (no folder listing, no sidecar probes)."""
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_origin
+
+    from pipeline.io import describe
+
+    with MemoryFile() as memory:
+        with memory.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8", crs="EPSG:4326",
+                         transform=from_origin(0, 1, 0.1, 0.1)) as dst:
+            dst.write(np.ones((1, 16, 16), dtype=np.uint8))
+        data = memory.read()
+    hits: list[str] = []
+
+    class Files(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            if self.path != "/scenes/a.tif":
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            first, last = 0, len(data) - 1
+            if self.headers.get("Range"):
+                low, high = self.headers["Range"].split("=")[1].split("-")
+                first, last = int(low), min(int(high), len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(last - first + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(data[first : last + 1])
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/scenes"
+        assert describe(f"{base}/a.tif").width == 16
+        # plain GDAL here also GETs /scenes/ and HEADs 10 sidecars (.aux.xml, .aux, .xml, .msk)
+        assert set(hits) == {"/scenes/a.tif"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_vrt_pointing_elsewhere_fetches_nothing(
     tmp_path: Path, counting_server: tuple[str, list[str]]
 ) -> None:
@@ -269,7 +379,8 @@ def test_cap_detections_keeps_the_best_and_counts_the_rest() -> None:
 
 # ---------------------------------------------------------------------- the queue worker
 def test_the_worker_refuses_requests_that_reach_outside(
-    aws: str, tmp_path: Path, counting_server: tuple[str, list[str]], caplog: pytest.LogCaptureFixture
+    aws: str, tmp_path: Path, counting_server: tuple[str, list[str]],
+    redirecting_server: tuple[str, list[str]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Refused requests are poison (dead-lettered with a FAILED status naming the field); the
     URLs they name are never fetched."""
@@ -308,10 +419,13 @@ def test_the_worker_refuses_requests_that_reach_outside(
                              "outputs": [{"type": "S3", "bucket": "attacker", "prefix": "x"}]},
         "local-output": {"imageUrls": ["s3://imagery/in/a.tif"],
                          "outputs": [{"type": "LOCAL", "path": "/etc/cron.d"}]},
+        "open-redirect": {"imageUrls": ["s3://imagery/in/a.tif",
+                                        f"{redirecting_server[0]}/open?to={url}/latest/meta-data/"]},
     }
     for job_id, fields in hostile.items():
         sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({**base, "jobId": job_id, **fields}))
-    allow = AllowList.from_strings(["s3://imagery/in", str(tmp_path / "images")], ["s3://results/jobs"])
+    allow = AllowList.from_strings(["s3://imagery/in", str(tmp_path / "images"), redirecting_server[0]],
+                                   ["s3://results/jobs"])
     config = WorkerConfig(queue_url=queue, status_topic_arn=topic, exit_when_idle=True, wait_seconds=0)
     stats = QueueWorker(config, None, allow=allow).run()
     assert stats.poison == len(hostile) and stats.received == len(hostile)
@@ -329,6 +443,8 @@ def test_the_worker_refuses_requests_that_reach_outside(
     assert "local path /etc/passwd" in reasons["local-file"]
     assert "outputs[0]: s3://attacker/x is not on the allow-list" in reasons["output-elsewhere"]
     assert "outputs[0]: local path /etc/cron.d" in reasons["local-output"]
+    assert f"imageUrls[1]: redirected to {url}/latest/meta-data/, which is refused" in \
+        reasons["open-redirect"]
 
 
 def test_an_unconfigured_worker_is_closed(caplog: pytest.LogCaptureFixture) -> None:
