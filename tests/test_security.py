@@ -289,6 +289,33 @@ def test_a_vrt_pointing_elsewhere_fetches_nothing(
     assert hits, "plain rasterio.open should have tried the URL inside the VRT"
 
 
+@pytest.mark.parametrize("name", ["scene.ntf", "scene.tif", "scene.vrt", "scene.NTF"])
+def test_a_job_never_opens_an_image_that_points_elsewhere(
+    name: str, tmp_path: Path, counting_server: tuple[str, list[str]]
+) -> None:
+    """A VRT in disguise (NITF or GeoTIFF name) whose sources are a URL and a local file outside
+    the roots: the header read that plans every image refuses it, one line, nothing fetched."""
+    from pipeline.io import ImageError, describe
+
+    url, hits = counting_server
+    secret = tmp_path / "outside" / "secret.tif"
+    secret.parent.mkdir()
+    with rasterio.open(secret, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.full((1, 8, 8), 7, dtype=np.uint8))
+    sources = "".join(
+        f"<SimpleSource><SourceFilename>{source}</SourceFilename><SourceBand>1</SourceBand></SimpleSource>"
+        for source in (f"/vsicurl/{url}/secret.tif", str(secret), f"NITF_IM:0:/vsicurl/{url}/x.ntf")
+    )
+    image = tmp_path / "images" / name
+    image.parent.mkdir()
+    image.write_text(f'<VRTDataset rasterXSize="8" rasterYSize="8"><VRTRasterBand dataType="Byte" '
+                     f'band="1">{sources}</VRTRasterBand></VRTDataset>')
+    with pytest.raises(ImageError, match=rf"^cannot open image {image}: .*not recognized") as err:
+        describe(str(image))
+    assert "\n" not in str(err.value)
+    assert hits == []
+
+
 def test_open_raster_reads_allowed_formats(tmp_path: Path) -> None:
     path = tmp_path / "a.tif"
     with rasterio.open(path, "w", driver="GTiff", width=3, height=2, count=1, dtype="uint8") as dst:
