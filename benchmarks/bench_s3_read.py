@@ -3,9 +3,13 @@
 Both read the same COG through GDAL's ``/vsis3/`` from the same server: a plain HTTP range
 server in its own process that speaks the path-style S3 GET/HEAD that GDAL uses and counts the
 bytes it sends (moto is not used: it reads the whole object for every range request). Prints
-seconds, MB/s, the ratio pipeline / baseline, and bytes fetched vs the file size.
+seconds, MB/s, the ratio pipeline / baseline, and bytes fetched vs the file size and vs the
+bytes of the full-resolution blocks (what one read of every pixel must fetch: the ideal 1.0).
+The pipeline's chunks overlap by the tile overlap, so a block column and row at each chunk seam
+is wanted by two chunks; it is fetched once when one worker reads both (GDAL's block cache
+and the worker's open dataset keep it), twice otherwise.
 
-Usage: ``python benchmarks/bench_s3_read.py [--size 4096] [--tile 512] [--workers 2]``
+Usage: ``python benchmarks/bench_s3_read.py [--size 8192] [--tile 512] [--workers 2]``
 """
 
 from __future__ import annotations
@@ -107,9 +111,19 @@ def baseline(url: str, options: dict[str, str], chunk: int) -> float:
     return time.perf_counter() - began
 
 
+def full_resolution_bytes(path: Path) -> int:
+    """Bytes of the full-resolution image's blocks (no header, no overviews)."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        bands = 1 if str(src.profile.get("interleave", "")).lower() == "pixel" else src.count
+        return sum(src.block_size(band, i, j) for band in range(1, bands + 1)
+                   for (i, j), _ in src.block_windows(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -119,21 +133,20 @@ def main() -> None:
         serve(args.serve[0], int(args.serve[1]))
         return
 
+    from benchmarks.bench_throughput import write_cog
     from graphs.cluster import connect
-    from graphs.image_job import run_job
-    from pipeline.demo import write_scene
+    from graphs.image_job import plan_image, run_job
     from pipeline.io import read_options
     from pipeline.request import ImageRequest
-    from pipeline.tiling import chunk_size
     from tests.conftest import free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     (work / "bucket").mkdir()
-    scene = write_scene(work / "bucket" / "scene.tif", size=args.size, count=50,
-                        tile_size=args.tile, overlap=args.overlap)
-    size = scene.path.stat().st_size
+    path = write_cog(work / "bucket" / "scene.tif", args.size)
+    size = path.stat().st_size
+    full_res = full_resolution_bytes(path)
     for name in ("warm.tif", "base.tif"):  # fresh keys: GDAL caches /vsis3/ objects by name
-        os.link(scene.path, work / "bucket" / name)
+        os.link(path, work / "bucket" / name)
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(work), str(port)])  # noqa: S603
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
@@ -160,8 +173,10 @@ def main() -> None:
             result = run_job(request, client)
             pipeline_seconds = time.perf_counter() - began
             pipeline_bytes = counter(port, reset=True)
-        chunk = chunk_size(args.tile, args.overlap)
-        base_seconds = baseline(base_url, read_options(base_url), chunk)
+        plan = plan_image(request, url)
+        grid, info = plan.grid, plan.info
+        counter(port, reset=True)  # the plan's header reads are not the baseline's
+        base_seconds = baseline(base_url, read_options(base_url), grid.chunk)
         base_bytes = counter(port, reset=True)
     finally:
         server.terminate()
@@ -177,8 +192,13 @@ def main() -> None:
         "baseline": {"seconds": round(base_seconds, 3), "MPix/s": round(pixels_mb / 3 / base_seconds, 1),
                      "bytesFetched": base_bytes["bytes"], "requests": base_bytes["requests"]},
         "ratio_pipeline_over_baseline_seconds": round(pipeline_seconds / base_seconds, 2),
+        "fullResolutionBytes": full_res,
         "pipelineBytes_over_fileSize": round(pipeline_bytes["bytes"] / size, 3),
         "baselineBytes_over_fileSize": round(base_bytes["bytes"] / size, 3),
+        "pipelineBytes_over_fullResolution": round(pipeline_bytes["bytes"] / full_res, 3),
+        "baselineBytes_over_fullResolution": round(base_bytes["bytes"] / full_res, 3),
+        "chunk": {"size": grid.chunk, "count": grid.chunks_x * grid.chunks_y,
+                  "block": [info.block_width, info.block_height]},
     }
     print(json.dumps(report, indent=2))
 

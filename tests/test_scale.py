@@ -184,3 +184,93 @@ def test_vectorised_nms_equals_the_sequential_greedy_pass(monkeypatch) -> None:
     monkeypatch.setattr(merge, "_NMS_ROUNDS", 64)
     np.testing.assert_array_equal(merge.nms_indices(chain, np.linspace(1, 0, 3000), 0.5),
                                   sequential(chain, np.linspace(1, 0, 3000), 0.5))
+
+
+# ---------------------------------------------------------------- one per-chunk read path
+def _graph(results) -> dict:
+    return dict(dask.base.collections_to_expr([results]).__dask_graph__()) if hasattr(
+        dask.base, "collections_to_expr") else dict(results.__dask_graph__())
+
+
+def test_synthetic_and_file_images_share_the_per_chunk_path(tmp_path) -> None:
+    """No map_overlap, no halo exchange: the graph is one layout block and one read+detect
+    task per chunk, for generated pixels as for a file; each task holds its window alone."""
+    import rasterio
+
+    file = tmp_path / "scene.tif"
+    with rasterio.open(file, "w", driver="GTiff", width=1300, height=1000, count=3, dtype="uint8",
+                       tiled=True, blockxsize=256, blockysize=256) as dst:
+        dst.write(synthetic.SyntheticImage.parse("synthetic://1300x1000?spacing=160&seed=3")
+                  .render((0, 0, 1300, 1000)))
+    for url in ("synthetic://1300x1000?spacing=160&seed=3", str(file)):
+        request = _request(url, tmp_path)
+        plan = plan_image(request, url, chunk_target=500)
+        results = chunk_results(plan, request, model_spec(request))
+        graph = _graph(results)
+        names = {str(k[0] if isinstance(k, tuple) else k).rsplit("-", 1)[0] for k in graph}
+        assert names <= {"zeros", "zeros_like", "detect-" + url.rsplit("/", 1)[-1]}, names
+        detect = [k for k in graph if str(k[0]).startswith("detect-")]
+        assert len(detect) == plan.grid.chunks_x * plan.grid.chunks_y == 4 * 3
+        assert len(graph) <= 2 * len(detect)  # at most a layout block beside each chunk task
+
+
+def test_synthetic_windows_are_band_last_and_equal_to_the_whole_image() -> None:
+    source = synthetic.SyntheticSource(URL)
+    window = (400, 300, 1400, 900)
+    pixels = source.read(window)
+    whole = synthetic.SyntheticImage.parse(URL).render((0, 0, 2600, 2100))
+    assert pixels.shape == (3, 600, 1000) and np.moveaxis(pixels, 0, -1).flags.c_contiguous
+    np.testing.assert_array_equal(pixels, whole[:, 300:900, 400:1400])
+
+
+def test_file_reads_are_band_last_cached_and_see_a_replaced_file(tmp_path) -> None:
+    import os
+
+    import rasterio
+
+    from pipeline.io import RasterSource, read_options
+
+    path = tmp_path / "image.tif"
+
+    def write(offset: int) -> np.ndarray:
+        pixels = (np.arange(3 * 300 * 400, dtype=np.uint32).reshape(3, 300, 400) % 251 + offset)
+        staged = tmp_path / "staged.tif"
+        with rasterio.open(staged, "w", driver="GTiff", width=400, height=300, count=3,
+                           dtype="uint8", tiled=True, blockxsize=128, blockysize=128) as dst:
+            dst.write(pixels.astype(np.uint8))
+        os.replace(staged, path)  # a new file under the same name
+        return pixels.astype(np.uint8)
+
+    first = write(0)
+    source = RasterSource(str(path), (3, 300, 400), np.dtype("uint8"), read_options(str(path)))
+    window = source.read((50, 20, 350, 280))
+    assert window.shape == (3, 260, 300) and np.moveaxis(window, 0, -1).flags.c_contiguous
+    np.testing.assert_array_equal(window, first[:, 20:280, 50:350])
+    np.testing.assert_array_equal(source[:, 0:10, 0:10], first[:, :10, :10])
+    second = write(3)
+    np.testing.assert_array_equal(source.read((0, 0, 400, 300)), second)
+
+
+def test_workers_cap_gdal_block_cache(tmp_path, dask_client) -> None:
+    """A worker that reads a window runs with GDAL's block cache capped (GDAL's default is
+    5% of RAM per process, which grows every worker by the blocks of a big image)."""
+    import os
+
+    import rasterio
+
+    from pipeline.io import BLOCK_CACHE_BYTES, RasterSource, read_options
+
+    if "GDAL_CACHEMAX" in os.environ:
+        pytest.skip("GDAL_CACHEMAX is set by the environment")
+    path = tmp_path / "small.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as dst:
+        dst.write(np.full((1, 64, 64), 7, dtype=np.uint8))
+    source = RasterSource(str(path), (1, 64, 64), np.dtype("uint8"), read_options(str(path)))
+
+    def read_then_cache_max() -> tuple[int, int]:
+        from rasterio.env import get_gdal_config
+
+        pixels = source.read((0, 0, 8, 8))
+        return int(pixels.sum()), int(get_gdal_config("GDAL_CACHEMAX"))
+
+    assert set(dask_client.run(read_then_cache_max).values()) == {(7 * 64, BLOCK_CACHE_BYTES)}
