@@ -41,9 +41,16 @@ log = logging.getLogger(__name__)
 
 WGS84 = CRS.from_epsg(4326)
 
+#: compressed bytes GDAL may fetch up front for one windowed read of a tiled GeoTIFF, in exact
+#: merged range requests (GDAL's default, 10 MB, is less than a chunk: the rest of the window
+#: then goes through /vsicurl/'s read-ahead, which fetched 1.4x the blocks that it needed)
+RAW_BLOCK_PREFETCH_BYTES = 256 * 2**20
+
 #: GDAL options every read uses
-#: (no directory listing, .netrc, VRT Python or curl logs; retries of transient HTTP faults)
-BASE_OPTIONS = {**GDAL_SAFE_OPTIONS, **GDAL_RETRY_OPTIONS}
+#: (no directory listing, .netrc, VRT Python or curl logs; retries of transient HTTP faults;
+#: a chunk's blocks fetched in exact range requests)
+BASE_OPTIONS = {**GDAL_SAFE_OPTIONS, **GDAL_RETRY_OPTIONS,
+                "GDAL_MAX_RAW_BLOCK_CACHE_SIZE": str(RAW_BLOCK_PREFETCH_BYTES)}
 
 _SEGMENT = re.compile(r"^NITF_IM:(\d+):(.+)$", re.IGNORECASE)
 
