@@ -42,7 +42,7 @@ def test_nitf_compression_is_written_in_the_image_header() -> None:
 
 @pytest.mark.parametrize("shape", [(48, 64, 3), (17, 5, 1), (40, 30, 4), (33, 20)])
 def test_uncompressed_nitf_bytes_are_gdals(shape: tuple[int, ...]) -> None:
-    from pipeline.models.encoding import _encode, _nitf_header, tile_env
+    from pipeline.models.encoding import _encode, _known_nitf, _nitf_header, tile_env
 
     tile = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
     with tile_env():
@@ -50,7 +50,12 @@ def test_uncompressed_nitf_bytes_are_gdals(shape: tuple[int, ...]) -> None:
     assert _nitf_header(*(shape if len(shape) == 3 else (*shape, 1))) is not None  # the fast path
     assert encode_tile(tile, "NITF", "NONE") == gdal
     assert encode_tile(tile) == gdal  # NITF is the default, as in OSML
-    np.testing.assert_array_equal(decode_tile(gdal).reshape(shape), tile)
+    for _ in range(2):  # first through GDAL, then from the header that GDAL's read confirmed
+        np.testing.assert_array_equal(decode_tile(gdal).reshape(shape), tile)
+    assert any(gdal.startswith(header) for header, _ in _known_nitf[len(gdal)])
+    other = tile.copy()
+    other.reshape(-1)[-1] ^= 0xFF  # same header, other pixels: still exact
+    np.testing.assert_array_equal(decode_tile(encode_tile(other)).reshape(shape), other)
 
 
 def test_encoding_builds_no_aws_session_with_keys_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

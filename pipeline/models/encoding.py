@@ -17,6 +17,7 @@ fixed ``FDT``), then the pixels band after band. Each GDAL open of a NITF parses
 
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
@@ -132,11 +133,39 @@ def _encode(tile: np.ndarray, tile_format: str, compression: str) -> bytes:
             return bytes(target.read())
 
 
+#: uncompressed-NITF headers that :func:`decode_tile` has checked against GDAL, by file size
+_known_nitf: dict[int, list[tuple[bytes, tuple[int, int, int]]]] = {}
+_known_lock = threading.Lock()
+
+
 def decode_tile(data: bytes) -> np.ndarray:
-    """The ``H × W × C`` uint8 pixels of an encoded tile (any format GDAL reads)."""
+    """The ``H × W × C`` uint8 pixels of an encoded tile (any format GDAL reads).
+
+    An uncompressed NITF whose header is one already decoded by GDAL (same bytes, same size) is
+    read without GDAL: its pixels follow the header band after band.
+    """
+    if data[:4] == b"NITF":
+        for header, shape in _known_nitf.get(len(data), ()):
+            if data.startswith(header):
+                pixels = np.frombuffer(data, np.uint8, offset=len(header)).reshape(shape)
+                return np.moveaxis(pixels, 0, -1).copy()
     try:
         with tile_env(), MemoryFile(data) as memory, memory.open() as dataset:
             pixels = dataset.read()
     except rasterio.errors.RasterioError as exc:
         raise ModelError(f"cannot decode tile ({str(exc).splitlines()[0]})") from None
+    if data[:4] == b"NITF" and pixels.dtype == np.uint8:
+        _learn_nitf(data, pixels)
     return np.moveaxis(pixels, 0, -1).astype(np.uint8, copy=False)
+
+
+def _learn_nitf(data: bytes, pixels: np.ndarray) -> None:
+    """Remember ``data``'s header where it is GDAL's uncompressed header for this shape."""
+    bands, height, width = pixels.shape
+    header = _nitf_header(height, width, bands)
+    if header is None or len(data) != len(header) + pixels.size or not data.startswith(header):
+        return
+    with _known_lock:
+        known = _known_nitf.setdefault(len(data), [])
+        if len(known) < 8 and all(h != header for h, _ in known):
+            known.append((header, (bands, height, width)))

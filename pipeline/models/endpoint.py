@@ -172,9 +172,13 @@ class EndpointAdapter(ModelAdapter):
         # pool, bounds what is in flight)
         self._pool = ThreadPoolExecutor(2 * self.cap, thread_name_prefix=spec.type.lower())
 
-    def invoke(self, payload: bytes) -> bytes:
+    def invoke(self, payload: Any) -> bytes:
         """Send one encoded tile; raise Transient/Throttled/Timeout errors or ModelError."""
         raise NotImplementedError
+
+    def prepare(self, payload: bytes) -> Any:
+        """What :meth:`invoke` sends, built before the tile waits for a concurrency slot."""
+        return payload
 
     def encode(self, tile: np.ndarray) -> bytes:
         return encode_tile(tile, self.tile_format, self.tile_compression)
@@ -187,7 +191,7 @@ class EndpointAdapter(ModelAdapter):
             raise
 
     def _tile(self, tile: np.ndarray) -> Detections:
-        payload = self.encode(tile)
+        payload = self.prepare(self.encode(tile))
         body = call_with_retries(lambda: self.invoke(payload), self.policy, self.slots, self.operation)
         return self.parse(body, tile)
 

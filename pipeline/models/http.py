@@ -28,16 +28,30 @@ def http_error(status: int, text: str, what: str) -> ModelError:
     return ModelError(message)
 
 
-def post(session: Any, url: str, data: Any, headers: dict[str, str], timeout: float, what: str) -> bytes:
+def prepare(session: Any, url: str, data: Any, headers: dict[str, str]) -> Any:
+    """A ready-to-send POST (built outside the concurrency slot, resent as is on retries)."""
+    import requests
+
+    return session.prepare_request(requests.Request("POST", url, data=data, headers=headers))
+
+
+def post(session: Any, url: str, data: Any, headers: dict[str, str], timeout: float, what: str,
+         settings: dict[str, Any] | None = None) -> bytes:
     """POST and classify failures (requests). The body is capped in size and in total time
-    (``MAX_RESPONSE_BYTES``; ``timeout`` for the whole body, so a trickle cannot hold a tile)."""
+    (``MAX_RESPONSE_BYTES``; ``timeout`` for the whole body, so a trickle cannot hold a tile).
+
+    ``data`` may be a request from :func:`prepare`; ``settings`` are the session's proxies and
+    TLS settings from the environment (looked up per call when not given)."""
     import requests
 
     from pipeline.models.results import MalformedResponse
     from pipeline.security import MAX_RESPONSE_BYTES, read_response
 
+    request = data if isinstance(data, requests.PreparedRequest) else prepare(session, url, data, headers)
+    if settings is None:
+        settings = session.merge_environment_settings(url, {}, True, None, None)
     try:
-        response = session.post(url, data=data, headers=headers, timeout=timeout, stream=True)
+        response = session.send(request, timeout=timeout, **{**settings, "stream": True})
         if response.status_code >= 300:
             raise http_error(response.status_code, response.text[:2000], what)
         return read_response(response, MAX_RESPONSE_BYTES, deadline=timeout, what=what)
@@ -69,10 +83,14 @@ class HttpEndpoint(EndpointAdapter):
         self.headers = {k: str(v) for k, v in spec.model_parameters.items()}
         self.headers.setdefault("Content-Type", self.content_type)
         self.session = session_for(self.cap)
+        self.settings = self.session.merge_environment_settings(spec.name, {}, True, None, None)
 
-    def invoke(self, payload: bytes) -> bytes:
+    def prepare(self, payload: bytes) -> Any:
+        return prepare(self.session, self.spec.name, payload, self.headers)
+
+    def invoke(self, payload: Any) -> bytes:
         return post(self.session, self.spec.name, payload, self.headers, self.policy.timeout,
-                    f"HTTP endpoint {self.spec.name}")
+                    f"HTTP endpoint {self.spec.name}", self.settings)
 
     def close(self) -> None:
         super().close()

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.detections import Detections
 from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
 from pipeline.models.endpoint import EndpointAdapter, _outcome, validate_url_target
-from pipeline.models.http import post, resolve, session_for
+from pipeline.models.http import post, prepare, resolve, session_for
 from pipeline.models.results import MalformedResponse, parse_tfserving
 from pipeline.models.retry import METRICS, call_with_retries
 
@@ -47,6 +47,7 @@ class TFServingEndpoint(EndpointAdapter):
         self.class_names = {int(k): str(v) for k, v in _mapping(spec, "classNames").items()}
         self.signature = spec.parameters.get("signatureName")
         self.session = session_for(self.cap)
+        self.settings = self.session.merge_environment_settings(self.url, {}, True, None, None)
 
     def _batch(self, tiles: np.ndarray) -> list[Detections]:
         body: dict[str, Any] = {
@@ -57,8 +58,9 @@ class TFServingEndpoint(EndpointAdapter):
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         what = f"TF Serving {self.url}"
+        request = prepare(self.session, self.url, data, headers)
         answer = call_with_retries(
-            lambda: post(self.session, self.url, data, headers, self.policy.timeout, what),
+            lambda: post(self.session, self.url, request, headers, self.policy.timeout, what, self.settings),
             self.policy, self.slots, self.operation,
         )
         try:
