@@ -127,6 +127,43 @@ def test_image_processor_max_concurrency_caps_a_sagemaker_job(client: Any, tmp_p
     clear_cache()
 
 
+def _exercise_slots(cap: int, calls: int) -> dict[str, int]:
+    """Many threads of one worker through a cluster-wide Slots; what is left afterwards."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.models.retry import Slots
+
+    slots = Slots("test-handoff", cap)
+    slots.bind()
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    def call(_: int) -> None:
+        with slots.slot():
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            time.sleep(0.005)
+            with lock:
+                state["now"] -= 1
+
+    with ThreadPoolExecutor(3 * cap) as threads:
+        list(threads.map(call, range(calls)))
+    return {"peak": state["peak"], "spare": slots._spare, "waiting": slots._waiting}
+
+
+def test_cluster_leases_are_handed_on_and_all_given_back(client: Any) -> None:
+    workers = list(client.scheduler_info()["workers"])
+    futures = [client.submit(_exercise_slots, 3, 60, workers=[w], pure=False) for w in workers]
+    for outcome in client.gather(futures):
+        assert 1 <= outcome.pop("peak") <= 3 and outcome == {"spare": 0, "waiting": 0}
+    from distributed import Semaphore
+
+    leases = Semaphore(max_leases=3, name="model-runner:test-handoff:3")
+    assert leases.get_value() == 0  # every lease given back once the workers went idle
+
+
 def test_retries_that_recover_every_tile_give_success(client: Any, tmp_path: Path) -> None:
     image = write_scene(tmp_path / "scene.tif")
     with serving("bright-objects", error_rate=0.3) as server:
