@@ -80,6 +80,37 @@ def endpoint(kind: str, tiles: int, latency: float, slots: int, size: int, tile_
             "request_ms_p50": latency_ms["p50"], "request_ms_p90": latency_ms["p90"]}
 
 
+def _predict_in_task(spec: ModelSpec, tiles: int, size: int) -> float:
+    """Seconds for ``tiles`` through the adapter, timed inside a Dask task (cluster semaphore)."""
+    adapter = load_model(spec)
+    batch = np.random.default_rng(0).integers(0, 255, (tiles, size, size, 3), dtype=np.uint8)
+    offsets = np.zeros((tiles, 2), dtype=np.int64)
+    adapter.predict(batch[:16], offsets[:16])
+    began = time.perf_counter()
+    results = adapter.predict(batch, offsets)
+    seconds = time.perf_counter() - began
+    assert not any(isinstance(r, BaseException) for r in results)
+    return seconds
+
+
+def in_dask_worker(tiles: int, latency: float, slots: int, size: int, tile_format: str,
+                   in_process: bool) -> dict[str, float]:
+    """HTTP_ENDPOINT from a task on a one-worker LocalCluster (cluster-wide leases)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    with serve(latency, slots, in_process) as url, \
+            LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                         dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING) as cluster, \
+            Client(cluster) as client:
+        spec = resolve_model(ModelSpec("HTTP_ENDPOINT", url + "/invocations", {"maxConcurrency": slots},
+                                       tile_format))
+        seconds = client.submit(_predict_in_task, spec, tiles, size, pure=False).result()
+    ideal = slots / latency
+    return {"tiles_per_s": round(tiles / seconds, 1), "efficiency": round(tiles / seconds / ideal, 3)}
+
+
 def raw_client(tiles: int, latency: float, slots: int, size: int, tile_format: str,
                in_process: bool) -> dict[str, float]:
     """The ceiling on this machine: C threads posting one pre-encoded tile over urllib3."""
@@ -143,6 +174,8 @@ def main() -> None:
         kind: endpoint(kind, args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
         for kind in ("HTTP_ENDPOINT", "SM_ENDPOINT")
     }
+    report["HTTP_ENDPOINT_in_dask_worker"] = in_dask_worker(
+        args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
     report["raw_client"] = raw_client(args.tiles, args.latency, args.slots, args.size, args.format,
                                       args.in_process)
     report["in_process"] = [batched(args.tiles, args.size, b) for b in (1, 16)]
