@@ -48,9 +48,12 @@ RAW_BLOCK_PREFETCH_BYTES = 256 * 2**20
 
 #: GDAL options every read uses
 #: (no directory listing, .netrc, VRT Python or curl logs; retries of transient HTTP faults;
-#: a chunk's blocks fetched in exact range requests)
+#: a chunk's blocks fetched in exact range requests; GTiff's multi-threaded read, which decodes
+#: blocks straight into the band-last chunk buffer instead of splitting them per band into
+#: the block cache and interleaving them again: 2.1 instead of 2.3 CPU s for 25 chunks)
 BASE_OPTIONS = {**GDAL_SAFE_OPTIONS, **GDAL_RETRY_OPTIONS,
-                "GDAL_MAX_RAW_BLOCK_CACHE_SIZE": str(RAW_BLOCK_PREFETCH_BYTES)}
+                "GDAL_MAX_RAW_BLOCK_CACHE_SIZE": str(RAW_BLOCK_PREFETCH_BYTES),
+                "GDAL_NUM_THREADS": "2"}
 
 _SEGMENT = re.compile(r"^NITF_IM:(\d+):(.+)$", re.IGNORECASE)
 
