@@ -109,8 +109,8 @@ def encode_tile(tile: np.ndarray, tile_format: str = DEFAULT_TILE_FORMAT, compre
 def _nitf_header(height: int, width: int, bands: int) -> bytes | None:
     """GDAL's uncompressed-NITF header for tiles of this shape, or None where GDAL's file is not
     exactly that header followed by the band-sequential pixels (checked on a patterned tile)."""
-    probe = (np.arange(height * width * bands, dtype=np.uint64) * 7919 % 251).astype(np.uint8)
-    probe = probe.reshape(height, width, bands)
+    values = np.arange(height * width * bands, dtype=np.uint64) * 7919 % 251
+    probe = values.astype(np.uint8).reshape(height, width, bands)
     with tile_env():
         data = _encode(probe, "NITF", "NONE")
     pixels = np.moveaxis(probe, -1, 0).tobytes()

@@ -166,7 +166,7 @@ class EndpointAdapter(ModelAdapter):
         self.policy = RetryPolicy.from_parameters(spec.parameters)
         self.cap = concurrency_parameter(spec) or DEFAULT_CONCURRENCY
         self.slots = Slots(f"{spec.type}:{spec.name}", self.cap)
-        self.batch_size = max(16, 4 * self.cap)
+        self.batch_size = max(16, 2 * self.cap)  # tiles per predict call: enough to fill the pool
         # twice the cap: while ``cap`` requests are in flight, the other threads encode the next
         # tiles and wait for a slot, so that a freed slot is refilled at once (the slot, not the
         # pool, bounds what is in flight)
