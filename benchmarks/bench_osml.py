@@ -2,8 +2,8 @@
 ``centerpoint`` model over HTTP, 1024-pixel tiles with overlap 50.
 
 Both sides run one after the other (never at once) against one model server, a subprocess
-(``benchmarks/osml/serve_model.py``: our ``serve-model`` that also reads the chunked bodies OSML
-sends), with the same request: the local COG, ``HTTP_ENDPOINT``, tile size 1024, overlap 50,
+(``model-runner serve-model``, which also reads the chunked bodies OSML sends), with the same
+request: the local COG, ``HTTP_ENDPOINT``, tile size 1024, overlap 50,
 ``imageProcessorTileFormat`` ``--tile-format`` (NITF, OSML's default) without compression.
 Each side does one warm-up job and then ``--runs`` timed jobs; the script prints the median job
 wall time of each side, CPU seconds per job, the load average, and the ratio.
@@ -103,15 +103,16 @@ def free_port() -> int:
 
 
 def start_model_server(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``benchmarks/osml/serve_model.py`` as a subprocess; returns it and its URL."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "osml" / "serve_model.py")],
+    """``model-runner serve-model --model centerpoint`` as a subprocess; returns it and its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "serve-model", "--model", "centerpoint",
+                             "--port", "0"],
                             stdout=subprocess.PIPE, stderr=log.open("wb"), cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode().strip()
     if not line.startswith("serving"):
         proc.kill()
         raise SystemExit(f"bench_osml: model server did not start (see {log})")
-    return proc, line.rsplit(" ", 1)[-1]
+    return proc, line.split(" on ", 1)[1].split()[0]
 
 
 def load() -> str:

@@ -240,6 +240,29 @@ def test_serve_model_container_contract(sm) -> None:
     assert json.loads(requests.get(sm.url + "/stats", timeout=5).text)["requests"] >= 1
 
 
+def test_serve_model_reads_chunked_bodies_and_keeps_the_connection(sm, monkeypatch) -> None:
+    # OSML's HTTP detector streams each tile as a file: Transfer-Encoding chunked, no Content-Length.
+    import requests
+
+    from pipeline.models.encoding import encode_tile
+
+    batch, _ = tiles(2)
+    with requests.Session() as session:
+        for tile in batch:
+            data = encode_tile(tile)
+            chunks = (data[i : i + 1000] for i in range(0, len(data), 1000))
+            response = session.post(sm.url + "/invocations", data=chunks, timeout=5)
+            assert response.request.headers["Transfer-Encoding"] == "chunked"
+            assert response.status_code == 200
+            boxes = [f["properties"]["imageBBox"] for f in response.json()["features"]]
+            assert boxes == bright_objects(tile).boxes.tolist()
+        before = sm.stats.requests
+        monkeypatch.setattr("pipeline.models.server.MAX_REQUEST_BYTES", 4096)
+        too_big = (b"x" * 4096 for _ in range(3))
+        assert session.post(sm.url + "/invocations", data=too_big, timeout=5).status_code == 413
+        assert sm.stats.requests == before  # refused before it reached the model
+
+
 def test_serve_model_command_answers_ping_and_invocations() -> None:
     import subprocess
     import sys

@@ -34,6 +34,8 @@ from pipeline.models.builtin import create as create_builtin
 from pipeline.models.encoding import decode_tile
 from pipeline.models.results import to_feature_collection
 
+MAX_REQUEST_BYTES = 256 * 2**20  # a chunked request body larger than this is refused
+
 log = logging.getLogger(__name__)
 
 SERVED_MODELS = ("null", "centerpoint", "flood", "bright-objects")
@@ -155,7 +157,23 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(status, {"__type": code, "message": message}, {"x-amzn-ErrorType": code})
 
     def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        """The request body, sized by ``Content-Length`` or sent ``Transfer-Encoding: chunked``
+        (as OSML's HTTP detector and other clients that stream a file do)."""
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        parts: list[bytes] = []
+        received = 0
+        while True:
+            size = int(self.rfile.readline(64).split(b";", 1)[0].strip() or b"0", 16)
+            received += size
+            if received > MAX_REQUEST_BYTES:
+                raise ValueError(f"request body over {MAX_REQUEST_BYTES} bytes")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(8)  # the CRLF after each chunk
 
     def _misbehave(self) -> bool:
         """Answer with a random throttle or 5xx (True when answered)."""
@@ -178,7 +196,12 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, "NotFound", f"no route {self.path}")
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        body = self._body()
+        try:
+            body = self._body()
+        except ValueError as exc:
+            self.close_connection = True
+            self._error(413, "ValidationError", str(exc))
+            return
         path = self.path.split("?", 1)[0]
         self.server.enter()
         try:
