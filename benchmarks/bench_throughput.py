@@ -118,6 +118,7 @@ def main() -> None:
         grid = plan_image(request, str(path)).grid
         windows = [grid.chunk_window(r, c) for r in range(grid.chunks_y) for c in range(grid.chunks_x)]
         raw: list[float] = []
+        raw_one: list[float] = []  # one thread: the baseline of earlier versions of this script
         job: list[float] = []
         core_s: list[float] = []
         summary: dict[str, Any] = {}
@@ -125,6 +126,7 @@ def main() -> None:
             run_job(request, client, collect_features=False)  # warm: imports, GDAL, model
             for _ in range(args.repeat):
                 raw.append(raw_read(path, windows, args.workers))
+                raw_one.append(raw_read(path, windows, 1))
                 began = time.perf_counter()
                 result = run_job(request, client, collect_features=False)
                 job.append(time.perf_counter() - began)
@@ -138,11 +140,14 @@ def main() -> None:
               f"{args.workers} workers; medians of {args.repeat}")
         print(f"raw windowed read+decode, {args.workers} threads: {raw_s:.2f} s "
               f"({megapixels / raw_s:.0f} Mpx/s)  runs {[round(v, 2) for v in raw]}")
+        print(f"raw windowed read+decode, 1 thread:  {statistics.median(raw_one):.2f} s  "
+              f"runs {[round(v, 2) for v in raw_one]}")
         print(f"pipeline job, null model:            {job_s:.2f} s "
               f"({megapixels / job_s:.0f} Mpx/s)  runs {[round(v, 2) for v in job]}")
         print(f"pipeline throughput / raw read throughput: {raw_s / job_s:.2f} (goal >= 0.85)")
         seconds = summary["seconds"]
         core = statistics.median(core_s)
+        print(f"  against the 1-thread raw read: {statistics.median(raw_one) / job_s:.2f}")
         print(f"  without the job's summary and chart (its seconds.total, median {core:.2f} s): "
               f"{raw_s / core:.2f}")
         print(f"last job: total {seconds['total']} s before its summary; client stages "
