@@ -25,6 +25,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,6 +122,23 @@ def full_resolution_bytes(path: Path) -> int:
                    for (i, j), _ in src.block_windows(1))
 
 
+def seam_bound(grid: Any, block_w: int, block_h: int) -> float:
+    """Blocks read / blocks in the image when every chunk window (chunk + halo) is read alone:
+    a chunk seam that cuts through a block column or row makes two chunks read it."""
+    import math
+
+    def axis(length: int, block: int, chunks: int) -> float:
+        blocks = math.ceil(length / block)
+        read = 0
+        for c in range(chunks):
+            x0 = c * grid.chunk
+            x1 = min(x0 + grid.chunk + grid.overlap, length)
+            read += math.ceil(x1 / block) - x0 // block
+        return read / blocks
+
+    return axis(grid.width, block_w, grid.chunks_x) * axis(grid.height, block_h, grid.chunks_y)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
@@ -199,6 +217,8 @@ def main() -> None:
         "baselineBytes_over_fullResolution": round(base_bytes["bytes"] / full_res, 3),
         "chunk": {"size": grid.chunk, "count": grid.chunks_x * grid.chunks_y,
                   "block": [info.block_width, info.block_height]},
+        # if no seam block were shared by one worker: each seam re-reads a block column/row
+        "seamBound_over_fullResolution": round(seam_bound(grid, info.block_width, info.block_height), 3),
     }
     print(json.dumps(report, indent=2))
 
