@@ -40,6 +40,7 @@ from pipeline.io import (
     SensorModel,
     describe,
     footprint,
+    gdal_error_line,
     image_segments,
     range_adjustment,
     read_options,
@@ -269,7 +270,7 @@ def _read_chunk_task(
         pixels = source.read((x0, y0, x1, y1))
     except rasterio.errors.RasterioIOError as exc:  # the chunk's tiles fail, with one line
         out = np.empty((1, 1), dtype=object)
-        reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {str(exc).splitlines()[0]}"
+        reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
         out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), reason)
         return out
     return _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)

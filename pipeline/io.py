@@ -140,7 +140,7 @@ def gdal_env(url: str, options: dict[str, str] | None = None) -> Iterator[None]:
 MAX_GDAL_REASON = 240
 
 
-def _one_line(exc: BaseException) -> str:
+def gdal_error_line(exc: BaseException) -> str:
     """One redacted line for ``exc``; for rasterio's "Read failed. See previous exception for
     details." it is GDAL's own cause (and its root cause, where that says more), e.g.
     ``band 1: IReadBlock failed at X offset 0, Y offset 0: TIFFReadEncodedTile() failed.
@@ -242,7 +242,7 @@ def describe(url: str, options: dict[str, str] | None = None) -> ImageInfo:
     except FileNotFoundError:
         raise ImageError(f"image not found: {url}") from None
     except rasterio.errors.RasterioIOError as exc:
-        message = _one_line(exc)
+        message = gdal_error_line(exc)
         if "No such file" in message or "does not exist" in message or "HTTP response code: 404" in message:
             raise ImageError(f"image not found: {url}") from None
         raise ImageError(f"cannot open image {url}: {message}") from None
@@ -430,7 +430,7 @@ def read_window(
         with gdal_env(url, options), rasterio.open(gdal_path(url)) as src:
             return src.read(window=rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0))
     except rasterio.errors.RasterioIOError as exc:
-        raise ImageError(f"cannot read pixels of {url}: {_one_line(exc)}") from None
+        raise ImageError(f"cannot read pixels of {url}: {gdal_error_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------- pixel statistics
@@ -459,7 +459,7 @@ def sample_pixels(
             else:
                 data, how = _sample_blocks(src, info, target), "blocks"
     except rasterio.errors.RasterioIOError as exc:
-        raise ImageError(f"cannot read pixels of {url}: {_one_line(exc)}") from None
+        raise ImageError(f"cannot read pixels of {url}: {gdal_error_line(exc)}") from None
     flat = data.reshape(data.shape[0], -1)
     if isinstance(flat, np.ma.MaskedArray):
         values = [band.compressed() for band in flat]

@@ -228,3 +228,15 @@ def test_killing_a_worker_mid_job_gives_the_same_features(address_cluster, tmp_p
     # every tile was done at least once; the victim's unfinished work was redone elsewhere
     tiles = {(x, y) for _, x, y in seen}
     assert len(tiles) == disturbed.summary["images"][0]["tiles"]
+
+
+def test_local_workers_run_without_a_malloc_trim_threshold() -> None:
+    import os
+
+    from graphs.cluster import connect
+
+    with connect("local", workers=1) as client:
+        environ = client.run(lambda: dict(os.environ))
+    (worker_environ,) = environ.values()
+    assert "MALLOC_TRIM_THRESHOLD_" not in worker_environ
+    assert worker_environ.get("OMP_NUM_THREADS") == "1"  # dask's other settings are kept
