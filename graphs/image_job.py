@@ -266,6 +266,7 @@ def _read_chunk_task(
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
     x0, y0, x1, y1 = grid.chunk_window(row, col)
+    began = time.perf_counter()
     try:
         pixels = source.read((x0, y0, x1, y1))
     except rasterio.errors.RasterioIOError as exc:  # the chunk's tiles fail, with one line
@@ -273,7 +274,10 @@ def _read_chunk_task(
         reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
         out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), reason)
         return out
-    return _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+    read_seconds = time.perf_counter() - began
+    out = _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+    out[0, 0].read_seconds = read_seconds
+    return out
 
 
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
@@ -446,28 +450,24 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
     return len(features)
 
 
-def _worker_seconds(tasks: list[dict[str, Any]], model_seconds: float) -> dict[str, float]:
-    """Where the workers' time went, summed over workers, from the task stream: ``read``
-    (pixel reads and decoding), ``halo`` (cutting and joining chunk overlaps), ``encode``
-    (tiles cut and converted for the model), ``model`` and ``transfer`` (data between workers).
-    Approximate where Dask fused tasks: a fused chunk task counts as ``encode`` + ``model``."""
-    from dask.utils import key_split
-
-    totals = {"read": 0.0, "halo": 0.0, "encode": 0.0, "model": 0.0, "transfer": 0.0}
+def _worker_seconds(
+    tasks: list[dict[str, Any]], model_seconds: float, read_seconds: float
+) -> dict[str, float]:
+    """Where the workers' time went, summed over workers: ``read`` (pixel reads and decoding, as
+    timed by the chunk tasks), ``model``, ``encode`` (the rest of the chunk tasks: cutting tiles,
+    converting them, parsing answers) and ``transfer`` (data between workers, from the task
+    stream)."""
+    compute = transfer = 0.0
     for task in tasks:
-        name = str(key_split(task.get("key")))
         for span in task.get("startstops", ()):
             seconds = float(span["stop"] - span["start"])
-            if span.get("action") != "compute":
-                totals["transfer"] += seconds
-            elif "detect" in name:  # the chunk's task, with whatever Dask fused into it
-                totals["encode"] += seconds
-            elif any(word in name for word in ("read", "synthetic", "open_rasterio", "from-value")):
-                totals["read"] += seconds  # reads fused with their overlap slices count here
+            if span.get("action") == "compute":
+                compute += seconds
             else:
-                totals["halo"] += seconds
-    totals["model"] = min(model_seconds, totals["encode"]) if totals["encode"] else model_seconds
-    totals["encode"] -= totals["model"]
+                transfer += seconds
+    read = min(read_seconds, compute)
+    model = min(model_seconds, compute - read)
+    totals = {"read": read, "encode": compute - read - model, "model": model, "transfer": transfer}
     return {name: round(value, 4) for name, value in totals.items()}
 
 
@@ -543,6 +543,7 @@ def run_job(
     bar = progress(total_tiles) if progress else None
     done_tiles = resumed_tiles
     found = sum(o.before_merge for o in outcomes)
+    read_seconds = 0.0
     if bar is not None and resumed_tiles:
         bar.update(resumed_tiles)
     timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
@@ -565,6 +566,7 @@ def run_job(
         outcome.before_merge += len(result.detections)
         outcome.after_merge += record["features"]
         outcome.timer.add("model", result.model_seconds)
+        read_seconds += result.read_seconds
         done_tiles += result.tiles
         found += len(result.detections)
         timeline.append((round(time.perf_counter() - began, 3), done_tiles))
@@ -575,7 +577,8 @@ def run_job(
     if bar is not None:
         bar.close()
     stream.__exit__(None, None, None)
-    worker_seconds = _worker_seconds(tasks.data, sum(o.timer.seconds.get("model", 0.0) for o in outcomes))
+    worker_seconds = _worker_seconds(tasks.data, sum(o.timer.seconds.get("model", 0.0) for o in outcomes),
+                                     read_seconds)
 
     parts: list[Path] = []
     for index, outcome in enumerate(outcomes):

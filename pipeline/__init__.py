@@ -8,5 +8,7 @@ from pipeline.api import detect, image_job, lazy_features, open_image, run
 from pipeline.detections import Detections
 from pipeline.request import ImageRequest, RequestError
 
-__all__ = ["Detections", "ImageRequest", "RequestError", "detect", "image_job", "lazy_features", "open_image", "run"]
+__all__ = [
+    "Detections", "ImageRequest", "RequestError", "detect", "image_job", "lazy_features", "open_image", "run",
+]
 __version__ = "0.1.0"

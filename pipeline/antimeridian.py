@@ -34,7 +34,7 @@ def unwrap(lon: np.ndarray) -> np.ndarray:
 def split(geometry: Any) -> Any:
     """A polygon with continuous longitudes, cut at ±180 into a (Multi)Polygon within
     ``[-180, 180]``, counter-clockwise. A polygon that does not cross is returned as it is."""
-    parts = []
+    parts: list[Any] = []
     for shift, window in zip(_SHIFTS, _WINDOWS, strict=True):
         part = shapely.intersection(geometry, window)
         polygons = [p for p in shapely.get_parts(part) if isinstance(p, shapely.Polygon) and p.area > 0]

@@ -198,8 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not request.all_outputs:
         raise UsageError("the request has no outputs: add one or pass --output-dir DIR")
     try:
-        from pipeline.models import check_model
         from graphs.image_job import model_spec
+        from pipeline.models import check_model
 
         check_model(model_spec(request))
     except ModelError as exc:

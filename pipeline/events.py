@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger("pipeline.events")
@@ -29,7 +29,7 @@ class Event:
     image_url: str | None = None
     message: str = ""
     fields: dict[str, Any] = field(default_factory=dict)
-    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 
 Subscriber = Callable[[Event], None]

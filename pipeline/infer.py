@@ -33,6 +33,7 @@ class ChunkResult:
     tiles: int = 0
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     model_seconds: float = 0.0
+    read_seconds: float = 0.0
     raw_detections: int = 0
     dropped_detections: int = 0
 
@@ -99,7 +100,8 @@ def detect_chunk(
         began = time.perf_counter()
         outputs = _predict(spec, tiles, offsets)
         result.model_seconds += time.perf_counter() - began
-        for window, core, output in zip(batch_windows, cores[start : start + batch_size], outputs, strict=True):
+        batch_cores = cores[start : start + batch_size]
+        for window, core, output in zip(batch_windows, batch_cores, outputs, strict=True):
             if isinstance(output, BaseException):
                 result.failed_tiles.append(
                     {"window": [int(v) for v in window], "reason": _one_line(output)}

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 1024
 DEFAULT_TILE_OVERLAP = 50
-DEFAULT_FORMATS = ("geojson", "parquet")
 
 
 class RequestError(ValueError):
@@ -69,6 +68,7 @@ class ImageProcessor(_Strict):
 
 
 Format = Literal["geojson", "parquet"]
+DEFAULT_FORMATS: tuple[Format, ...] = ("geojson", "parquet")
 
 
 def _lower_formats(value: Any) -> Any:

@@ -14,6 +14,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ class LocalSink(Sink):
         self.directory = Path(path)
         self.formats = formats
 
-    def _publish(self, name: str, write: Callable[[Path], None]) -> str:
+    def _publish(self, name: str, write: Callable[[Path], object]) -> str:
         final = self.directory / name
         with staged_file(self.directory, Path(name).suffix) as staged:
             write(staged)
@@ -158,7 +159,7 @@ class LocalSink(Sink):
 
     def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
         return [
-            self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", lambda p, f=fmt: WRITERS[f](features, p))
+            self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", partial(WRITERS[fmt], features))
             for fmt in self.formats
         ]
 

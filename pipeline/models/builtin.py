@@ -49,7 +49,7 @@ def centerpoint(tile: np.ndarray) -> Detections:
     height, width = tile.shape[:2]
     cx, cy = width / 2.0, height / 2.0
     box = [cx - 0.1 * width, cy - 0.1 * height, cx + 0.1 * width, cy + 0.1 * height]
-    return Detections([box], [1.0], ["centerpoint"])
+    return Detections(np.array([box]), np.array([1.0]), np.array(["centerpoint"]))
 
 
 def flood(tile: np.ndarray, offset: np.ndarray, count: int = 10, seed: int = 0,
