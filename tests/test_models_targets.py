@@ -118,6 +118,22 @@ def test_retries_recover_random_errors_and_throttles(sm) -> None:
     assert sm.stats.statuses["429"] == counts["throttles"]
 
 
+def test_sagemaker_slot_is_taken_at_send_and_throttles_shrink_its_window(sm) -> None:
+    # the slot is taken once botocore has signed the request; every one is given back, and a
+    # throttled call still halves the AIMD window
+    sm.behaviour.throttle_rate = 1.0
+    spec = resolve_model(ModelSpec("SM_ENDPOINT", "detector", {"maxRetries": 0, "maxConcurrency": 4, **FAST}))
+    adapter = load_model(spec)
+    batch, _ = tiles(3)
+    results = adapter.predict(batch, np.zeros((3, 2), dtype=np.int64))
+    assert all(isinstance(r, ModelError) and "ThrottlingException" in str(r) for r in results)
+    assert adapter.slots.local.limit < 4 and adapter.slots.local.in_flight == 0
+    sm.behaviour.throttle_rate = 0.0
+    results = adapter.predict(batch, np.zeros((3, 2), dtype=np.int64))
+    same(results, expected(batch))
+    assert adapter.slots.local.in_flight == 0 and adapter.slots.local.peak <= 4
+
+
 def test_persistent_and_malformed_failures_fail_exactly_those_tiles(sm) -> None:
     sm.behaviour.fail_marker, sm.behaviour.malformed_marker = 77, 78
     batch, _ = tiles(5)

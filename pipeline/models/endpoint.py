@@ -156,6 +156,7 @@ class EndpointAdapter(ModelAdapter):
     """One request per tile, up to the concurrency cap, with retries; see module docstring."""
 
     operation = "ENDPOINT:invoke"
+    slot_at_send = False  #: True: :meth:`invoke` takes its concurrency slot itself
 
     def __init__(self, spec: ModelSpec):
         check_format(spec.tile_format, spec.tile_compression)
@@ -192,7 +193,8 @@ class EndpointAdapter(ModelAdapter):
 
     def _tile(self, tile: np.ndarray) -> Detections:
         payload = self.prepare(self.encode(tile))
-        body = call_with_retries(lambda: self.invoke(payload), self.policy, self.slots, self.operation)
+        slots = None if self.slot_at_send else self.slots
+        body = call_with_retries(lambda: self.invoke(payload), self.policy, slots, self.operation)
         return self.parse(body, tile)
 
     def predict(self, tiles: np.ndarray, offsets: np.ndarray) -> list[Detections | BaseException]:

@@ -22,7 +22,7 @@ from pipeline.models.endpoint import (
     validate_common,
     with_options,
 )
-from pipeline.models.retry import DEFAULT_CONCURRENCY, PER_INSTANCE_CONCURRENCY
+from pipeline.models.retry import DEFAULT_CONCURRENCY, PER_INSTANCE_CONCURRENCY, SlotAtSend, ThrottledError
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,22 @@ class SageMakerEndpoint(EndpointAdapter):
         self.extra.setdefault("ContentType", self.content_type)
         self.extra.setdefault("Accept", "application/json")
         self.client = boto_client("sagemaker-runtime", spec, self.policy, self.cap)
+        self.send_slot = SlotAtSend(self.slots)
+        self.send_slot.register(self.client, "before-send.sagemaker-runtime.InvokeEndpoint")
+
+    slot_at_send = True  # taken once botocore has built and signed the request
 
     def invoke(self, payload: bytes) -> bytes:
         try:
             answer = self.client.invoke_endpoint(EndpointName=self.spec.name, Body=payload, **self.extra)
             return bytes(answer["Body"].read())
         except Exception as exc:  # noqa: BLE001 - classified: retried or one line
-            raise classify_boto_error(exc, f"SageMaker endpoint {self.spec.name}") from None
+            error = classify_boto_error(exc, f"SageMaker endpoint {self.spec.name}")
+            if isinstance(error, ThrottledError):
+                self.send_slot.throttled()
+            raise error from None
+        finally:
+            self.send_slot.done()
 
 
 def validate(spec: ModelSpec) -> None:
