@@ -136,6 +136,9 @@ class ImageOutcome:
     timer: StageTimer = field(default_factory=StageTimer)
     chunks: list[ChunkResult] = field(default_factory=list)
     border: list[Detections] = field(default_factory=list)
+    #: False for a pixel-only image in a job that also has georeferenced images: its features
+    #: keep their pixel boxes (``imageGeometry``) and have no lon/lat geometry
+    ground: bool = True
 
     def summary(self) -> dict[str, Any]:
         info = self.plan.info if self.plan else None
@@ -403,6 +406,19 @@ def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int
 
 #: what an empty chunk writes (only its length is read)
 _NO_FEATURES = empty_features(False)
+WGS84_NAME = "EPSG:4326"
+
+
+def _image_features(outcome: ImageOutcome, merged: Detections, request: ImageRequest) -> gpd.GeoDataFrame:
+    """The features of one image's merged detections (see ``ImageOutcome.ground``)."""
+    plan = outcome.plan
+    assert plan is not None
+    features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
+                           feature_properties=request.merged_feature_properties,
+                           extra_columns=plan.feature_columns)
+    if not outcome.ground:
+        features = features.set_geometry(gpd.GeoSeries([None] * len(features), crs=WGS84_NAME))
+    return features
 
 
 def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: ChunkResult,
@@ -418,9 +434,7 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         merged = distill(detections.select(final), request.distillation)
         waiting = detections.select(~final)
     with outcome.timer.stage("geolocate"):  # most chunks of a big image find nothing
-        features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
-                               feature_properties=request.merged_feature_properties,
-                               extra_columns=plan.feature_columns) if len(merged) else _NO_FEATURES
+        features = _image_features(outcome, merged, request) if len(merged) else _NO_FEATURES
     with outcome.timer.stage("write"):
         record = store.write_chunk(
             index, result.chunk, features, waiting,
@@ -442,12 +456,22 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
         merged = distill(waiting, request.distillation)
     outcome.border.clear()
     with outcome.timer.stage("geolocate"):
-        features = to_features(merged, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
-                               feature_properties=request.merged_feature_properties,
-                               extra_columns=plan.feature_columns)
+        features = _image_features(outcome, merged, request)
     with outcome.timer.stage("write"):
         store.write_border(index, features)
     return len(features)
+
+
+def _ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
+    """A job's features are all lon/lat or all pixels: where georeferenced and pixel-only
+    images are mixed, the pixel-only ones give features without geometry."""
+    planned = [o for o in outcomes if o.plan is not None]
+    pixel_only = [o for o in planned if o.plan and not o.plan.sensor_model.georeferenced]
+    if pixel_only and len(pixel_only) < len(planned):
+        for outcome in pixel_only:
+            outcome.ground = False
+            log.warning("%s has no georeferencing: its features have no geometry in this job "
+                        "(their pixel boxes are in imageGeometry)", outcome.url)
 
 
 def _worker_seconds(
@@ -539,6 +563,7 @@ def run_job(
         for (chunk, _), future in zip(todo, client.compute([item for _, item in todo]), strict=True):
             futures[future] = (index, outcome, chunk)
 
+    _ground_in_mixed_jobs(outcomes)
     total_tiles = sum(o.tiles for o in outcomes)
     bar = progress(total_tiles) if progress else None
     done_tiles = resumed_tiles
@@ -596,7 +621,7 @@ def run_job(
                  failedTiles=len(outcome.failed_tiles))
 
     status = job_status(outcomes)
-    georeferenced = all(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
+    georeferenced = any(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
     n_features = sum(o.after_merge for o in outcomes if o.status != ev.FAILED)
     written: list[str] = []
     write_began = time.perf_counter()

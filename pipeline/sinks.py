@@ -54,7 +54,7 @@ def _geojson_features(features: gpd.GeoDataFrame) -> Iterator[str]:
         feature_id = properties.pop("id", None)
         body = json.dumps(properties, default=_json_default, allow_nan=False)
         identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
-        yield f'{{"type":"Feature",{identifier}"geometry":{geometry},"properties":{body}}}'
+        yield f'{{"type":"Feature",{identifier}"geometry":{geometry or "null"},"properties":{body}}}'
 
 
 def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame], path: str | Path) -> None:

@@ -132,3 +132,35 @@ def test_failing_model_tiles_make_a_partial_job(scene, tmp_path, dask_client) ->
     assert len(failed) == 7 and all(t["window"][0] == 416 for t in failed)
     assert "RuntimeError: tile at x=416 refused" in failed[0]["reason"]
     assert (tmp_path / "e2e.geojson").exists()
+
+
+def test_mixed_georeferenced_and_pixel_images_keep_one_crs(scene, tmp_path, dask_client) -> None:
+    # the same pixels without georeferencing: its features keep their pixel boxes, no geometry
+    import rasterio
+
+    with rasterio.open(scene.path) as src:
+        pixels = src.read()
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1],
+                       count=pixels.shape[0], dtype=pixels.dtype) as dst:
+        dst.write(pixels)
+    out = tmp_path / "out"
+    request = _request(scene, out, imageUrls=[str(scene.path), str(plain)])
+    result = run_job(request, dask_client, chunk_target=600)
+    assert result.status == "SUCCESS"
+    images = {i["url"]: i for i in result.summary["images"]}
+    n = len(scene.truth)
+    assert images[str(scene.path)]["detections"]["afterMerge"] == n
+    assert images[str(plain)]["detections"]["afterMerge"] == n
+    for written in (gpd.read_parquet(out / "e2e.parquet"), gpd.read_file(out / "e2e.geojson")):
+        assert written.crs.to_epsg() == 4326 and len(written) == 2 * n
+        ground = written[written["image_url"] == str(scene.path)]
+        pixel = written[written["image_url"] == str(plain)]
+        assert ground.geometry.notna().all() and ground.geometry.is_valid.all()
+        assert pixel.geometry.isna().all()  # no lon/lat made up from pixel coordinates
+    table = gpd.read_parquet(out / "e2e.parquet")
+    boxes = {url: {tuple(b) for b in table[table["image_url"] == url]["imageBBox"]}
+             for url in (str(scene.path), str(plain))}
+    assert boxes[str(plain)] == boxes[str(scene.path)]  # same pixels, same boxes
+    text = json.loads((out / "e2e.geojson").read_text())
+    assert sum(f["geometry"] is None for f in text["features"]) == n
