@@ -32,21 +32,14 @@ import geopandas as gpd
 import mercantile
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import events as ev
 from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.io import AffineSensorModel
 from pipeline.models import ModelSpec, check_model, load_model
-from pipeline.request import (
-    ImageProcessor,
-    Output,
-    RequestError,
-    format_validation_error,
-    load_document,
-)
+from pipeline.request import ImageProcessor, Output, RequestError, StrictDocument
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +77,8 @@ def tile_url(template: str, tile: mercantile.Tile) -> str:
             .replace("{y}", str(tile.y)))
 
 
-class TileRequest(BaseModel):
+class TileRequest(StrictDocument):
     """A tile-list job, in the request style (camelCase keys, strict)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
-                              frozen=True)
 
     job_id: str = Field(min_length=1)
     imagery_url: str
@@ -127,21 +117,6 @@ class TileRequest(BaseModel):
                     and -90 <= south and north <= 90):
                 raise ValueError(f"bbox must be W,S,E,N in degrees, got {list(self.bbox)}")
         return self
-
-    @classmethod
-    def parse(cls, data: Any) -> TileRequest:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise RequestError(format_validation_error(exc)) from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TileRequest:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise RequestError(f"cannot read tile job file {path}: {exc.strerror}") from None
-        return cls.parse(load_document(text, str(path)))
 
     def tile_list(self) -> list[mercantile.Tile]:
         """The tiles, without duplicates, in a stable order."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -40,6 +40,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
+
+
+class StrictDocument(_Strict):
+    """A request document (camelCase keys, strict) that loads with one-line errors."""
+
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """Validate a mapping strictly; raise :class:`RequestError` with one line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RequestError(format_validation_error(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        """Load from a ``.json`` or ``.yaml``/``.yml`` file (strict)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise RequestError(f"request file not found: {path}") from None
+        except OSError as exc:
+            raise RequestError(f"cannot read request file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        return cls.parse(load_document(text, str(path)))
 
 
 def _upper(value: Any) -> Any:
@@ -159,7 +185,7 @@ class Elevation(_Strict):
         return self
 
 
-class ImageRequest(_Strict):
+class ImageRequest(StrictDocument):
     """One job: run ``imageProcessor`` over every image of ``imageUrls``."""
 
     job_id: str = Field(min_length=1)
@@ -274,28 +300,6 @@ class ImageRequest(_Strict):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def parse(cls, data: Any) -> ImageRequest:
-        """Validate a mapping strictly; raise :class:`RequestError` with one line."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise RequestError(format_validation_error(exc)) from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ImageRequest:
-        """Load a request from a ``.json`` or ``.yaml``/``.yml`` file (strict)."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise RequestError(f"request file not found: {path}") from None
-        except OSError as exc:
-            raise RequestError(f"cannot read request file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        return cls.parse(load_document(text, str(path)))
-
     @classmethod
     def from_message(cls, body: str | bytes | dict[str, Any]) -> tuple[ImageRequest, list[str]]:
         """Validate OSML queue traffic leniently: unknown fields are dropped and returned."""
