@@ -427,7 +427,7 @@ def read_window(
     """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``, read directly (small windows)."""
     x0, y0, x1, y1 = window
     try:
-        with gdal_env(url, options), rasterio.open(gdal_path(url)) as src:
+        with gdal_env(url, options), open_raster(gdal_path(url)) as src:  # image drivers only
             return src.read(window=rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0))
     except rasterio.errors.RasterioIOError as exc:
         raise ImageError(f"cannot read pixels of {url}: {gdal_error_line(exc)}") from None
@@ -449,7 +449,7 @@ def sample_pixels(
     """
     area = info.width * info.height
     try:
-        with gdal_env(url, options), rasterio.open(gdal_path(url)) as src:
+        with gdal_env(url, options), open_raster(gdal_path(url)) as src:  # image drivers only
             if area <= target:
                 data, how = src.read(masked=True), "full"
             elif info.overviews:

@@ -19,6 +19,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from pipeline.io import ImageError, gdal_env, gdal_path
+from pipeline.security import open_raster
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Overview:
 def read_overview(url: str, max_side: int = 1024) -> Overview:
     """Read ``url`` decimated so that its longer side is at most ``max_side`` pixels."""
     try:
-        with gdal_env(url), rasterio.open(gdal_path(url)) as src:
+        with gdal_env(url), open_raster(gdal_path(url)) as src:  # image drivers only
             factor = max(1.0, max(src.width, src.height) / max_side)
             shape = (max(1, round(src.height / factor)), max(1, round(src.width / factor)))
             bands = [1, 2, 3] if src.count >= 3 else [1]

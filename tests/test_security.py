@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 
 from pipeline.redact import MASK, RedactingFilter, redact, redact_obj, register_secret
 from pipeline.request import ImageRequest
@@ -710,3 +711,25 @@ def test_an_sts_failure_is_one_line(aws: str) -> None:
     with pytest.raises(AwsError, match=r"^cannot assume role not-an-arn: ") as err:
         assume_role("not-an-arn")
     assert "\n" not in str(err.value)
+
+
+def test_every_pixel_read_opens_image_drivers_only(tmp_path, monkeypatch) -> None:
+    # a VRT (it could point anywhere) is refused by the window read, the DRA sample and the
+    # quick look alike, not only by the header read; allowed when the drivers list VRT
+    from pipeline.io import ImageError, describe, read_window, sample_pixels
+    from pipeline.quicklook import read_overview
+
+    tif = tmp_path / "real.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint16") as dst:
+        dst.write(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64))
+    vrt = tmp_path / "mosaic.vrt"
+    rasterio.shutil.copy(tif, vrt, driver="VRT")
+    monkeypatch.setenv("MODEL_RUNNER_IMAGE_DRIVERS", "GTiff,VRT")
+    info = describe(str(vrt))
+    monkeypatch.delenv("MODEL_RUNNER_IMAGE_DRIVERS")
+    for read in (lambda: read_window(str(vrt), (0, 0, 8, 8)), lambda: sample_pixels(str(vrt), info),
+                 lambda: read_overview(str(vrt))):
+        with pytest.raises(ImageError, match="mosaic.vrt"):
+            read()
+    monkeypatch.setenv("MODEL_RUNNER_IMAGE_DRIVERS", "GTiff,VRT")
+    assert read_window(str(vrt), (0, 0, 2, 1)).tolist() == [[[0, 1]]]
