@@ -47,6 +47,16 @@ class ChunkResult:
         )
 
 
+def batches(windows: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the model batches over row-major tile ``windows``: at most
+    ``batch_size`` tiles, none across a tile row (so that a batch can be a view of the chunk)."""
+    rows = np.flatnonzero(np.diff(windows[:, 1])) + 1
+    edges = np.concatenate([[0], rows, [len(windows)]])
+    return [(int(start), int(min(start + batch_size, stop)))
+            for row_start, stop in zip(edges[:-1], edges[1:], strict=True)
+            for start in range(int(row_start), int(stop), batch_size)]
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -93,14 +103,14 @@ def detect_chunk(
     cores = grid.cores(windows)
     batch_size = spec.batch_size or load_model(spec).batch_size
     parts = []
-    for start in range(0, len(windows), batch_size):
-        batch_windows = windows[start : start + batch_size]
+    for start, stop in batches(windows, batch_size):
+        batch_windows = windows[start:stop]
         tiles = to_uint8(cut_tiles(pixels, origin, batch_windows, grid.tile_size), range_adjustment, bits)
         offsets = batch_windows[:, :2]
         began = time.perf_counter()
         outputs = _predict(spec, tiles, offsets)
         result.model_seconds += time.perf_counter() - began
-        batch_cores = cores[start : start + batch_size]
+        batch_cores = cores[start:stop]
         for window, core, output in zip(batch_windows, batch_cores, outputs, strict=True):
             if isinstance(output, BaseException):
                 result.failed_tiles.append(

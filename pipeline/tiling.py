@@ -170,8 +170,13 @@ def owned(detections: Detections, window: np.ndarray, core: np.ndarray, grid: Ti
 def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, tile_size: int) -> np.ndarray:
     """Cut ``(bands, h, w)`` chunk pixels into an ``N × T × T × bands`` batch, zero-padded.
 
-    ``origin`` is the ``(x, y)`` full-image offset of ``chunk[:, 0, 0]``.
+    ``origin`` is the ``(x, y)`` full-image offset of ``chunk[:, 0, 0]``. Whole tiles of one
+    tile row, evenly spaced, come back as a read-only view of the chunk (no copy: the tiles of a
+    row overlap in memory, so none may be written); any other batch is a copy.
     """
+    view = _row_view(chunk, origin, windows, tile_size)
+    if view is not None:
+        return view
     bands = chunk.shape[0]
     batch = np.zeros((len(windows), tile_size, tile_size, bands), dtype=chunk.dtype)
     ox, oy = origin
@@ -179,6 +184,26 @@ def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, t
         part = chunk[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
         batch[i, : part.shape[1], : part.shape[2], :] = np.moveaxis(part, 0, -1)
     return batch
+
+
+def _row_view(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray,
+              tile_size: int) -> np.ndarray | None:
+    """:func:`cut_tiles`' batch as a strided view, where the windows allow one."""
+    if not len(windows):
+        return None
+    x0, y0, x1, y1 = (windows[:, k] for k in range(4))
+    step = int(x0[1] - x0[0]) if len(windows) > 1 else 0
+    whole = (x1 - x0 == tile_size).all() and (y1 - y0 == tile_size).all()
+    if not whole or (y0 != y0[0]).any() or (np.diff(x0) != step).any() or step < 0:
+        return None
+    pixels = np.moveaxis(chunk, 0, -1)[int(y0[0]) - origin[1]:, int(x0[0]) - origin[0]:]
+    if pixels.shape[0] < tile_size or pixels.shape[1] < step * (len(windows) - 1) + tile_size:
+        return None
+    row, col, band = pixels.strides
+    return np.lib.stride_tricks.as_strided(
+        pixels, shape=(len(windows), tile_size, tile_size, pixels.shape[2]),
+        strides=(step * col, row, col, band), writeable=False,
+    )
 
 
 def to_uint8(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.detections import Detections
-from pipeline.infer import detect_chunk
+from pipeline.infer import batches, detect_chunk
 from pipeline.models import ModelSpec
 from pipeline.tiling import TileGrid, chunk_size, cut_tiles, tile_count, tile_origins, to_uint8
 
@@ -121,3 +121,30 @@ def _non_touching(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int
         if all(b[2] + 1 < k[0] or k[2] + 1 < b[0] or b[3] + 1 < k[1] or k[3] + 1 < b[1] for k in kept):
             kept.append(b)
     return kept
+
+
+def test_whole_tiles_of_a_row_are_a_read_only_view_equal_to_a_copy() -> None:
+    grid = TileGrid(1000, 700, 128, 16, chunk_size(128, 16, 400))
+    x0, y0, x1, y1 = grid.chunk_window(0, 0)
+    band_last = np.random.default_rng(3).integers(0, 255, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    chunk = np.moveaxis(band_last, -1, 0)  # how chunk reads land: band-last memory
+    windows = grid.chunk_tiles(0, 0)
+    starts = list(batches(windows, 3))
+    assert all(len(set(windows[a:b, 1])) == 1 for a, b in starts)  # no batch across tile rows
+    assert sum(b - a for a, b in starts) == len(windows) and max(b - a for a, b in starts) == 3
+    for start, stop in starts:
+        batch = cut_tiles(chunk, (x0, y0), windows[start:stop], 128)
+        copy = np.stack([band_last[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
+                         for wx0, wy0, wx1, wy1 in windows[start:stop]])
+        np.testing.assert_array_equal(batch, copy)
+        assert np.shares_memory(batch, band_last) and not batch.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            batch[0, 0, 0, 0] = 1
+    # clipped edge tiles (zero-padded) and batches across rows are copies
+    edge = grid.chunk_tiles(grid.chunks_y - 1, grid.chunks_x - 1)
+    ex0, ey0, ex1, ey1 = grid.chunk_window(grid.chunks_y - 1, grid.chunks_x - 1)
+    pixels = np.ones((3, ey1 - ey0, ex1 - ex0), dtype=np.uint8)
+    padded = cut_tiles(pixels, (ex0, ey0), edge[-1:], 128)
+    assert padded.flags.writeable and padded[0, -1, -1, 0] == 0
+    across = cut_tiles(chunk, (x0, y0), windows[[0, -1]], 128)
+    assert across.flags.writeable and not np.shares_memory(across, band_last)
