@@ -47,10 +47,11 @@ class ChunkResult:
         )
 
 
-def batches(windows: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+def batches(windows: np.ndarray, batch_size: int, by_row: bool = False) -> list[tuple[int, int]]:
     """``(start, stop)`` of the model batches over row-major tile ``windows``: at most
-    ``batch_size`` tiles, none across a tile row (so that a batch can be a view of the chunk)."""
-    rows = np.flatnonzero(np.diff(windows[:, 1])) + 1
+    ``batch_size`` tiles; ``by_row``: none across a tile row (so that a batch can be a view of
+    the chunk)."""
+    rows = np.flatnonzero(np.diff(windows[:, 1])) + 1 if by_row else np.empty(0, dtype=np.int64)
     edges = np.concatenate([[0], rows, [len(windows)]])
     return [(int(start), int(min(start + batch_size, stop)))
             for row_start, stop in zip(edges[:-1], edges[1:], strict=True)
@@ -101,11 +102,13 @@ def detect_chunk(
     if not len(windows):
         return result
     cores = grid.cores(windows)
-    batch_size = spec.batch_size or load_model(spec).batch_size
+    model = load_model(spec)
+    batch_size = spec.batch_size or model.batch_size
     parts = []
-    for start, stop in batches(windows, batch_size):
+    for start, stop in batches(windows, batch_size, by_row=model.tile_views):
         batch_windows = windows[start:stop]
-        tiles = to_uint8(cut_tiles(pixels, origin, batch_windows, grid.tile_size), range_adjustment, bits)
+        tiles = cut_tiles(pixels, origin, batch_windows, grid.tile_size, view=model.tile_views)
+        tiles = to_uint8(tiles, range_adjustment, bits)
         offsets = batch_windows[:, :2]
         began = time.perf_counter()
         outputs = _predict(spec, tiles, offsets)

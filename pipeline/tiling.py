@@ -167,16 +167,17 @@ def owned(detections: Detections, window: np.ndarray, core: np.ndarray, grid: Ti
     return Detections(boxes[keep], detections.scores[keep], detections.classes[keep])
 
 
-def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, tile_size: int) -> np.ndarray:
+def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, tile_size: int,
+              view: bool = False) -> np.ndarray:
     """Cut ``(bands, h, w)`` chunk pixels into an ``N × T × T × bands`` batch, zero-padded.
 
-    ``origin`` is the ``(x, y)`` full-image offset of ``chunk[:, 0, 0]``. Whole tiles of one
-    tile row, evenly spaced, come back as a read-only view of the chunk (no copy: the tiles of a
-    row overlap in memory, so none may be written); any other batch is a copy.
+    ``origin`` is the ``(x, y)`` full-image offset of ``chunk[:, 0, 0]``. With ``view``, whole
+    tiles of one tile row, evenly spaced, come back as a read-only view of the chunk (no copy:
+    the tiles of a row overlap in memory, so none may be written); any other batch is a copy.
     """
-    view = _row_view(chunk, origin, windows, tile_size)
-    if view is not None:
-        return view
+    tiles = _row_view(chunk, origin, windows, tile_size) if view else None
+    if tiles is not None:
+        return tiles
     bands = chunk.shape[0]
     batch = np.zeros((len(windows), tile_size, tile_size, bands), dtype=chunk.dtype)
     ox, oy = origin

@@ -230,11 +230,13 @@ def test_killing_a_worker_mid_job_gives_the_same_features(address_cluster, tmp_p
     assert len(tiles) == disturbed.summary["images"][0]["tiles"]
 
 
-def test_local_workers_run_without_a_malloc_trim_threshold() -> None:
+def test_local_workers_run_without_a_malloc_trim_threshold(monkeypatch) -> None:
     import os
 
     from graphs.cluster import connect
 
+    # an in-process dask Worker of an earlier test may have set it in this process
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with connect("local", workers=1) as client:
         environ = client.run(lambda: dict(os.environ))
     (worker_environ,) = environ.values()

@@ -129,11 +129,14 @@ def test_whole_tiles_of_a_row_are_a_read_only_view_equal_to_a_copy() -> None:
     band_last = np.random.default_rng(3).integers(0, 255, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
     chunk = np.moveaxis(band_last, -1, 0)  # how chunk reads land: band-last memory
     windows = grid.chunk_tiles(0, 0)
-    starts = list(batches(windows, 3))
+    assert [b - a for a, b in batches(windows, 3)] == [3] * (len(windows) // 3) + (
+        [len(windows) % 3] if len(windows) % 3 else [])  # contiguous batches across rows by default
+    starts = list(batches(windows, 3, by_row=True))
     assert all(len(set(windows[a:b, 1])) == 1 for a, b in starts)  # no batch across tile rows
     assert sum(b - a for a, b in starts) == len(windows) and max(b - a for a, b in starts) == 3
     for start, stop in starts:
-        batch = cut_tiles(chunk, (x0, y0), windows[start:stop], 128)
+        assert cut_tiles(chunk, (x0, y0), windows[start:stop], 128).flags.writeable  # a copy
+        batch = cut_tiles(chunk, (x0, y0), windows[start:stop], 128, view=True)
         copy = np.stack([band_last[wy0 - y0 : wy1 - y0, wx0 - x0 : wx1 - x0]
                          for wx0, wy0, wx1, wy1 in windows[start:stop]])
         np.testing.assert_array_equal(batch, copy)
@@ -144,7 +147,7 @@ def test_whole_tiles_of_a_row_are_a_read_only_view_equal_to_a_copy() -> None:
     edge = grid.chunk_tiles(grid.chunks_y - 1, grid.chunks_x - 1)
     ex0, ey0, ex1, ey1 = grid.chunk_window(grid.chunks_y - 1, grid.chunks_x - 1)
     pixels = np.ones((3, ey1 - ey0, ex1 - ex0), dtype=np.uint8)
-    padded = cut_tiles(pixels, (ex0, ey0), edge[-1:], 128)
+    padded = cut_tiles(pixels, (ex0, ey0), edge[-1:], 128, view=True)
     assert padded.flags.writeable and padded[0, -1, -1, 0] == 0
-    across = cut_tiles(chunk, (x0, y0), windows[[0, -1]], 128)
+    across = cut_tiles(chunk, (x0, y0), windows[[0, -1]], 128, view=True)
     assert across.flags.writeable and not np.shares_memory(across, band_last)

@@ -67,6 +67,10 @@ class ModelAdapter(ABC):
     batch_size: int = 16
     #: Dask resources the inference tasks need (for example ``{"GPU": 1}``)
     resources: dict[str, float] = {}
+    #: True: the model reads each tile on its own, so its batches may be read-only views of
+    #: the chunk, split at tile rows (no copy); False: contiguous, writable batches of
+    #: ``batch_size`` tiles (vectorised models, and endpoints, whose batch is their concurrency)
+    tile_views: bool = False
 
     @abstractmethod
     def predict(self, tiles: np.ndarray, offsets: np.ndarray) -> list[Detections | BaseException]:

@@ -65,6 +65,8 @@ def flood(tile: np.ndarray, offset: np.ndarray, count: int = 10, seed: int = 0,
 
 
 class BuiltinModel(ModelAdapter):
+    tile_views = True  # each tile on its own
+
     """Runs one of the built-in per-tile functions over a batch."""
 
     def __init__(self, per_tile: Callable[[np.ndarray, np.ndarray], Detections]):
