@@ -21,7 +21,9 @@ COPY constraints.txt pyproject.toml README.md ./
 COPY pipeline/ pipeline/
 COPY graphs/ graphs/
 COPY configs/ configs/
-RUN pip install --constraint constraints.txt '.[cloud]' \
+# extras: cloud (dask-cloudprovider); add onnx for the ONNX example (`--build-arg EXTRAS=cloud,onnx`)
+ARG EXTRAS=cloud
+RUN pip install --constraint constraints.txt ".[${EXTRAS}]" \
  && useradd --create-home --uid 1000 dask
 USER dask
 
