@@ -6,6 +6,7 @@ import io
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -370,21 +371,28 @@ def test_redact_obj_masks_secret_keys_and_strings() -> None:
     assert clean["credentials"] == MASK and clean["sessionToken"] == MASK
 
 
-def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
+@contextmanager
+def redacted_log(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger whose records go, through :class:`RedactingFilter`, to the yielded stream."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(RedactingFilter())
-    logger = logging.getLogger("test.redact")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     logger.propagate = False
     try:
+        yield logger, stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_log_filter_redacts_messages_arguments_and_tracebacks() -> None:
+    with redacted_log("test.redact") as (logger, stream):
         logger.warning("reading %s", "https://h/a.tif?X-Amz-Signature=topsecret1")
         try:
             raise RuntimeError("denied for AKIAIOSFODNN7EXAMPLE")
         except RuntimeError:
             logger.exception("failed with token=abcdef123456")
-    finally:
-        logger.removeHandler(handler)
     text = stream.getvalue()
     assert "https://h/a.tif?X-Amz-Signature=***" in text and "RuntimeError" in text
     for secret in ("topsecret1", "AKIAIOSFODNN7EXAMPLE", "abcdef123456"):
@@ -684,19 +692,11 @@ def test_assumed_role_credentials_never_show(aws: str) -> None:
     summary = {"images": [{"reason": f"denied: key {secrets[0]} token {secrets[2]}"}],
                "read": {"note": secrets[1]}}
     assert not any(s in json.dumps(redact_obj(summary)) for s in secrets)
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(RedactingFilter())
-    logger = logging.getLogger("test.assumed")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
+    with redacted_log("test.assumed") as (logger, stream):
         try:
             raise PermissionError(f"AccessDenied for {secrets[0]}:{secrets[1]}")
         except PermissionError:
             logger.exception("reading with session token %s", secrets[2])
-    finally:
-        logger.removeHandler(handler)
     assert "PermissionError" in stream.getvalue()
     assert not any(s in stream.getvalue() for s in secrets)
     # the per-image read options of an imageReadRole carry them, but never show them
