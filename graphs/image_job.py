@@ -280,6 +280,7 @@ def _read_chunk_task(
     read_seconds = time.perf_counter() - began
     out = _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
     out[0, 0].read_seconds = read_seconds
+    out[0, 0].task_seconds = time.perf_counter() - began
     return out
 
 
@@ -474,24 +475,15 @@ def _ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
                         "(their pixel boxes are in imageGeometry)", outcome.url)
 
 
-def _worker_seconds(
-    tasks: list[dict[str, Any]], model_seconds: float, read_seconds: float
-) -> dict[str, float]:
-    """Where the workers' time went, summed over workers: ``read`` (pixel reads and decoding, as
-    timed by the chunk tasks), ``model``, ``encode`` (the rest of the chunk tasks: cutting tiles,
-    converting them, parsing answers) and ``transfer`` (data between workers, from the task
-    stream)."""
-    compute = transfer = 0.0
-    for task in tasks:
-        for span in task.get("startstops", ()):
-            seconds = float(span["stop"] - span["start"])
-            if span.get("action") == "compute":
-                compute += seconds
-            else:
-                transfer += seconds
-    read = min(read_seconds, compute)
-    model = min(model_seconds, compute - read)
-    totals = {"read": read, "encode": compute - read - model, "model": model, "transfer": transfer}
+def _worker_seconds(results: list[ChunkResult]) -> dict[str, float]:
+    """Where the workers' time went, summed over the chunk tasks as they timed themselves:
+    ``read`` (pixel reads and decoding), ``model``, and ``encode`` (the rest: cutting tiles,
+    converting them, parsing answers). No pixels move between workers: each chunk task reads
+    its own window."""
+    task = sum(r.task_seconds for r in results)
+    read = min(sum(r.read_seconds for r in results), task)
+    model = min(sum(r.model_seconds for r in results), task - read)
+    totals = {"read": read, "encode": task - read - model, "model": model}
     return {name: round(value, 4) for name, value in totals.items()}
 
 
@@ -519,7 +511,7 @@ def run_job(
     flat however large the job. The parts are removed after a successful job unless
     ``keep_parts``.
     """
-    from distributed import as_completed, get_task_stream
+    from distributed import as_completed
 
     bus = bus or ev.EventBus()
     started = datetime.now(UTC)
@@ -568,17 +560,16 @@ def run_job(
     bar = progress(total_tiles) if progress else None
     done_tiles = resumed_tiles
     found = sum(o.before_merge for o in outcomes)
-    read_seconds = 0.0
+    timed: list[ChunkResult] = []  # this run's chunk results, for their worker seconds
     if bar is not None and resumed_tiles:
         bar.update(resumed_tiles)
     timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
-    stream = get_task_stream(client)
-    tasks = stream.__enter__()
-    for future in as_completed(list(futures)):
+    for future, value in as_completed(list(futures), with_results=True, raise_errors=False):
         index, outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
         if future.status == "finished":
-            result: ChunkResult = future.result()[0, 0]
+            result: ChunkResult = value[0, 0]
+            timed.append(result)
         else:
             reason = _future_error(future)
             log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
@@ -591,7 +582,6 @@ def run_job(
         outcome.before_merge += len(result.detections)
         outcome.after_merge += record["features"]
         outcome.timer.add("model", result.model_seconds)
-        read_seconds += result.read_seconds
         done_tiles += result.tiles
         found += len(result.detections)
         timeline.append((round(time.perf_counter() - began, 3), done_tiles))
@@ -601,9 +591,7 @@ def run_job(
             bar.update(result.tiles)
     if bar is not None:
         bar.close()
-    stream.__exit__(None, None, None)
-    worker_seconds = _worker_seconds(tasks.data, sum(o.timer.seconds.get("model", 0.0) for o in outcomes),
-                                     read_seconds)
+    worker_seconds = _worker_seconds(timed)
 
     parts: list[Path] = []
     for index, outcome in enumerate(outcomes):

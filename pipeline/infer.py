@@ -34,6 +34,8 @@ class ChunkResult:
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     model_seconds: float = 0.0
     read_seconds: float = 0.0
+    #: wall seconds of the whole chunk task on its worker (read, tiles, model, answers)
+    task_seconds: float = 0.0
     raw_detections: int = 0
     dropped_detections: int = 0
 

@@ -242,3 +242,25 @@ def test_local_workers_run_without_a_malloc_trim_threshold(monkeypatch) -> None:
     (worker_environ,) = environ.values()
     assert "MALLOC_TRIM_THRESHOLD_" not in worker_environ
     assert worker_environ.get("OMP_NUM_THREADS") == "1"  # dask's other settings are kept
+
+
+def test_local_clusters_run_with_lighter_dask_settings_that_a_profile_overrides(tmp_path) -> None:
+    import dask
+
+    from graphs.cluster import connect
+
+    def settings() -> tuple[bool, str]:
+        return (dask.config.get("distributed.worker.profile.enabled"),
+                dask.config.get("distributed.admin.tick.interval"))
+
+    with connect("local", workers=1) as client:
+        (worker,) = client.run(settings).values()
+        scheduler = client.run_on_scheduler(settings)
+    assert worker == (False, "500ms") and scheduler[1] == "500ms"
+    profile = tmp_path / "profiled.yaml"
+    profile.write_text("kind: local\nworkers: 1\n"
+                       "dask_config:\n  distributed.worker.profile.enabled: true\n")
+    with connect(str(profile)) as client:
+        (worker,) = client.run(settings).values()
+    assert worker == (True, "500ms")
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # only inside connect

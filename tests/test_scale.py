@@ -104,7 +104,7 @@ def test_streamed_job_finds_exactly_the_synthetic_objects(tmp_path, dask_client)
     assert result.summary["chunks"] == {"computed": 7 * 5, "resumed": 0}
     assert set(result.summary["seconds"]["stages"]) >= {"plan", "model", "merge", "geolocate", "write"}
     workers = result.summary["seconds"]["workers"]
-    assert set(workers) == {"read", "encode", "model", "transfer"}
+    assert set(workers) == {"read", "encode", "model"}
     assert workers["model"] > 0 and workers["read"] > 0
     # the parquet was assembled from per-chunk parts: many row groups, one geo bbox for all
     parquet = pq.ParquetFile(tmp_path / "scale.parquet")
