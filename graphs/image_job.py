@@ -11,6 +11,7 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -139,6 +140,8 @@ class ImageOutcome:
     #: False for a pixel-only image in a job that also has georeferenced images: its features
     #: keep their pixel boxes (``imageGeometry``) and have no lon/lat geometry
     ground: bool = True
+    #: features per class after the merge, counted as they are written
+    classes: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
         info = self.plan.info if self.plan else None
@@ -160,6 +163,7 @@ class ImageOutcome:
                 "beforeMerge": self.before_merge,
                 "afterMerge": self.after_merge,
             },
+            "classes": dict(self.classes.most_common()),
             "seconds": self.timer.as_dict(),
         }
 
@@ -436,16 +440,24 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         waiting = detections.select(~final)
     with outcome.timer.stage("geolocate"):  # most chunks of a big image find nothing
         features = _image_features(outcome, merged, request) if len(merged) else _NO_FEATURES
+    classes = _class_counts(merged)
+    outcome.classes.update(classes)
     with outcome.timer.stage("write"):
         record = store.write_chunk(
             index, result.chunk, features, waiting,
             {"url": plan.url, "tiles": result.tiles, "rawDetections": result.raw_detections,
+             "classes": classes,
              "droppedDetections": result.dropped_detections,
              "detections": len(detections), "modelSeconds": round(result.model_seconds, 4)},
             complete=not result.failed_tiles,
         )
     outcome.border.append(waiting)
     return record
+
+
+def _class_counts(detections: Detections) -> dict[str, int]:
+    names, counts = np.unique(detections.classes.astype(str), return_counts=True)
+    return {str(name): int(n) for name, n in zip(names, counts, strict=True)}
 
 
 def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: ImageRequest) -> int:
@@ -456,6 +468,7 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
         waiting = Detections.concat(outcome.border)
         merged = distill(waiting, request.distillation)
     outcome.border.clear()
+    outcome.classes.update(_class_counts(merged))
     with outcome.timer.stage("geolocate"):
         features = _image_features(outcome, merged, request)
     with outcome.timer.stage("write"):
@@ -545,6 +558,7 @@ def run_job(
                 outcome.before_merge += record["detections"]
                 outcome.after_merge += record["features"]
                 outcome.timer.add("model", record["modelSeconds"])
+                outcome.classes.update(record.get("classes", {}))
                 outcome.border.append(store.border(record))
                 resumed_tiles += record["tiles"]
             resumed_chunks += len(finished)
@@ -635,6 +649,7 @@ def run_job(
         "tileSize": request.tile_size,
         "tileOverlap": request.tile_overlap,
         "features": n_features if status != ev.FAILED else 0,
+        "classes": dict(sum((o.classes for o in outcomes if o.status != ev.FAILED), Counter()).most_common()),
         "images": [o.summary() for o in outcomes],
         "chunks": {"computed": len(timeline) - 1, "resumed": resumed_chunks},
         "startTime": started.isoformat(),

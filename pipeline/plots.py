@@ -27,6 +27,8 @@ from pipeline.quicklook import draw, feature_boxes
 
 log = logging.getLogger(__name__)
 
+#: axes title height: a fixed one spares matplotlib fitting each title above the tick labels
+TITLE_Y = 1.01
 #: stages in the order they run; anything else in the summary follows
 STAGE_ORDER = ("plan", "model", "merge", "geolocate", "write")
 
@@ -72,7 +74,7 @@ def class_counts(features: Any) -> pd.Series:
 
 def summary_chart(summary: dict[str, Any], features: Any = None, fig: Any = None) -> Any:
     """A matplotlib ``Figure`` with three panels: time per stage, tiles/s over time and
-    detections per class (from ``features`` when given)."""
+    features per class (the summary's ``classes``, else counted in ``features``)."""
     if fig is None:
         from matplotlib.figure import Figure
 
@@ -81,6 +83,10 @@ def summary_chart(summary: dict[str, Any], features: Any = None, fig: Any = None
         fig = Figure(figsize=(13, 3.8), dpi=100)
         fig.subplots_adjust(left=0.075, right=0.985, bottom=0.14, top=0.83, wspace=0.32)
     stages_ax, rate_ax, class_ax = fig.subplots(1, 3, width_ratios=(1, 1.3, 1))
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (stages_ax.xaxis, rate_ax.xaxis, rate_ax.yaxis, class_ax.xaxis):
+        axis.set_major_locator(MaxNLocator(4))  # every tick is a label to lay out and draw
 
     stages = stage_seconds(summary)
     names = list(stages)[::-1]
@@ -90,30 +96,34 @@ def summary_chart(summary: dict[str, Any], features: Any = None, fig: Any = None
         stages_ax.annotate(f"{stages[name]:.2f}", (stages[name], y), xytext=(3, 0),
                            textcoords="offset points", va="center", fontsize="small")
     stages_ax.set_xlabel("seconds (model: summed over workers)")
-    stages_ax.set_title("time per stage")
+    stages_ax.set_title("time per stage", y=TITLE_Y)
     stages_ax.margins(x=0.2)
 
     edges, rate = tile_rate(summary)
     if len(rate):
         rate_ax.stairs(rate, edges, fill=True, alpha=0.6)
         tiles = sum(int(i.get("tiles") or 0) for i in summary.get("images", []))
-        rate_ax.set_title(f"tiles/s over time ({tiles} tiles)")
+        rate_ax.set_title(f"tiles/s over time ({tiles} tiles)", y=TITLE_Y)
     else:
         rate_ax.text(0.5, 0.5, "no timeline in this summary", ha="center", va="center",
                      transform=rate_ax.transAxes)
-        rate_ax.set_title("tiles/s over time")
+        rate_ax.set_title("tiles/s over time", y=TITLE_Y)
     rate_ax.set_xlabel("seconds since the job started")
     rate_ax.set_ylabel("tiles/s")
 
-    counts = class_counts(features) if features is not None else pd.Series(dtype=int)
+    if summary.get("classes") is not None:  # counted as the job wrote them
+        counts = pd.Series(summary["classes"], dtype=np.int64).sort_values(ascending=False, kind="stable")
+    else:
+        counts = class_counts(features) if features is not None else pd.Series(dtype=int)
     if len(counts):
         shown = counts.iloc[:12][::-1]
         class_ax.barh([str(c) for c in shown.index], shown.to_numpy(), color="tab:orange")
         class_ax.set_xlabel("features")
     else:
-        class_ax.text(0.5, 0.5, "no detections" if features is not None else "no features given",
+        known = summary.get("classes") is not None or features is not None
+        class_ax.text(0.5, 0.5, "no detections" if known else "no features given",
                       ha="center", va="center", transform=class_ax.transAxes)
-    class_ax.set_title(f"detections per class ({int(counts.sum())})")
+    class_ax.set_title(f"features per class ({int(counts.sum())})", y=TITLE_Y)
 
     fig.suptitle(f"job {summary.get('jobId', '?')}: {summary.get('status', '?')}, "
                  f"{summary.get('features', 0)} features, "

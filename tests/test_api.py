@@ -179,7 +179,9 @@ def test_plot_and_summary_figure(scene: Any, dask_client: Any) -> None:
                      f"bright-object ({len(scene.truth)})": len(scene.truth)}
     fig = result.plot_summary()
     titles = [a.get_title() for a in fig.axes]
-    assert titles[2] == f"detections per class ({len(scene.truth)})"
+    assert titles[2] == f"features per class ({len(scene.truth)})"
+    assert result.summary["classes"] == {"bright-object": len(scene.truth)}
+    assert result.summary["images"][0]["classes"] == {"bright-object": len(scene.truth)}
     assert titles[1].startswith("tiles/s over time (25 tiles)")
 
 

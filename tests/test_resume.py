@@ -103,6 +103,8 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path, dask_client) -> None:
     calm = run_job(ImageRequest.parse(_wire(tmp_path / "calm", log)), dask_client, chunk_target=CHUNK)
     assert set(result.features["id"]) == set(calm.features["id"])
     assert len(result.features) == result.summary["features"] == len(synthetic.truth(URL))
+    assert result.summary["classes"] == calm.summary["classes"]  # resumed chunks' counts kept
+    assert sum(result.summary["classes"].values()) == result.summary["features"]
     resumed = gpd.read_parquet(tmp_path / "out" / "resumable.parquet").sort_values("id")
     uninterrupted = gpd.read_parquet(tmp_path / "calm" / "resumable.parquet").sort_values("id")
     assert list(resumed["id"]) == list(uninterrupted["id"])
