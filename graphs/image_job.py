@@ -404,9 +404,7 @@ def default_work_dir(request: ImageRequest) -> Path:
 def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int, int, int, int],
                                                                          tuple[bool, bool, bool, bool]]:
     row, col = chunk
-    bounds = (col * grid.chunk, row * grid.chunk,
-              min((col + 1) * grid.chunk, grid.width), min((row + 1) * grid.chunk, grid.height))
-    return bounds, (col > 0, row > 0, col < grid.chunks_x - 1, row < grid.chunks_y - 1)
+    return grid.chunk_bounds(row, col), (col > 0, row > 0, col < grid.chunks_x - 1, row < grid.chunks_y - 1)
 
 
 #: what an empty chunk writes (only its length is read)

@@ -24,6 +24,9 @@ from pipeline.detections import Detections
 from pipeline.sinks import staged_file, write_parquet
 
 MANIFEST = "manifest.jsonl"
+#: version of the chunk layout (:class:`pipeline.tiling.TileGrid`): a manifest written under
+#: another layout names other chunks, so it cannot be resumed
+CHUNK_LAYOUT = 2
 
 
 class ResumeError(RuntimeError):
@@ -34,7 +37,7 @@ def fingerprint(request_wire: dict[str, Any], chunk_target: int) -> str:
     """What must not change between a run and its resume: everything but the outputs."""
     kept = {k: v for k, v in request_wire.items()
             if k not in ("outputs", "outputBucket", "outputPrefix", "jobName", "jobArn")}
-    text = json.dumps([kept, chunk_target], sort_keys=True, default=str)
+    text = json.dumps([kept, chunk_target, CHUNK_LAYOUT], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

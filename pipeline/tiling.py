@@ -58,9 +58,21 @@ def chunk_size(tile_size: int, overlap: int, target: int = DEFAULT_CHUNK_TARGET)
     return max(1, round(target / stride)) * stride
 
 
+def chunk_count(n_tiles: int, per_chunk: int) -> int:
+    """Chunks along an axis of ``n_tiles`` tiles, ``per_chunk`` to a chunk, the last one taking
+    the remainder: a remainder of at most half a chunk joins the last whole chunk (up to 1.5
+    chunks) instead of making a sliver task that costs nearly as much as a whole one to run."""
+    whole, remainder = divmod(n_tiles, per_chunk)
+    if whole == 0:
+        return 1
+    return whole + (1 if 2 * remainder > per_chunk else 0)
+
+
 @dataclass(frozen=True)
 class TileGrid:
-    """The tile grid of one image: ``width × height`` pixels, chunks of ``chunk`` pixels."""
+    """The tile grid of one image: ``width × height`` pixels, chunks of ``chunk`` pixels (a
+    whole number of tile strides), the last chunk of each axis taking the remainder (see
+    :func:`chunk_count`)."""
 
     width: int
     height: int
@@ -89,17 +101,30 @@ class TileGrid:
         return self.tiles_x * self.tiles_y
 
     @property
+    def tiles_per_chunk(self) -> int:
+        return self.chunk // self.stride
+
+    @property
     def chunks_x(self) -> int:
-        return math.ceil(self.width / self.chunk)
+        return chunk_count(self.tiles_x, self.tiles_per_chunk)
 
     @property
     def chunks_y(self) -> int:
-        return math.ceil(self.height / self.chunk)
+        return chunk_count(self.tiles_y, self.tiles_per_chunk)
 
     def _axis_tiles(self, chunk_index: int, n_tiles: int) -> np.ndarray:
-        per_chunk = self.chunk // self.stride
+        per_chunk = self.tiles_per_chunk
         first = chunk_index * per_chunk
-        return np.arange(first, min(first + per_chunk, n_tiles), dtype=np.int64)
+        last = chunk_index == chunk_count(n_tiles, per_chunk) - 1  # it takes the remainder
+        return np.arange(first, n_tiles if last else min(first + per_chunk, n_tiles), dtype=np.int64)
+
+    def chunk_bounds(self, chunk_row: int, chunk_col: int) -> tuple[int, int, int, int]:
+        """The chunk's own pixels ``(x0, y0, x1, y1)`` (its tiles' strides, without the halo):
+        the chunks partition the image."""
+        x0, y0 = chunk_col * self.chunk, chunk_row * self.chunk
+        x1 = self.width if chunk_col == self.chunks_x - 1 else x0 + self.chunk
+        y1 = self.height if chunk_row == self.chunks_y - 1 else y0 + self.chunk
+        return x0, y0, x1, y1
 
     def chunk_tiles(self, chunk_row: int, chunk_col: int) -> np.ndarray:
         """Tile windows ``(x0, y0, x1, y1)`` owned by one chunk, clipped to the image."""

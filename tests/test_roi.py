@@ -46,13 +46,13 @@ def test_roi_processes_only_its_chunks_and_keeps_only_features_inside(scene, tmp
     model = sensor_model(describe(url))
     assert isinstance(model, AffineSensorModel)
     roi = _ground_polygon(model, 100, 150, 700, 650)
-    result = run_job(_request(url, roi, tmp_path), dask_client, chunk_target=600)
+    result = run_job(_request(url, roi, tmp_path), dask_client, chunk_target=400)
     assert result.status == "SUCCESS"
     image = result.summary["images"][0]
-    # chunks of 624 px: the ROI (100..700) touches 2 × 2 of the 3 × 3 chunks (with halos)
+    # chunks of 416 px (the last one 668): the ROI (100..700) touches 2 × 2 of the 3 × 3 chunks
     assert image["regionOfInterest"]["chunks"] == 4 and image["regionOfInterest"]["chunksSkipped"] == 5
     assert image["regionOfInterest"]["pixelBounds"] == pytest.approx([100, 150, 700, 650], abs=0.01)
-    assert image["tiles"] == 4 * 9
+    assert image["tiles"] == 4 * 4  # 2 × 2 tiles in each of the 4 chunks
     truth = np.array(scene.truth, dtype=float)
     inside = (truth[:, 2] > 100) & (truth[:, 0] < 700) & (truth[:, 3] > 150) & (truth[:, 1] < 650)
     boxes = np.array(list(result.features["imageBBox"]), dtype=float)
@@ -89,18 +89,18 @@ def test_roi_through_an_rpc_maps_like_gdal(tmp_path) -> None:
     assert np.allclose(cols, [200, 700, 700, 200, 200], atol=0.01)
     assert np.allclose(rows, [300, 300, 800, 800, 300], atol=0.01)
     mask = plan.chunk_mask
-    # chunks of 224 px plus a 16 px halo: x 200..700 touches columns 0..3, y 300..800 rows 1..3
-    assert mask.shape == (5, 5) and mask.sum() == 12 and mask[1:4, 0:4].all()
+    # chunks of 224 px (the last 352) plus a 16 px halo: x 200..700 touches columns 0..3,
+    # y 300..800 rows 1..3
+    assert mask.shape == (4, 4) and mask.sum() == 12 and mask[1:4, 0:4].all()
 
 
 def test_chunk_mask_and_feature_filter_units() -> None:
     grid = TileGrid(1000, 1000, 200, 40, 320)
     roi = shapely.box(400, 400, 410, 410)  # only chunk (1, 1)'s tiles reach it
     mask = chunk_mask(roi, grid)
-    assert mask.tolist() == [[False, False, False, False], [False, True, False, False],
-                             [False, False, False, False], [False, False, False, False]]
+    assert mask.tolist() == [[False, False, False], [False, True, False], [False, False, False]]
     edge = shapely.box(0, 0, 321, 10)  # chunk (0, 1)'s tiles start at 320
-    assert chunk_mask(edge, grid)[0].tolist() == [True, True, False, False]
+    assert chunk_mask(edge, grid)[0].tolist() == [True, True, False]
     found = Detections([[0, 0, 10, 10], [405, 405, 420, 420], [500, 500, 510, 510]], [1, 1, 1], ["a"] * 3)
     assert keep_in_roi(found, roi).boxes.tolist() == [[405, 405, 420, 420]]
     with pytest.raises(ImageError, match="does not intersect"):

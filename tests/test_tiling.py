@@ -8,7 +8,7 @@ import pytest
 from pipeline.detections import Detections
 from pipeline.infer import batches, detect_chunk
 from pipeline.models import ModelSpec
-from pipeline.tiling import TileGrid, chunk_size, cut_tiles, tile_count, tile_origins, to_uint8
+from pipeline.tiling import TileGrid, chunk_count, chunk_size, cut_tiles, tile_count, tile_origins, to_uint8
 
 
 @pytest.mark.parametrize(
@@ -43,6 +43,28 @@ def test_every_pixel_covered_and_edges_at_image_edges(width, height, tile, overl
     for cx0, cy0, cx1, cy1 in cores:
         count += (xs >= cx0) & (xs < cx1) & (ys >= cy0) & (ys < cy1)
     assert (count == 1).all()
+
+
+@pytest.mark.parametrize(("n_tiles", "per_chunk", "expected"),
+                         [(1, 4, 1), (3, 4, 1), (4, 4, 1), (5, 4, 1), (6, 4, 1), (7, 4, 2), (8, 4, 2),
+                          (17, 4, 4), (206, 4, 51), (9, 2, 4), (10, 3, 3), (11, 3, 4)])
+def test_a_remainder_of_at_most_half_a_chunk_joins_the_last_chunk(n_tiles, per_chunk, expected) -> None:
+    assert chunk_count(n_tiles, per_chunk) == expected
+
+
+@pytest.mark.parametrize(("width", "height"), [(16384, 16384), (1300, 1000), (4000, 900), (100, 100)])
+def test_chunks_partition_the_image_and_none_is_empty(width, height) -> None:
+    grid = TileGrid(width, height, 256, 40, 432)
+    covered = np.zeros((height, width), dtype=np.int8)
+    for row in range(grid.chunks_y):
+        for col in range(grid.chunks_x):
+            x0, y0, x1, y1 = grid.chunk_bounds(row, col)
+            covered[y0:y1, x0:x1] += 1
+            tiles = grid.chunk_tiles(row, col)
+            assert 0 < len(tiles) <= (3 * 2 // 2) ** 2  # at most 1.5 chunks of 2 tiles a side
+            assert (tiles[:, 0] >= x0).all() and (tiles[:, 0] < x1).all()  # tiles start inside
+            assert (tiles[:, 1] >= y0).all() and (tiles[:, 1] < y1).all()
+    assert (covered == 1).all()
 
 
 def test_one_pixel_wide_last_column_of_tiles() -> None:
