@@ -49,12 +49,17 @@ class ChunkResult:
         )
 
 
-def batches(windows: np.ndarray, batch_size: int, by_row: bool = False) -> list[tuple[int, int]]:
+def batches(windows: np.ndarray, batch_size: int, by_row: bool = False,
+            tile_size: int | None = None) -> list[tuple[int, int]]:
     """``(start, stop)`` of the model batches over row-major tile ``windows``: at most
-    ``batch_size`` tiles; ``by_row``: none across a tile row (so that a batch can be a view of
-    the chunk)."""
-    rows = np.flatnonzero(np.diff(windows[:, 1])) + 1 if by_row else np.empty(0, dtype=np.int64)
-    edges = np.concatenate([[0], rows, [len(windows)]])
+    ``batch_size`` tiles; ``by_row``: none across a tile row, nor (given ``tile_size``) across
+    the step from whole tiles to ones clipped by the image edge, so that a batch of whole tiles
+    can be a view of the chunk (clipped tiles are padded copies)."""
+    cuts = np.flatnonzero(np.diff(windows[:, 1])) + 1 if by_row else np.empty(0, dtype=np.int64)
+    if by_row and tile_size is not None:
+        whole = ((windows[:, 2] - windows[:, 0]) == tile_size) & ((windows[:, 3] - windows[:, 1]) == tile_size)
+        cuts = np.union1d(cuts, np.flatnonzero(np.diff(whole.astype(np.int8))) + 1)
+    edges = np.concatenate([[0], cuts, [len(windows)]])
     return [(int(start), int(min(start + batch_size, stop)))
             for row_start, stop in zip(edges[:-1], edges[1:], strict=True)
             for start in range(int(row_start), int(stop), batch_size)]
@@ -107,7 +112,7 @@ def detect_chunk(
     model = load_model(spec)
     batch_size = spec.batch_size or model.batch_size
     parts = []
-    for start, stop in batches(windows, batch_size, by_row=model.tile_views):
+    for start, stop in batches(windows, batch_size, by_row=model.tile_views, tile_size=grid.tile_size):
         batch_windows = windows[start:stop]
         tiles = cut_tiles(pixels, origin, batch_windows, grid.tile_size, view=model.tile_views)
         tiles = to_uint8(tiles, range_adjustment, bits)

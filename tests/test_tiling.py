@@ -173,3 +173,6 @@ def test_whole_tiles_of_a_row_are_a_read_only_view_equal_to_a_copy() -> None:
     assert padded.flags.writeable and padded[0, -1, -1, 0] == 0
     across = cut_tiles(chunk, (x0, y0), windows[[0, -1]], 128, view=True)
     assert across.flags.writeable and not np.shares_memory(across, band_last)
+    # in a row that ends at the image edge, the whole tiles are a batch of their own (a view)
+    sizes = [(edge[a:b, 2] - edge[a:b, 0]).tolist() for a, b in batches(edge, 8, by_row=True, tile_size=128)]
+    assert sizes[:2] == [[128] * (len(sizes[0])), [1000 - edge[len(sizes[0]), 0]]] and len(sizes[0]) > 1
