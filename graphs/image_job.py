@@ -664,9 +664,6 @@ def run_job(
     }
     for sink in sinks:
         written.append(sink.write_summary(request.job_id, summary))
-    from pipeline.plots import write_summary_charts
-
-    written.extend(write_summary_charts(sinks, request.job_id, summary, features))
     if (status == ev.SUCCESS and not keep_parts) or not store.records:
         store.remove()  # kept otherwise, for a resume
     bus.emit(status, request.job_id, message=f"{summary['features']} features")

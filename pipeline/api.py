@@ -84,6 +84,7 @@ def run(
     """
     from graphs.cluster import connect
     from graphs.image_job import model_spec, run_job
+    from pipeline.plots import write_summary_charts
 
     request = as_request(request)
     if output_dir is not None:
@@ -94,9 +95,12 @@ def run(
         raise RequestError(f"invalid request: imageProcessor: {exc}") from None
     bar = _progress_bar if progress else None
     if client is not None:
-        return run_job(request, client, progress=bar)
-    with connect("local", workers) as local:
-        return run_job(request, local, progress=bar)
+        result = run_job(request, client, progress=bar)
+    else:
+        with connect("local", workers) as local:
+            result = run_job(request, local, progress=bar)
+    write_summary_charts(request, result)
+    return result
 
 
 def _progress_bar(total: int) -> Any:

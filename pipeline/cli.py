@@ -190,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from graphs.cluster import connect
     from graphs.image_job import run_job
     from pipeline.models import ModelError
+    from pipeline.plots import write_summary_charts
     from pipeline.request import ImageRequest
 
     request = ImageRequest.from_file(args.request)
@@ -215,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              **({"chunk_target": args.chunk_size} if args.chunk_size else {}))
     except (ClusterError, ResumeError) as exc:
         raise UsageError(str(exc)) from None
+    write_summary_charts(request, result)
     print_summary(result.summary, result.outputs)
     if args.quicklook:
         from pipeline.quicklook import job_quicklook
@@ -234,6 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from graphs.cluster import connect
     from graphs.image_job import run_job
     from pipeline.demo import match_truth, write_scene
+    from pipeline.plots import write_summary_charts
     from pipeline.quicklook import quicklook
     from pipeline.request import ImageRequest
 
@@ -254,6 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with connect("local", args.workers) as client:
         print(f"dashboard {client.dashboard_link}")
         result = run_job(request, client, progress=_progress(not args.no_progress))
+    write_summary_charts(request, result)
     print_summary(result.summary, result.outputs)
     boxes = np.array(list(result.features["imageBBox"]), dtype=np.float64).reshape(-1, 4)
     matched, duplicates, extra = match_truth(boxes, scene.truth)

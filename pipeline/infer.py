@@ -57,7 +57,8 @@ def batches(windows: np.ndarray, batch_size: int, by_row: bool = False,
     can be a view of the chunk (clipped tiles are padded copies)."""
     cuts = np.flatnonzero(np.diff(windows[:, 1])) + 1 if by_row else np.empty(0, dtype=np.int64)
     if by_row and tile_size is not None:
-        whole = ((windows[:, 2] - windows[:, 0]) == tile_size) & ((windows[:, 3] - windows[:, 1]) == tile_size)
+        sizes = windows[:, 2:] - windows[:, :2]
+        whole = (sizes == tile_size).all(axis=1)
         cuts = np.union1d(cuts, np.flatnonzero(np.diff(whole.astype(np.int8))) + 1)
     edges = np.concatenate([[0], cuts, [len(windows)]])
     return [(int(start), int(min(start + batch_size, stop)))

@@ -2,7 +2,7 @@
 
 * :func:`summary_chart` — time per stage, tiles/s over time and detections per class, from a
   job summary (and its features); :func:`write_summary_charts` puts it beside each local
-  summary as ``<jobId>.summary.png``.
+  summary as ``<jobId>.summary.png`` (the CLI and ``pipeline.run`` do, after the job).
 * :func:`plot_result` — ``JobResult.plot()``: an image overview with its features drawn.
 * :func:`explore` — ``JobResult.explore()``: a folium map through ``GeoDataFrame.explore``.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,21 +142,22 @@ def write_summary_chart(summary: dict[str, Any], path: str | Path, features: Any
     return path
 
 
-def write_summary_charts(sinks: Sequence[Any], job_id: str, summary: dict[str, Any],
-                         features: Any = None) -> list[str]:
-    """``<jobId>.summary.png`` beside the summary of each local output; a chart that fails
-    is logged, never fatal. Returns the paths written."""
-    from pipeline.sinks import LocalSink
-
+def write_summary_charts(request: Any, result: Any) -> list[str]:
+    """Draw a job's summary chart as ``<jobId>.summary.png`` beside the summary of each LOCAL
+    output of ``request`` and add the paths to ``result.outputs`` (a
+    :class:`graphs.JobResult`). The CLI and :func:`pipeline.run` call it after the job: the
+    chart is a report of the job, not part of it. A chart that fails is logged, never fatal.
+    Returns the paths written."""
     written = []
-    for sink in sinks:
-        if not isinstance(sink, LocalSink):
+    for output in request.all_outputs:
+        if output.type != "LOCAL":
             continue
+        path = Path(output.path) / f"{request.job_id}.summary.png"
         try:
-            written.append(str(write_summary_chart(summary, sink.directory / f"{job_id}.summary.png",
-                                                   features)))
+            written.append(str(write_summary_chart(result.summary, path, result.features)))
         except Exception as exc:  # noqa: BLE001 - a chart must never fail a job
-            log.warning("summary chart for %s not written: %s", job_id, str(exc).splitlines()[0])
+            log.warning("summary chart for %s not written: %s", request.job_id, str(exc).splitlines()[0])
+    result.outputs.extend(written)
     return written
 
 
