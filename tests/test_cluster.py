@@ -24,6 +24,9 @@ from tests.scale_models import calls
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "123.dkr.ecr.eu-west-1.amazonaws.com/dask-model-runner:test"
+#: the Dask settings that the cloud profiles give their workers (as local clusters have)
+WORKER_DASK_ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+                   "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "500ms"}
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def test_fargate_profile_gives_exact_fargatecluster_arguments(cloud_env) -> None
         "scheduler_cpu": 1024,
         "scheduler_mem": 4096,
         "scheduler_timeout": "15 minutes",
-        "environment": {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"},
+        "environment": {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", **WORKER_DASK_ENV},
         "tags": {"project": "dask-model-runner"},
         "fargate_spot": False,
     }
@@ -62,7 +65,7 @@ def test_ec2_profile_gives_exact_ec2cluster_arguments(cloud_env) -> None:
         "worker_instance_type": "m6i.xlarge",
         "scheduler_instance_type": "t3.large",
         "worker_options": {"nthreads": 1},
-        "env_vars": {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"},
+        "env_vars": {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", **WORKER_DASK_ENV},
         "instance_tags": {"project": "dask-model-runner"},
     }
 
@@ -253,6 +256,9 @@ def test_local_clusters_run_with_lighter_dask_settings_that_a_profile_overrides(
         return (dask.config.get("distributed.worker.profile.enabled"),
                 dask.config.get("distributed.admin.tick.interval"))
 
+    import distributed  # noqa: F401 - loads its config defaults
+
+    before = settings()
     with connect("local", workers=1) as client:
         (worker,) = client.run(settings).values()
         scheduler = client.run_on_scheduler(settings)
@@ -263,4 +269,4 @@ def test_local_clusters_run_with_lighter_dask_settings_that_a_profile_overrides(
     with connect(str(profile)) as client:
         (worker,) = client.run(settings).values()
     assert worker == (True, "500ms")
-    assert dask.config.get("distributed.worker.profile.enabled") is True  # only inside connect
+    assert settings() == before  # set only inside connect
