@@ -157,6 +157,9 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
 
     for noisy in ("distributed", "bokeh", "tornado", "rasterio", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Dask's dashboard accepts websocket origins '*', which bokeh warns about on every start; a
+    # LocalCluster's dashboard listens on 127.0.0.1 only (graphs.cluster), so it says nothing new
+    logging.getLogger("bokeh.server.util").setLevel(max(level, logging.ERROR))
 
 
 def _progress(enabled: bool) -> Any:
