@@ -238,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from graphs.cluster import connect
     from graphs.image_job import run_job
-    from pipeline.demo import match_truth, write_scene
+    from pipeline.demo import DEMO_CHUNK_TARGET, match_truth, write_scene
     from pipeline.plots import write_summary_charts
     from pipeline.quicklook import quicklook
     from pipeline.request import ImageRequest
@@ -246,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     tile_size, overlap = 512, 64
     scene = write_scene(out / "demo-scene.tif", size=args.size, count=args.objects,
-                        tile_size=tile_size, overlap=overlap)
+                        tile_size=tile_size, overlap=overlap, chunk_target=DEMO_CHUNK_TARGET)
     print(f"scene {scene.path}: {args.size}x{args.size} px, {len(scene.truth)} objects planted")
     request = ImageRequest.parse({
         "jobId": "demo",
@@ -259,7 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     })
     with connect("local", args.workers) as client:
         print(f"dashboard {client.dashboard_link}")
-        result = run_job(request, client, progress=_progress(not args.no_progress))
+        result = run_job(request, client, progress=_progress(not args.no_progress),
+                         chunk_target=DEMO_CHUNK_TARGET)
     write_summary_charts(request, result)
     print_summary(result.summary, result.outputs)
     boxes = np.array(list(result.features["imageBBox"]), dtype=np.float64).reshape(-1, 4)

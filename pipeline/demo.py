@@ -14,7 +14,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from pipeline.tiling import chunk_size
+from pipeline.tiling import DEFAULT_CHUNK_TARGET, chunk_size
 
 DEMO_CRS = "EPSG:32617"  # UTM 17N (Florida)
 DEMO_ORIGIN = (404_000.0, 3_286_000.0)
@@ -85,6 +85,11 @@ def plant_objects(
     return objects
 
 
+#: chunks of the demo job: its 4096² scene makes 2 × 2 chunks (one chunk at the default), so
+#: that both workers of a 2-core machine have work and objects straddle chunk edges
+DEMO_CHUNK_TARGET = 2048
+
+
 def write_scene(
     path: str | Path,
     size: int = 4096,
@@ -93,11 +98,13 @@ def write_scene(
     overlap: int = 64,
     bands: int = 3,
     seed: int = 7,
+    chunk_target: int = DEFAULT_CHUNK_TARGET,
 ) -> Scene:
-    """Write a tiled, compressed GeoTIFF with overviews (a COG layout) and return its truth."""
+    """Write a tiled, compressed GeoTIFF with overviews (a COG layout) and return its truth;
+    some objects straddle the tile edges and the edges of chunks of ``chunk_target``."""
     rng = np.random.default_rng(seed)
     pixels = _background(size, rng, bands)
-    edges = _edge_positions(size, tile_size, overlap, chunk_size(tile_size, overlap))
+    edges = _edge_positions(size, tile_size, overlap, chunk_size(tile_size, overlap, chunk_target))
     max_extent = max(6, min(40, overlap - 4))
     truth = []
     for shape, x0, y0, w, h in plant_objects(size, count, rng, edges, max_extent):
