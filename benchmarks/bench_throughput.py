@@ -85,6 +85,21 @@ def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int)
     return time.perf_counter() - began
 
 
+def _tree_cpu() -> float:
+    """CPU seconds used so far by this process and its children (the cluster), live ones."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16384)
@@ -124,15 +139,20 @@ def main() -> None:
         raw_one: list[float] = []  # one thread: the baseline of earlier versions of this script
         job: list[float] = []
         chart: list[float] = []
+        raw_cpu: list[float] = []  # CPU seconds, a steadier measure than wall time on a shared machine
+        job_cpu: list[float] = []
         summary: dict[str, Any] = {}
         with PeakRSS() as rss, connect("local", args.workers) as client:
             run_job(request, client, collect_features=False)  # warm: imports, GDAL, model
             for _ in range(args.repeat):
+                cpu = _tree_cpu()
                 raw.append(raw_read(path, windows, args.workers))
+                raw_cpu.append(_tree_cpu() - cpu)
                 raw_one.append(raw_read(path, windows, 1))
-                began = time.perf_counter()
+                began, cpu = time.perf_counter(), _tree_cpu()
                 result = run_job(request, client, collect_features=False)
                 job.append(time.perf_counter() - began)
+                job_cpu.append(_tree_cpu() - cpu)
                 began = time.perf_counter()
                 write_summary_charts(request, result)
                 chart.append(time.perf_counter() - began)
@@ -152,6 +172,9 @@ def main() -> None:
         print(f"pipeline throughput / raw read throughput: {raw_s / job_s:.2f} (goal >= 0.85)")
         seconds = summary["seconds"]
         print(f"  against the 1-thread raw read: {statistics.median(raw_one) / job_s:.2f}")
+        raw_c, job_c = statistics.median(raw_cpu), statistics.median(job_cpu)
+        print(f"  CPU seconds (client and cluster processes): raw read {raw_c:.2f}, job {job_c:.2f}; "
+              f"ratio {raw_c / job_c:.2f}")
         chart_s = statistics.median(chart)
         print(f"  with the summary chart drawn after it (CLI, pipeline.run; {chart_s:.2f} s): "
               f"{raw_s / (job_s + chart_s):.2f}")
