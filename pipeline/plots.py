@@ -29,20 +29,24 @@ log = logging.getLogger(__name__)
 #: axes title height: a fixed one spares matplotlib fitting each title above the tick labels
 TITLE_Y = 1.01
 #: stages in the order they run; anything else in the summary follows
-STAGE_ORDER = ("plan", "model", "merge", "geolocate", "write")
+STAGE_ORDER = ("plan", "read", "encode", "model", "merge", "geolocate", "write")
 
 
 def stage_seconds(summary: dict[str, Any]) -> dict[str, float]:
-    """Seconds per stage, summed over the images, plus the job's ``write`` and ``total``.
+    """Seconds per stage, summed over the images, plus the workers' ``read`` and ``encode``
+    and the job's ``write`` and ``total``.
 
-    ``model`` is worker time summed over all chunks, so with several workers it can exceed
-    ``total`` (wall-clock time).
+    ``read``, ``encode`` and ``model`` are worker time summed over all chunks, so with several
+    workers they can exceed ``total`` (wall-clock time).
     """
     seconds: dict[str, float] = {}
     for image in summary.get("images", []):
         for name, value in (image.get("seconds") or {}).items():
             seconds[name] = seconds.get(name, 0.0) + float(value)
     job = summary.get("seconds") or {}
+    for name in ("read", "encode"):
+        if name in (job.get("workers") or {}):
+            seconds[name] = float(job["workers"][name])
     if "write" in job:
         seconds["write"] = seconds.get("write", 0.0) + float(job["write"])
     ordered = {k: seconds[k] for k in STAGE_ORDER if k in seconds}
@@ -94,7 +98,7 @@ def summary_chart(summary: dict[str, Any], features: Any = None, fig: Any = None
     for y, name in enumerate(names):
         stages_ax.annotate(f"{stages[name]:.2f}", (stages[name], y), xytext=(3, 0),
                            textcoords="offset points", va="center", fontsize="small")
-    stages_ax.set_xlabel("seconds (model: summed over workers)")
+    stages_ax.set_xlabel("seconds (read, encode, model: summed over workers)")
     stages_ax.set_title("time per stage", y=TITLE_Y)
     stages_ax.margins(x=0.2)
 

@@ -188,10 +188,12 @@ def test_plot_and_summary_figure(scene: Any, dask_client: Any) -> None:
 def test_stage_seconds_and_tile_rate() -> None:
     summary = {
         "images": [{"seconds": {"plan": 0.5, "model": 4.0}}, {"seconds": {"model": 2.0, "merge": 1.0}}],
-        "seconds": {"total": 5.0, "write": 0.25},
+        "seconds": {"total": 5.0, "write": 0.25, "workers": {"read": 3.0, "encode": 0.5, "model": 6.0}},
         "timeline": {"seconds": [0.0, 1.0, 2.0, 4.0], "tiles": [0, 10, 30, 30]},
     }
-    assert stage_seconds(summary) == {"plan": 0.5, "model": 6.0, "merge": 1.0, "write": 0.25, "total": 5.0}
+    assert stage_seconds(summary) == {"plan": 0.5, "read": 3.0, "encode": 0.5, "model": 6.0, "merge": 1.0,
+                                      "write": 0.25, "total": 5.0}
+    assert list(stage_seconds(summary)) == ["plan", "read", "encode", "model", "merge", "write", "total"]
     edges, rate = tile_rate(summary, bins=4)
     assert edges.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert rate.tolist() == [10.0, 20.0, 0.0, 0.0]
