@@ -1,6 +1,6 @@
 """Pictures of a job: quick looks with features, the summary chart and interactive maps.
 
-* :func:`summary_chart` — time per stage, tiles/s over time and detections per class, from a
+* :func:`summary_chart` — time per stage, tiles/s over time and features per class, from a
   job summary (and its features); :func:`write_summary_charts` puts it beside each local
   summary as ``<jobId>.summary.png`` (the CLI and ``pipeline.run`` do, after the job).
 * :func:`plot_result` — ``JobResult.plot()``: an image overview with its features drawn.
