@@ -579,11 +579,13 @@ def run_job(
     for future, value in as_completed(list(futures), with_results=True, raise_errors=False):
         index, outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
-        if future.status == "finished":
+        if isinstance(value, np.ndarray):
+            # the chunk's result, even if the worker that held it has died since (the future
+            # then reads "lost" or "pending" while the scheduler recomputes a key we have)
             result: ChunkResult = value[0, 0]
             timed.append(result)
         else:
-            reason = _future_error(future)
+            reason = _future_error(value)
             log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
             result = ChunkResult.failed(chunk, outcome.plan.grid.chunk_tiles(*chunk), reason)
         future.release()
@@ -675,10 +677,11 @@ def _one_line_error(exc: BaseException) -> str:
     return f"cannot plan image: {type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _future_error(future: Any) -> str:
-    try:
-        exc = future.exception()
-    except Exception as err:  # noqa: BLE001 - a cancelled future has no exception object
-        return f"task {future.status}: {err}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+def _future_error(value: Any) -> str:
+    """One line for what ``as_completed(with_results=True, raise_errors=False)`` gave back
+    instead of a result: a cancellation, or Distributed's ``(type, exception, traceback)``."""
+    exc = value[1] if isinstance(value, tuple) and len(value) == 3 else value
+    if isinstance(exc, BaseException):
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"task gave no result: {type(value).__name__}"

@@ -270,3 +270,55 @@ def test_local_clusters_run_with_lighter_dask_settings_that_a_profile_overrides(
         (worker,) = client.run(settings).values()
     assert worker == (True, "500ms")
     assert settings() == before  # set only inside connect
+
+
+def test_results_gathered_before_their_worker_dies_still_count(address_cluster, tmp_path) -> None:
+    """A chunk whose result the client already holds is done, even if the worker that computed
+    it dies before the client reads it (its future then reads "lost"/"pending")."""
+    address, _, workers = address_cluster
+    url = "synthetic://1800x1500?spacing=150&size=10&seed=9"
+    log = tmp_path / "calls.log"
+    victim = workers[0]
+
+    class KillOnFirstUpdate:
+        """A progress bar that, at the first chunk, waits for every chunk to finish (so their
+        results are gathered) and then kills a worker that holds some of them."""
+
+        def __init__(self, total: int) -> None:
+            self.total, self.updates = total, 0
+
+        def update(self, n: int) -> None:
+            self.updates += 1
+            if self.updates == 1:
+                deadline = time.time() + 60
+                while time.time() < deadline and len({(x, y) for _, x, y in calls(str(log))}) < self.total:
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(timeout=10)
+                time.sleep(0.3)  # the scheduler notices and recomputes the victim's keys (slowly)
+
+        def close(self) -> None:
+            pass
+
+    with connect(address) as client:
+        result = run_job(_request(tmp_path, url, log, delay=0.1, job="race"), client, chunk_target=450,
+                         progress=KillOnFirstUpdate)
+    assert {pid for pid, _, _ in calls(str(log))} >= {victim.pid}, "the victim did some chunks"
+    assert result.status == "SUCCESS", result.summary["images"][0].get("reason")
+    truth = {tuple(b) for b in synthetic.truth(url).tolist()}
+    assert {tuple(int(v) for v in b) for b in result.features["imageBBox"]} == truth
+
+
+def test_failure_reasons_read_what_as_completed_gives_back() -> None:
+    from concurrent.futures import CancelledError
+
+    from graphs.image_job import _future_error
+
+    try:
+        raise ValueError("model said no\nsecond line")
+    except ValueError as exc:
+        cleaned = (ValueError, exc, exc.__traceback__)
+    assert _future_error(cleaned) == "ValueError: model said no"
+    assert _future_error(CancelledError("k")) == "CancelledError: k"
+    assert _future_error(None) == "task gave no result: NoneType"
