@@ -322,3 +322,23 @@ def test_failure_reasons_read_what_as_completed_gives_back() -> None:
     assert _future_error(cleaned) == "ValueError: model said no"
     assert _future_error(CancelledError("k")) == "CancelledError: k"
     assert _future_error(None) == "task gave no result: NoneType"
+
+
+def test_readme_lists_every_permission_dask_cloudprovider_needs_for_ecs() -> None:
+    """The README's ECS client permissions cover dask-cloudprovider's own minimal policy (kept
+    in FargateCluster's docstring), so an upgrade that needs more shows up here."""
+    import re
+
+    from dask_cloudprovider.aws import FargateCluster
+
+    doc = FargateCluster.__doc__ or ""
+    policy = json.loads(doc[doc.index("minimal IAM policy"):].split(".. code-block:: json", 1)[1]
+                        .split("\n\n    ", 2)[1])
+    actions = policy["Statement"][0]["Action"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Running on AWS"):readme.index("### Troubleshooting")]
+    listed = {(service, name) for service, names in re.findall(r"`(ec2|ecs|iam|logs):([^`]+)`", section)
+              for name in re.split(r"[,\s]+", names) if name}
+    assert len(actions) > 20
+    missing = [a for a in actions if tuple(a.split(":")) not in listed]
+    assert not missing, f"README 'Running on AWS' lacks {missing}"
