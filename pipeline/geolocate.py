@@ -8,7 +8,10 @@ x = lon). The properties follow OSML Model Runner: ``imageBBox``, ``imageGeometr
 
 from __future__ import annotations
 
+import gc
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,9 +59,23 @@ def ground_polygons(ground: np.ndarray) -> np.ndarray:
 def feature_ids(image_url: str, detections: Detections) -> list[str]:
     """Deterministic feature ids: the same detection of the same image gets the same id."""
     return [
-        hashlib.sha1(f"{image_url}|{box.tolist()}|{cls}".encode(), usedforsecurity=False).hexdigest()[:20]
-        for box, cls in zip(detections.boxes, detections.classes, strict=True)
+        hashlib.sha1(f"{image_url}|{box}|{cls}".encode(), usedforsecurity=False).hexdigest()[:20]
+        for box, cls in zip(detections.boxes.tolist(), detections.classes, strict=True)
     ]
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small lists and dicts that
+    hold no cycles: each allocation burst otherwise triggers collections that scan every
+    object so far (half of the time of 26,000 features)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def to_features(
@@ -80,27 +97,35 @@ def to_features(
     cx, cy = detections.centers
     center_lon, center_lat = model.pixel_to_lonlat(cx, cy)
     when = (inference_time or datetime.now(UTC)).isoformat()
-    columns: dict[str, Any] = {
-        "id": feature_ids(image_url, detections),
-        "imageBBox": [list(map(float, box)) for box in detections.boxes],
-        "imageGeometry": [
-            {"type": "Polygon", "coordinates": [ring.tolist()]} for ring in rings
-        ],
-        "featureClasses": [
-            [{"iri": str(cls), "score": float(score)}]
-            for cls, score in zip(detections.classes, detections.scores, strict=True)
-        ],
-        "center_longitude": center_lon if model.georeferenced else np.full(n, np.nan),
-        "center_latitude": center_lat if model.georeferenced else np.full(n, np.nan),
-        "inferenceMetadata": [{"jobId": job_id, "inferenceDT": when}] * n,
-        "image_url": [image_url] * n,
-    }
+    with _no_cyclic_gc():
+        columns = _columns(detections, rings, image_url, job_id, when)
+    columns["center_longitude"] = center_lon if model.georeferenced else np.full(n, np.nan)
+    columns["center_latitude"] = center_lat if model.georeferenced else np.full(n, np.nan)
+    columns = {name: columns[name] for name in FEATURE_COLUMNS}  # the documented column order
     for key, value in (extra_columns or {}).items():
         columns[key] = [value] * n
     for key, value in (feature_properties or {}).items():
         columns[key] = [value] * n
     crs = "EPSG:4326" if model.georeferenced else None
     return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+
+
+def _columns(detections: Detections, rings: np.ndarray, image_url: str, job_id: str,
+             when: str) -> dict[str, Any]:
+    """The feature columns held as Python values (ids, boxes, pixel rings, classes, ...)."""
+    n = len(detections)
+    classes, scores = detections.classes.tolist(), np.asarray(detections.scores, dtype=np.float64).tolist()
+    return {
+        "id": feature_ids(image_url, detections),
+        # nested Python values, built from one ``tolist`` per array (not one per row)
+        "imageBBox": np.asarray(detections.boxes, dtype=np.float64).tolist(),
+        "imageGeometry": [{"type": "Polygon", "coordinates": [ring]} for ring in rings.tolist()],
+        "featureClasses": [
+            [{"iri": str(cls), "score": score}] for cls, score in zip(classes, scores, strict=True)
+        ],
+        "inferenceMetadata": [{"jobId": job_id, "inferenceDT": when}] * n,
+        "image_url": [image_url] * n,
+    }
 
 
 def empty_features(georeferenced: bool = True) -> gpd.GeoDataFrame:

@@ -100,3 +100,29 @@ def test_boxes_across_the_antimeridian_are_split() -> None:
     assert west.bounds == pytest.approx((179.5, 9.9, 179.6, 10.0))
     assert east.bounds == pytest.approx((-179.9, 9.9, -179.8, 10.0))
     assert features["center_longitude"].iloc[0] == pytest.approx(-180.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_feature_properties_are_plain_python_values_and_ids_are_stable(dtype) -> None:
+    import gc
+    import hashlib
+
+    boxes = np.array([[10.5, 20.25, 30.0, 40.75], [0.0, 0.0, 7.1, 9.9]], dtype=dtype)
+    detections = Detections(boxes, np.array([0.5, 0.25], dtype=np.float32), np.array(["car", 7], dtype=object))
+    model = AffineSensorModel(tuple(from_origin(10.0, 50.0, 1e-5, 1e-5))[:6], CRS.from_epsg(4326).to_wkt())
+    gc.disable()
+    try:
+        features = to_features(detections, model, image_url="s3://b/k.tif", job_id="j")
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()
+    to_features(detections, model, image_url="s3://b/k.tif", job_id="j")
+    assert gc.isenabled()
+    row = [float(v) for v in boxes[1]]  # the id scheme: sha1 of url | box as floats | class
+    assert features["id"][1] == hashlib.sha1(f"s3://b/k.tif|{row}|7".encode()).hexdigest()[:20]
+    assert features["imageBBox"][1] == row and all(type(v) is float for v in features["imageBBox"][1])
+    assert features["featureClasses"][0] == [{"iri": "car", "score": 0.5}]
+    assert features["featureClasses"][1] == [{"iri": "7", "score": 0.25}]
+    assert features["imageGeometry"][0]["coordinates"][0][:2] == [[10.5, 20.25], [30.0, 20.25]]
+    assert list(features.columns[:8]) == ["id", "imageBBox", "imageGeometry", "featureClasses",
+                                          "center_longitude", "center_latitude", "inferenceMetadata", "image_url"]
