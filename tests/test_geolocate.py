@@ -108,8 +108,10 @@ def test_feature_properties_are_plain_python_values_and_ids_are_stable(dtype) ->
     import hashlib
 
     boxes = np.array([[10.5, 20.25, 30.0, 40.75], [0.0, 0.0, 7.1, 9.9]], dtype=dtype)
-    detections = Detections(boxes, np.array([0.5, 0.25], dtype=np.float32), np.array(["car", 7], dtype=object))
-    model = AffineSensorModel(tuple(from_origin(10.0, 50.0, 1e-5, 1e-5))[:6], CRS.from_epsg(4326).to_wkt())
+    scores = np.array([0.5, 0.25], dtype=np.float32)
+    detections = Detections(boxes, scores, np.array(["car", 7], dtype=object))
+    transform = tuple(from_origin(10.0, 50.0, 1e-5, 1e-5))[:6]
+    model = AffineSensorModel(transform, CRS.from_epsg(4326).to_wkt())
     gc.disable()
     try:
         features = to_features(detections, model, image_url="s3://b/k.tif", job_id="j")
@@ -124,5 +126,7 @@ def test_feature_properties_are_plain_python_values_and_ids_are_stable(dtype) ->
     assert features["featureClasses"][0] == [{"iri": "car", "score": 0.5}]
     assert features["featureClasses"][1] == [{"iri": "7", "score": 0.25}]
     assert features["imageGeometry"][0]["coordinates"][0][:2] == [[10.5, 20.25], [30.0, 20.25]]
-    assert list(features.columns[:8]) == ["id", "imageBBox", "imageGeometry", "featureClasses",
-                                          "center_longitude", "center_latitude", "inferenceMetadata", "image_url"]
+    assert list(features.columns[:8]) == [
+        "id", "imageBBox", "imageGeometry", "featureClasses",
+        "center_longitude", "center_latitude", "inferenceMetadata", "image_url",
+    ]
