@@ -226,9 +226,41 @@ LOCAL_DASK_CONFIG: dict[str, Any] = {
 }
 
 
+def local_gpu_workers(profile: ClusterProfile) -> tuple[int, int]:
+    """A local profile's ``gpu`` section as ``(GPU worker processes, slots per GPU)``: each GPU
+    worker sees one GPU (``CUDA_VISIBLE_DEVICES``), runs ``slots`` threads and advertises
+    ``resources: {GPU: slots}``, so that up to ``slots`` chunk tasks of a model needing
+    ``GPU=1`` share the GPU (one reads and decodes pixels while another runs the model).
+    ``(0, 0)`` without the section."""
+    gpu = profile.section("gpu")
+    if not gpu:
+        return 0, 0
+    try:
+        count, slots = int(gpu.get("workers", 1)), int(gpu.get("slots", 2))
+    except (TypeError, ValueError):
+        raise ClusterError(f"{profile.source}: gpu.workers and gpu.slots must be integers") from None
+    if count < 1 or slots < 1:
+        raise ClusterError(f"{profile.source}: gpu.workers and gpu.slots must be at least 1")
+    return count, slots
+
+
+def _add_gpu_workers(cluster: Any, count: int, slots: int) -> list[str]:
+    """Add ``count`` GPU worker processes to a running LocalCluster (see
+    :func:`local_gpu_workers`); returns their names."""
+    spec = cluster.new_spec
+    names = [f"gpu-{k}" for k in range(count)]
+    for k, name in enumerate(names):
+        options = dict(spec["options"])
+        options.update(nthreads=slots, resources={"GPU": slots},
+                       env={**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(k)})
+        cluster.worker_spec[name] = {"cls": spec["cls"], "options": options}
+    cluster.scale(len(cluster.worker_spec))  # starts the workers of the spec not yet running
+    return names
+
+
 @contextmanager
 def _local(workers: int | None, options: dict[str, Any] | None = None,
-           dask_config: dict[str, Any] | None = None) -> Iterator[Any]:
+           dask_config: dict[str, Any] | None = None, gpu: tuple[int, int] = (0, 0)) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
@@ -242,7 +274,11 @@ def _local(workers: int | None, options: dict[str, Any] | None = None,
               **(dask_config or {})}
     with dask.config.set(config), \
             LocalCluster(n_workers=n, **settings) as local, Client(local) as client:
-        log.info("LocalCluster with %d workers, dashboard %s", n, client.dashboard_link)
+        if gpu[0]:
+            _add_gpu_workers(local, *gpu)
+            client.wait_for_workers(n + gpu[0], timeout=120)
+        log.info("LocalCluster with %d workers%s, dashboard %s", n,
+                 f" and {gpu[0]} GPU worker(s) of {gpu[1]} slots" if gpu[0] else "", client.dashboard_link)
         yield client
 
 
@@ -276,7 +312,7 @@ def connect(cluster: str | None = "local", workers: int | None = None) -> Iterat
     if profile.kind == "local":
         with _local(workers, profile.section("options") | (
                 {"workers": profile.get("workers")} if profile.get("workers") else {}),
-                profile.section("dask_config")) as client:
+                profile.section("dask_config"), local_gpu_workers(profile)) as client:
             yield client
         return
     if profile.kind == "address":
