@@ -32,7 +32,8 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise ModelError("pipeline.models.torch_bright needs PyTorch on the workers (pip install torch)") from None
+        raise ModelError("pipeline.models.torch_bright needs PyTorch on the workers "
+                         "(pip install torch)") from None
     return torch
 
 
