@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -288,6 +288,51 @@ def _read_chunk_task(
     return out
 
 
+def _read_pixels_task(
+    _: np.ndarray,
+    source: WindowSource,
+    grid: TileGrid,
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """Read (or render) one chunk's window, for a model task on another worker: a 1 × 1 object
+    array of ``(pixels, read seconds)``, or of the one-line reason why the read failed."""
+    assert block_info is not None
+    row, col = block_info[0]["chunk-location"]
+    x0, y0, x1, y1 = grid.chunk_window(row, col)
+    out = np.empty((1, 1), dtype=object)
+    began = time.perf_counter()
+    try:
+        out[0, 0] = (source.read((x0, y0, x1, y1)), time.perf_counter() - began)
+    except rasterio.errors.RasterioIOError as exc:
+        out[0, 0] = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
+    return out
+
+
+def _detect_pixels_task(
+    read: np.ndarray,
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str,
+    bits: int | None,
+    stretch: tuple[list[float], list[float]] | None = None,
+    roi: Any = None,
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """Detect in the pixels that :func:`_read_pixels_task` read (the pinned half of a chunk)."""
+    assert block_info is not None
+    row, col = block_info[0]["chunk-location"]
+    if isinstance(read[0, 0], str):
+        out = np.empty((1, 1), dtype=object)
+        out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), read[0, 0])
+        return out
+    pixels, read_seconds = read[0, 0]
+    began = time.perf_counter()
+    out = _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+    out[0, 0].read_seconds = read_seconds
+    out[0, 0].task_seconds = read_seconds + time.perf_counter() - began
+    return out
+
+
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
     """Lazy ``(chunks_y, chunks_x)`` object array of :class:`ChunkResult` for one image.
 
@@ -310,15 +355,20 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
         source = RasterSource(plan.url, (info.bands, info.height, info.width), np.dtype(info.dtype),
                               GdalOptions(plan.read_options))
     layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
-    results = da.map_blocks(
-        _read_chunk_task, layout, source=source, grid=grid, spec=spec,
-        range_adjustment=adjustment["type"], bits=info.bits, stretch=stretch, roi=plan.roi,
-        dtype=object, name=f"{name}-{tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)}",
-        meta=np.empty((0, 0), dtype=object),
-    )
+    token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)
+    detect = {"grid": grid, "spec": spec, "range_adjustment": adjustment["type"], "bits": info.bits,
+              "stretch": stretch, "roi": plan.roi, "dtype": object, "name": f"{name}-{token}",
+              "meta": np.empty((0, 0), dtype=object)}
     resources = spec.options.get("resources")
-    if resources:  # only the model tasks; run_job computes them unoptimised (fusion drops it)
-        results.dask.layers[results.name].annotations = {"resources": dict(resources)}
+    if not resources:
+        return da.map_blocks(_read_chunk_task, layout, source=source, **detect)
+    # A model pinned to some workers (a GPU) gets its pixels read by any worker: the pinned
+    # workers only run the model, and reading is spread over the whole cluster. Only the model
+    # tasks carry the resources; run_job computes them unoptimised (fusion would drop them).
+    pixels = da.map_blocks(_read_pixels_task, layout, source=source, grid=grid, dtype=object,
+                           name=f"read-{name}-{token}", meta=np.empty((0, 0), dtype=object))
+    results = da.map_blocks(_detect_pixels_task, pixels, **detect)
+    results.dask.layers[results.name].annotations = {"resources": dict(resources)}
     return results
 
 
@@ -498,6 +548,18 @@ def _worker_seconds(results: list[ChunkResult]) -> dict[str, float]:
     return {name: round(value, 4) for name, value in totals.items()}
 
 
+#: chunks in flight at least, for a model pinned to some workers (see :func:`submission_window`)
+MIN_WINDOW = 32
+
+
+def submission_window(client: Any) -> int:
+    """Chunks a job keeps in flight when its pixels are read apart from its model: twice the
+    cluster's threads, and at least :data:`MIN_WINDOW` (so an adaptive cluster still sees work
+    queued), which bounds the pixels that wait for the model to that many chunks."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return max(MIN_WINDOW, 2 * sum(int(w.get("nthreads", 1)) for w in workers))
+
+
 def run_job(
     request: ImageRequest,
     client: Any,
@@ -537,6 +599,20 @@ def run_job(
 
     outcomes = [ImageOutcome(url) for url in image_urls(request)]
     futures: dict[Any, tuple[int, ImageOutcome, tuple[int, int]]] = {}
+    queued: deque[tuple[int, ImageOutcome, tuple[int, int], Any]] = deque()
+    # A chunk task reads its own pixels, so the cluster holds a chunk per busy thread: chunks
+    # are submitted as soon as their image is planned. A pinned model's chunks are read by any
+    # worker and wait for a pinned one: a window of chunks in flight bounds the waiting pixels.
+    windowed = bool(spec.options.get("resources"))
+
+    def submit(count: int) -> list[Any]:
+        """Hand the next ``count`` queued chunks to the cluster."""
+        batch = [queued.popleft() for _ in range(min(count, len(queued)))]
+        submitted = client.compute([item for *_, item in batch]) if batch else []
+        for (image, image_outcome, chunk, _), future in zip(batch, submitted, strict=True):
+            futures[future] = (image, image_outcome, chunk)
+        return submitted
+
     resumed_tiles = resumed_chunks = 0
     for index, outcome in enumerate(outcomes):
         with outcome.timer.stage("plan"):
@@ -564,8 +640,10 @@ def run_job(
             mask = outcome.plan.chunk_mask  # chunks outside the regionOfInterest are skipped
             todo = [(chunk, item) for chunk, item in np.ndenumerate(delayed)
                     if chunk not in finished and (mask is None or mask[chunk])]
-        for (chunk, _), future in zip(todo, client.compute([item for _, item in todo]), strict=True):
-            futures[future] = (index, outcome, chunk)
+        queued.extend((index, outcome, chunk, item) for chunk, item in todo)
+        if not windowed:
+            submit(len(queued))
+
 
     _ground_in_mixed_jobs(outcomes)
     total_tiles = sum(o.tiles for o in outcomes)
@@ -576,7 +654,9 @@ def run_job(
     if bar is not None and resumed_tiles:
         bar.update(resumed_tiles)
     timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
-    for future, value in as_completed(list(futures), with_results=True, raise_errors=False):
+    submit(submission_window(client) if windowed else 0)
+    arrivals = as_completed(list(futures), with_results=True, raise_errors=False)
+    for future, value in arrivals:
         index, outcome, chunk = futures.pop(future)
         assert outcome.plan is not None
         if isinstance(value, np.ndarray):
@@ -589,6 +669,8 @@ def run_job(
             log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
             result = ChunkResult.failed(chunk, outcome.plan.grid.chunk_tiles(*chunk), reason)
         future.release()
+        if queued:  # the next chunk takes the place of this one
+            arrivals.update(submit(1))
         record = _settle_chunk(store, index, outcome, result, request)
         outcome.failed_tiles.extend(result.failed_tiles)
         outcome.raw_detections += result.raw_detections

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("request", help="the request file (.json, .yaml or .yml)")
     run.add_argument("--cluster", default="local", metavar="PROFILE_OR_ADDRESS",
                      help="'local' (default: a LocalCluster), a scheduler address tcp://HOST:PORT, "
-                     "a profile of configs/clusters (address, ecs-fargate, ec2, ...) or a profile file")
+                     "a profile of configs/clusters (gpu-local, address, ecs-fargate, ec2, ...) "
+                     "or a profile file")
     run.add_argument("--workers", type=_positive, default=None,
                      help="LocalCluster worker processes (default: one per core)")
     run.add_argument("--chunk-size", type=_positive, default=None, metavar="PIXELS",

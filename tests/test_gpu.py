@@ -18,6 +18,7 @@ from graphs.image_job import run_job
 from pipeline.demo import match_truth, write_scene
 from pipeline.models.builtin import bright_objects
 from pipeline.request import ImageRequest
+from tests.model_servers import read_task_log, task_log_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE, OVERLAP = 512, 64
@@ -57,6 +58,7 @@ def test_gpu_local_profile_pins_model_tasks_to_its_gpu_worker(tmp_path: Path) ->
     scene = write_scene(tmp_path / "scene.tif", size=1536, count=40, tile_size=TILE, overlap=OVERLAP,
                         chunk_target=TILE - OVERLAP)
     with connect(str(ROOT / "configs" / "clusters" / "gpu-local.yaml"), workers=1) as client:
+        client.register_plugin(task_log_plugin())
         workers = _workers(client)
         assert set(workers) == {"0", "gpu-0"}
         assert workers["gpu-0"]["resources"] == {"GPU": 2} and workers["gpu-0"]["nthreads"] == 2
@@ -66,7 +68,14 @@ def test_gpu_local_profile_pins_model_tasks_to_its_gpu_worker(tmp_path: Path) ->
         processor = {"type": "PYTHON", "name": "tests.model_servers:GpuProbe"}
         result = run_job(_request(tmp_path, scene.path, processor, "probe"), client, progress=None,
                          chunk_target=TILE - OVERLAP)
+        log = client.run_on_scheduler(read_task_log)
     assert result.status == "SUCCESS"
+    # the model tasks ran on the GPU worker only; their pixels were read by any worker
+    model = [(worker, needs) for key, worker, needs in log if key.startswith("detect-")]
+    reads = [(worker, needs) for key, worker, needs in log if key.startswith("read-")]
+    assert len(model) == len(reads) == 16
+    assert all(worker == "gpu-0" and needs == {"GPU": 1} for worker, needs in model)
+    assert all(not needs for _, needs in reads) and "0" in {worker for worker, _ in reads}
     # GpuProbe names each feature's class after the worker that ran the model
     assert set(result.features["featureClasses"].map(lambda c: c[0]["iri"])) == {"gpu-0"}
     found = np.array(result.features["imageBBox"].tolist())
@@ -116,3 +125,42 @@ def test_torch_model_job_on_the_gpu_worker_equals_the_cpu_builtin(tmp_path: Path
     assert sorted(gpu.features["id"]) == sorted(cpu.features["id"])
     found = np.array(gpu.features["imageBBox"].tolist())
     assert match_truth(found, scene.truth) == (len(scene.truth), 0, 0)
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_pinned_models_keep_a_window_of_chunks_in_flight(tmp_path: Path, monkeypatch, window) -> None:
+    """Pixels read for a pinned model wait for it: at most the window's chunks are in the
+    cluster at once (every chunk without a window)."""
+    import importlib
+
+    module = importlib.import_module("graphs.image_job")  # the module (graphs.image_job is a function)
+    if window is not None:
+        monkeypatch.setattr(module, "submission_window", lambda client: window)
+    else:
+        monkeypatch.setattr(module, "submission_window", lambda client: 10**6)
+    scene = write_scene(tmp_path / "scene.tif", size=1536, count=30, tile_size=TILE, overlap=OVERLAP,
+                        chunk_target=TILE - OVERLAP)
+    with connect(str(ROOT / "configs" / "clusters" / "gpu-local.yaml"), workers=1) as client:
+        seen: list[int] = []
+
+        def chunks_in_cluster(dask_scheduler: Any) -> int:
+            return sum(1 for key in dask_scheduler.tasks if str(key).startswith("('read-"))
+
+        class Probe:
+            def __init__(self, total: int) -> None:
+                seen.append(client.run_on_scheduler(chunks_in_cluster))
+
+            def update(self, n: int) -> None:
+                seen.append(client.run_on_scheduler(chunks_in_cluster))
+
+            def close(self) -> None:
+                pass
+
+        processor = {"type": "PYTHON", "name": "tests.model_servers:GpuProbe"}
+        result = run_job(_request(tmp_path, scene.path, processor, "window"), client, progress=Probe,
+                         chunk_target=TILE - OVERLAP)
+    assert result.status == "SUCCESS" and len(result.features) == len(scene.truth)
+    if window:  # (plus one whose release the scheduler may not have handled yet)
+        assert window <= max(seen) <= window + 1
+    else:  # all 16 were submitted at once; the first update comes after one finished
+        assert max(seen) >= 15
