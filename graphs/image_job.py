@@ -258,44 +258,14 @@ def _detect(
     return out
 
 
-def _read_chunk_task(
-    _: np.ndarray,
-    source: WindowSource,
-    grid: TileGrid,
-    spec: ModelSpec,
-    range_adjustment: str,
-    bits: int | None,
-    stretch: tuple[list[float], list[float]] | None = None,
-    roi: Any = None,
-    block_info: dict[Any, Any] | None = None,
-) -> np.ndarray:
-    """Read (or render) one chunk's window, its tiles and halo, and detect in it."""
-    assert block_info is not None
-    row, col = block_info[0]["chunk-location"]
-    x0, y0, x1, y1 = grid.chunk_window(row, col)
-    began = time.perf_counter()
-    try:
-        pixels = source.read((x0, y0, x1, y1))
-    except rasterio.errors.RasterioIOError as exc:  # the chunk's tiles fail, with one line
-        out = np.empty((1, 1), dtype=object)
-        reason = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
-        out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), reason)
-        return out
-    read_seconds = time.perf_counter() - began
-    out = _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
-    out[0, 0].read_seconds = read_seconds
-    out[0, 0].task_seconds = time.perf_counter() - began
-    return out
-
-
 def _read_pixels_task(
     _: np.ndarray,
     source: WindowSource,
     grid: TileGrid,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Read (or render) one chunk's window, for a model task on another worker: a 1 × 1 object
-    array of ``(pixels, read seconds)``, or of the one-line reason why the read failed."""
+    """Read (or render) one chunk's window: a 1 × 1 object array of ``(pixels, read seconds)``,
+    or of the one-line reason why the read failed (the chunk's tiles then fail with it)."""
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
     x0, y0, x1, y1 = grid.chunk_window(row, col)
@@ -318,7 +288,7 @@ def _detect_pixels_task(
     roi: Any = None,
     block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Detect in the pixels that :func:`_read_pixels_task` read (the pinned half of a chunk)."""
+    """Detect in the pixels that :func:`_read_pixels_task` read."""
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
     if isinstance(read[0, 0], str):
@@ -331,6 +301,23 @@ def _detect_pixels_task(
     out[0, 0].read_seconds = read_seconds
     out[0, 0].task_seconds = read_seconds + time.perf_counter() - began
     return out
+
+
+def _read_chunk_task(
+    layout: np.ndarray,
+    source: WindowSource,
+    grid: TileGrid,
+    spec: ModelSpec,
+    range_adjustment: str,
+    bits: int | None,
+    stretch: tuple[list[float], list[float]] | None = None,
+    roi: Any = None,
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """Read (or render) one chunk's window, its tiles and halo, and detect in it: both halves
+    in one task, so that no pixels move between workers."""
+    pixels = _read_pixels_task(layout, source, grid, block_info)
+    return _detect_pixels_task(pixels, grid, spec, range_adjustment, bits, stretch, roi, block_info)
 
 
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
