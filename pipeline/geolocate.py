@@ -8,10 +8,7 @@ x = lon). The properties follow OSML Model Runner: ``imageBBox``, ``imageGeometr
 
 from __future__ import annotations
 
-import gc
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +17,7 @@ import numpy as np
 import shapely
 
 from pipeline import antimeridian
+from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
 from pipeline.io import SensorModel
 
@@ -64,20 +62,6 @@ def feature_ids(image_url: str, detections: Detections) -> list[str]:
     ]
 
 
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many small lists and dicts that
-    hold no cycles: each allocation burst otherwise triggers collections that scan every
-    object so far (half of the time of 26,000 features)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def to_features(
     detections: Detections,
     model: SensorModel,
@@ -97,7 +81,7 @@ def to_features(
     cx, cy = detections.centers
     center_lon, center_lat = model.pixel_to_lonlat(cx, cy)
     when = (inference_time or datetime.now(UTC)).isoformat()
-    with _no_cyclic_gc():
+    with no_cyclic_gc():
         columns = _columns(detections, rings, image_url, job_id, when)
     columns["center_longitude"] = center_lon if model.georeferenced else np.full(n, np.nan)
     columns["center_latitude"] = center_lat if model.georeferenced else np.full(n, np.nan)

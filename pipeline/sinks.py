@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from pipeline.bulk import no_cyclic_gc
+
 FORMAT_SUFFIX = {"geojson": ".geojson", "parquet": ".parquet"}
 
 
@@ -38,38 +40,64 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _clean(values: list[Any]) -> list[Any]:
+    """A column's values with non-finite floats as ``None`` (RFC 7946 JSON has no NaN)."""
+    return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
 
 
-def _geojson_features(features: gpd.GeoDataFrame) -> Iterator[str]:
-    """One RFC 7946 Feature (lon/lat, CCW rings) as JSON text per row."""
-    geometries = shapely.to_geojson(shapely.orient_polygons(features.geometry.values))
-    columns = [c for c in features.columns if c != features.geometry.name]
-    records = features[columns].to_dict(orient="records")
-    for geometry, record in zip(geometries, records, strict=True):
-        properties = {k: _clean(v) for k, v in record.items()}
-        feature_id = properties.pop("id", None)
-        body = json.dumps(properties, default=_json_default, allow_nan=False)
+def _feature_texts(geometry: np.ndarray, columns: dict[str, list[Any]]) -> Iterator[str]:
+    """One RFC 7946 Feature (lon/lat, CCW rings) as JSON text per row: the ``id`` column is
+    the feature's id, the other columns its properties (plain Python values)."""
+    geometries = shapely.to_geojson(shapely.orient_polygons(geometry))
+    ids = columns.pop("id", None)
+    names = list(columns)
+    rows = zip(*(_clean(values) for values in columns.values()), strict=True) if names \
+        else iter([()] * len(geometries))
+    encode = json.JSONEncoder(default=_json_default, allow_nan=False).encode
+    for k, (geometry_text, values) in enumerate(zip(geometries, rows, strict=True)):
+        body = encode(dict(zip(names, values, strict=True)))
+        feature_id = ids[k] if ids is not None else None
         identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
-        yield f'{{"type":"Feature",{identifier}"geometry":{geometry or "null"},"properties":{body}}}'
+        yield f'{{"type":"Feature",{identifier}"geometry":{geometry_text or "null"},"properties":{body}}}'
 
 
-def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame], path: str | Path) -> None:
+def _frame_columns(features: gpd.GeoDataFrame) -> tuple[np.ndarray, dict[str, list[Any]]]:
+    """A GeoDataFrame's geometries and its other columns as lists of Python values."""
+    name = features.geometry.name
+    return features.geometry.values, {c: features[c].tolist() for c in features.columns if c != name}
+
+
+def _part_columns(path: str | Path) -> tuple[np.ndarray, dict[str, list[Any]]]:
+    """A GeoParquet part's geometries and other columns (not its bbox covering) as lists of
+    Python values, read with pyarrow (nested columns come back as lists and dicts)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    primary = geo["primary_column"]
+    covering = geo["columns"][primary].get("covering", {}).get("bbox", {})
+    skip = {primary} | {str(column[0]) for column in covering.values()}
+    geometry = shapely.from_wkb(table.column(primary).to_numpy(zero_copy_only=False))
+    return geometry, {name: table.column(name).to_pylist() for name in table.column_names if name not in skip}
+
+
+def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame | str | Path],
+                  path: str | Path) -> None:
     """An RFC 7946 FeatureCollection, written feature by feature (lon/lat, CCW rings).
 
-    ``features`` may also be an iterable of frames (parts), written one after another.
+    ``features`` may also be an iterable of frames or GeoParquet part files, written one after
+    another (one in memory at a time).
     """
     parts = [features] if isinstance(features, gpd.GeoDataFrame) else features
     with open(path, "w", encoding="utf-8") as out:
         out.write('{"type":"FeatureCollection","features":[')
         n = 0
         for part in parts:
-            for text in _geojson_features(part):
-                out.write(f'{"," if n else ""}\n{text}')
-                n += 1
+            with no_cyclic_gc():  # a part's values and texts hold no cycles
+                columns = _frame_columns(part) if isinstance(part, gpd.GeoDataFrame) else _part_columns(part)
+                for text in _feature_texts(*columns):
+                    out.write(f'{"," if n else ""}\n{text}')
+                    n += 1
         out.write("\n]}\n")
 
 
@@ -166,7 +194,7 @@ class LocalSink(Sink):
     def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
         """Stream the parts into the final files: one part in memory at a time."""
         writers: dict[str, Callable[[Path], None]] = {
-            "geojson": lambda p: write_geojson((gpd.read_parquet(q) for q in parts), p),
+            "geojson": lambda p: write_geojson(parts, p),
             "parquet": lambda p: concat_parquet(parts, p),
         }
         return [self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", writers[fmt]) for fmt in self.formats]
