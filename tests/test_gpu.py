@@ -164,3 +164,12 @@ def test_pinned_models_keep_a_window_of_chunks_in_flight(tmp_path: Path, monkeyp
         assert window <= max(seen) <= window + 1
     else:  # all 16 were submitted at once; the first update comes after one finished
         assert max(seen) >= 15
+
+
+def test_a_cluster_without_gpus_names_both_ways_to_get_one() -> None:
+    from pipeline.models.gpu import missing_resources
+
+    reason = missing_resources({"GPU": 1}, [{}, {"MEM": 2}])
+    assert reason is not None and "\n" not in reason
+    assert "--resources GPU=1" in reason and "--cluster gpu-local" in reason and "MEM=2" in reason
+    assert missing_resources({"GPU": 1}, [{}, {"GPU": 2}]) is None

@@ -38,4 +38,5 @@ def missing_resources(needed: dict[str, float], workers: list[dict[str, float]])
     wanted = " ".join(f"{k}={v:g}" for k, v in needed.items())
     have = sorted({f"{k}={v:g}" for w in workers for k, v in w.items()}) or ["none"]
     return (f"the model needs Dask worker resources {wanted}, but no worker of the cluster has them "
-            f"(resources seen: {', '.join(have)}); start workers with --resources {wanted}")
+            f"(resources seen: {', '.join(have)}); start workers with --resources {wanted}, or on one "
+            f"machine run with --cluster gpu-local")
