@@ -173,3 +173,16 @@ def test_a_cluster_without_gpus_names_both_ways_to_get_one() -> None:
     assert reason is not None and "\n" not in reason
     assert "--resources GPU=1" in reason and "--cluster gpu-local" in reason and "MEM=2" in reason
     assert missing_resources({"GPU": 1}, [{}, {"GPU": 2}]) is None
+
+
+def test_each_gpu_worker_sees_its_own_gpu(tmp_path: Path) -> None:
+    profile = tmp_path / "two-gpus.yaml"
+    profile.write_text("kind: local\nworkers: 1\ngpu:\n  workers: 2\n  slots: 1\n")
+    with connect(str(profile)) as client:
+        workers = _workers(client)
+        seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))
+        by_name = {str(workers_info["name"]): seen[address]
+                   for address, workers_info in client.scheduler_info(n_workers=-1)["workers"].items()}
+    resources = {name: w["resources"] for name, w in workers.items()}
+    assert resources == {"0": {}, "gpu-0": {"GPU": 1}, "gpu-1": {"GPU": 1}}
+    assert by_name == {"0": None, "gpu-0": "0", "gpu-1": "1"}
