@@ -236,26 +236,28 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
     return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
 
 
-def _detect(
-    block: np.ndarray,
-    row: int,
-    col: int,
-    grid: TileGrid,
-    spec: ModelSpec,
-    range_adjustment: str,
-    bits: int | None,
-    stretch: tuple[list[float], list[float]] | None,
-    roi: Any,
-) -> np.ndarray:
-    origin = (col * grid.chunk, row * grid.chunk)
-    if stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
-        block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", bits, stretch), -1, 0)
-        range_adjustment = "NONE"
-    out = np.empty((1, 1), dtype=object)
-    out[0, 0] = detect_chunk(block, origin, (row, col), grid, spec, range_adjustment, bits)
-    if roi is not None:
-        out[0, 0].detections = keep_in_roi(out[0, 0].detections, roi)
-    return out
+@dataclass(frozen=True)
+class ChunkModel:
+    """What a chunk's model task needs besides its pixels."""
+
+    grid: TileGrid
+    spec: ModelSpec
+    range_adjustment: str
+    bits: int | None
+    stretch: tuple[list[float], list[float]] | None = None  # the image's DRA, if any
+    roi: Any = None
+
+    def detect(self, block: np.ndarray, row: int, col: int) -> ChunkResult:
+        """Tiles of chunk ``(row, col)`` (pixels ``block``) → the chunk's owned detections."""
+        origin = (col * self.grid.chunk, row * self.grid.chunk)
+        adjustment = self.range_adjustment
+        if self.stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
+            block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", self.bits, self.stretch), -1, 0)
+            adjustment = "NONE"
+        result = detect_chunk(block, origin, (row, col), self.grid, self.spec, adjustment, self.bits)
+        if self.roi is not None:
+            result.detections = keep_in_roi(result.detections, self.roi)
+        return result
 
 
 def _read_pixels_task(
@@ -278,46 +280,30 @@ def _read_pixels_task(
     return out
 
 
-def _detect_pixels_task(
-    read: np.ndarray,
-    grid: TileGrid,
-    spec: ModelSpec,
-    range_adjustment: str,
-    bits: int | None,
-    stretch: tuple[list[float], list[float]] | None = None,
-    roi: Any = None,
-    block_info: dict[Any, Any] | None = None,
-) -> np.ndarray:
-    """Detect in the pixels that :func:`_read_pixels_task` read."""
+def _detect_pixels_task(read: np.ndarray, model: ChunkModel,
+                        block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    """Detect in the pixels that :func:`_read_pixels_task` read: a 1 × 1 object array of the
+    chunk's :class:`ChunkResult`."""
     assert block_info is not None
     row, col = block_info[0]["chunk-location"]
+    out = np.empty((1, 1), dtype=object)
     if isinstance(read[0, 0], str):
-        out = np.empty((1, 1), dtype=object)
-        out[0, 0] = ChunkResult.failed((row, col), grid.chunk_tiles(row, col), read[0, 0])
+        out[0, 0] = ChunkResult.failed((row, col), model.grid.chunk_tiles(row, col), read[0, 0])
         return out
     pixels, read_seconds = read[0, 0]
     began = time.perf_counter()
-    out = _detect(pixels, row, col, grid, spec, range_adjustment, bits, stretch, roi)
+    out[0, 0] = model.detect(pixels, row, col)
     out[0, 0].read_seconds = read_seconds
     out[0, 0].task_seconds = read_seconds + time.perf_counter() - began
     return out
 
 
-def _read_chunk_task(
-    layout: np.ndarray,
-    source: WindowSource,
-    grid: TileGrid,
-    spec: ModelSpec,
-    range_adjustment: str,
-    bits: int | None,
-    stretch: tuple[list[float], list[float]] | None = None,
-    roi: Any = None,
-    block_info: dict[Any, Any] | None = None,
-) -> np.ndarray:
+def _read_chunk_task(layout: np.ndarray, source: WindowSource, model: ChunkModel,
+                     block_info: dict[Any, Any] | None = None) -> np.ndarray:
     """Read (or render) one chunk's window, its tiles and halo, and detect in it: both halves
     in one task, so that no pixels move between workers."""
-    pixels = _read_pixels_task(layout, source, grid, block_info)
-    return _detect_pixels_task(pixels, grid, spec, range_adjustment, bits, stretch, roi, block_info)
+    pixels = _read_pixels_task(layout, source, model.grid, block_info)
+    return _detect_pixels_task(pixels, model, block_info)
 
 
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
@@ -327,7 +313,8 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     right and bottom, which is exactly what the chunk's last tiles reach into. Every chunk task
     reads its own window (chunk and halo) under the image's read options, or renders it for a
     ``synthetic://`` image: no pixels move between workers, a task holds one window at a time,
-    and a chunk outside the regionOfInterest costs no read.
+    and a chunk outside the regionOfInterest costs no read. A model pinned by Dask resources
+    (a GPU) splits each chunk into a read task that any worker runs and a pinned model task.
     """
     grid = plan.grid
     info = plan.info
@@ -343,18 +330,19 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
                               GdalOptions(plan.read_options))
     layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
     token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)
-    detect = {"grid": grid, "spec": spec, "range_adjustment": adjustment["type"], "bits": info.bits,
-              "stretch": stretch, "roi": plan.roi, "dtype": object, "name": f"{name}-{token}",
-              "meta": np.empty((0, 0), dtype=object)}
+    model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi)
+    results_meta = {"dtype": object, "meta": np.empty((0, 0), dtype=object)}
     resources = spec.options.get("resources")
     if not resources:
-        return da.map_blocks(_read_chunk_task, layout, source=source, **detect)
+        return da.map_blocks(_read_chunk_task, layout, source=source, model=model,
+                             name=f"{name}-{token}", **results_meta)
     # A model pinned to some workers (a GPU) gets its pixels read by any worker: the pinned
     # workers only run the model, and reading is spread over the whole cluster. Only the model
     # tasks carry the resources; run_job computes them unoptimised (fusion would drop them).
-    pixels = da.map_blocks(_read_pixels_task, layout, source=source, grid=grid, dtype=object,
-                           name=f"read-{name}-{token}", meta=np.empty((0, 0), dtype=object))
-    results = da.map_blocks(_detect_pixels_task, pixels, **detect)
+    pixels = da.map_blocks(_read_pixels_task, layout, source=source, grid=grid,
+                           name=f"read-{name}-{token}", **results_meta)
+    results = da.map_blocks(_detect_pixels_task, pixels, model=model, name=f"{name}-{token}",
+                            **results_meta)
     results.dask.layers[results.name].annotations = {"resources": dict(resources)}
     return results
 
