@@ -190,5 +190,7 @@ def test_reads_are_ranged_not_whole_file_downloads(scene, tmp_path, dask_client,
     assert result.status == "SUCCESS", result.summary["images"][0]["reason"]
     assert result.summary["images"][0]["regionOfInterest"]["chunks"] == 1  # of 3 × 3 chunks of 624 px
     # the chunk's window is 20% of the image; GDAL's merged range requests for it fetch 36% of
-    # the file when read directly with rasterio; the job adds only the header and a probe block
-    assert 0 < fetched < 0.45 * size, (fetched, size)
+    # the file when read directly with rasterio; the job adds the header (16 KiB for each
+    # process or thread that opens the file: 44.7% in all with one worker opening it, 45.0% in
+    # a CI run where one more did) and a probe block. A whole-file download would be 100%.
+    assert 0 < fetched < 0.5 * size, (fetched, size)
