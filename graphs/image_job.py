@@ -514,8 +514,8 @@ def _ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
 def _worker_seconds(results: list[ChunkResult]) -> dict[str, float]:
     """Where the workers' time went, summed over the chunk tasks as they timed themselves:
     ``read`` (pixel reads and decoding), ``model``, and ``encode`` (the rest: cutting tiles,
-    converting them, parsing answers). No pixels move between workers: each chunk task reads
-    its own window."""
+    converting them, parsing answers); a pinned model's read seconds are those of the worker
+    that read its pixels."""
     task = sum(r.task_seconds for r in results)
     read = min(sum(r.read_seconds for r in results), task)
     model = min(sum(r.model_seconds for r in results), task - read)
@@ -618,7 +618,6 @@ def run_job(
         queued.extend((index, outcome, chunk, item) for chunk, item in todo)
         if not windowed:
             submit(len(queued))
-
 
     _ground_in_mixed_jobs(outcomes)
     total_tiles = sum(o.tiles for o in outcomes)
