@@ -54,11 +54,12 @@ def ground_polygons(ground: np.ndarray) -> np.ndarray:
     return np.asarray(geometry)
 
 
-def feature_ids(image_url: str, detections: Detections) -> list[str]:
-    """Deterministic feature ids: the same detection of the same image gets the same id."""
+def feature_ids(image_url: str, boxes: list[list[float]], classes: list[Any]) -> list[str]:
+    """Deterministic feature ids: the same detection (pixel box as floats, class) of the same
+    image gets the same id."""
     return [
         hashlib.sha1(f"{image_url}|{box}|{cls}".encode(), usedforsecurity=False).hexdigest()[:20]
-        for box, cls in zip(detections.boxes.tolist(), detections.classes, strict=True)
+        for box, cls in zip(boxes, classes, strict=True)
     ]
 
 
@@ -98,11 +99,12 @@ def _columns(detections: Detections, rings: np.ndarray, image_url: str, job_id: 
              when: str) -> dict[str, Any]:
     """The feature columns held as Python values (ids, boxes, pixel rings, classes, ...)."""
     n = len(detections)
+    # nested Python values, built from one ``tolist`` per array (not one per row)
+    boxes = np.asarray(detections.boxes, dtype=np.float64).tolist()
     classes, scores = detections.classes.tolist(), np.asarray(detections.scores, dtype=np.float64).tolist()
     return {
-        "id": feature_ids(image_url, detections),
-        # nested Python values, built from one ``tolist`` per array (not one per row)
-        "imageBBox": np.asarray(detections.boxes, dtype=np.float64).tolist(),
+        "id": feature_ids(image_url, boxes, classes),
+        "imageBBox": boxes,
         "imageGeometry": [{"type": "Polygon", "coordinates": [ring]} for ring in rings.tolist()],
         "featureClasses": [
             [{"iri": str(cls), "score": score}] for cls, score in zip(classes, scores, strict=True)
