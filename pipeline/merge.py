@@ -48,9 +48,18 @@ def _neighbours(n: int, i: np.ndarray, j: np.ndarray, iou: np.ndarray) -> list[l
 _NMS_ROUNDS = 64
 
 
+def score_order(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score; equal scores by the box ``(xmin, ymin, xmax, ymax)``,
+    smallest first, so the order does not depend on the order the boxes arrived in (chunks
+    finish in any order). Only identical boxes with equal scores keep their input order."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.lexsort((np.arange(len(boxes)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0],
+                       -np.asarray(scores, dtype=np.float64)))
+
+
 def nms_indices(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy NMS: a box is dropped if a higher-scored kept box has
-    IoU > ``iou_threshold`` with it. Ties in score keep the lower index.
+    """Indices kept by greedy NMS: a box is dropped if a higher-ranked kept box has
+    IoU > ``iou_threshold`` with it. Ranks are :func:`score_order`'s (ties by box, not index).
 
     Greedy NMS keeps a box exactly when all of its higher-ranked neighbours are dropped, so it
     is decided in rounds over all boxes at once (as many as the longest suppression chain,
@@ -60,7 +69,7 @@ def nms_indices(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> 
     i, j, iou = overlapping_pairs(boxes)
     above = iou > iou_threshold
     i, j = i[above], j[above]
-    order = np.lexsort((np.arange(n), -scores))
+    order = score_order(boxes, scores)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     first = rank[i] < rank[j]
@@ -101,10 +110,12 @@ def soft_nms_scores(
     table = _neighbours(len(boxes), *overlapping_pairs(boxes))
     current = scores.astype(np.float64).copy()
     done = np.zeros(len(boxes), dtype=bool)
-    heap = [(-s, k) for k, s in enumerate(current.tolist())]
+    tie = np.empty(len(boxes), dtype=np.int64)  # equal scores: by box, as score_order
+    tie[score_order(boxes, np.zeros(len(boxes)))] = np.arange(len(boxes))
+    heap = [(-s, t, k) for k, (s, t) in enumerate(zip(current.tolist(), tie.tolist(), strict=True))]
     heapq.heapify(heap)
     while heap:
-        negative, index = heapq.heappop(heap)
+        negative, _, index = heapq.heappop(heap)
         if done[index] or -negative != current[index]:
             continue
         done[index] = True
@@ -113,7 +124,7 @@ def soft_nms_scores(
         for other, overlap in table[index]:
             if not done[other]:
                 current[other] *= np.exp(-(overlap**2) / sigma)
-                heapq.heappush(heap, (-current[other], other))
+                heapq.heappush(heap, (-current[other], int(tie[other]), other))
     current[current < skip_box_threshold] = np.nan
     return current
 

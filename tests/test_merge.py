@@ -52,3 +52,31 @@ def test_nms_scales_to_many_boxes() -> None:
     # each duplicate (IoU ≈ 0.905) is removed; random originals rarely overlap that much
     assert 19900 <= len(kept) <= 20000
     assert (kept.scores == 1).mean() > 0.995
+
+
+def _kept_set(detections: Detections) -> set[tuple[float, ...]]:
+    return {(*box, score) for box, score in zip(detections.boxes.tolist(),
+                                                detections.scores.tolist(), strict=True)}
+
+
+def test_score_ties_do_not_depend_on_arrival_order() -> None:
+    """Boxes with equal scores arrive in any order (chunks finish in any order): NMS and
+    Soft-NMS keep the same boxes with the same scores whatever the order."""
+    rng = np.random.default_rng(7)
+    xy = rng.integers(0, 400, size=(600, 2)).astype(float)
+    boxes = np.hstack([xy, xy + rng.integers(8, 20, size=(600, 2))])
+    scores = rng.integers(1, 4, size=600) / 4.0  # three score levels: many ties
+    dets = Detections(boxes, scores, np.array(["a", "b"] * 300, dtype=object))
+    first_nms, first_soft = _kept_set(nms(dets, 0.3)), _kept_set(soft_nms(dets, 0.3, 0.5, 0.2))
+    for seed in range(5):
+        order = np.random.default_rng(seed).permutation(600)
+        shuffled = dets.select(order)
+        assert _kept_set(nms(shuffled, 0.3)) == first_nms
+        assert _kept_set(soft_nms(shuffled, 0.3, 0.5, 0.2)) == first_soft
+
+
+def test_an_exact_tie_keeps_the_box_that_comes_first_by_position() -> None:
+    left, right = [10.0, 10.0, 30.0, 30.0], [11.0, 10.0, 31.0, 30.0]  # IoU 0.9, equal scores
+    for boxes in ([left, right], [right, left]):
+        kept = nms(Detections(np.array(boxes), np.array([0.5, 0.5]), np.array(["a", "a"])), 0.75)
+        assert kept.boxes.tolist() == [left]
