@@ -20,6 +20,7 @@ from pipeline import antimeridian
 from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
 from pipeline.io import SensorModel
+from pipeline.redact import public_url
 
 # Box corners in the order NW, NE, SE, SW (pixel frame), closed.
 _CORNERS = np.array([[0, 1], [2, 1], [2, 3], [0, 3], [0, 1]])
@@ -74,6 +75,7 @@ def to_features(
     inference_time: datetime | None = None,
 ) -> gpd.GeoDataFrame:
     """The features of one image's detections (boxes in full-image pixels)."""
+    image_url = public_url(image_url)  # ids and image_url never carry a signature or password
     n = len(detections)
     rings = box_rings(detections.boxes)
     lon, lat = model.pixel_to_lonlat(rings[..., 0].ravel(), rings[..., 1].ravel())

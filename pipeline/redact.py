@@ -1,9 +1,15 @@
-"""Keep secrets out of logs, status messages, summaries and exceptions.
+"""Keep secrets out of logs, status messages, summaries, features and exceptions.
 
-:func:`redact` rewrites one string: AWS access key ids, ``key=value`` secrets (secret, token,
-password, credential, signature, api key), ``Authorization``/``Bearer`` headers, passwords in
-URLs (``scheme://user:pass@host``), the signing parameters of presigned URLs (``X-Amz-*``,
-``Signature``, ``sig``, ``AWSAccessKeyId``, ...) and every value registered with
+:func:`public_url` is the one form of an image URL that is ever written (features'
+``image_url``, summaries, status messages, manifests, titles): its user info and its signing and
+token query parameters (:data:`SECRET_PARAMS`, every ``X-Amz-*``/``X-Goog-*`` parameter, and an
+Azure SAS token's fields) keep their names but lose their values (``***``); the rest of the URL
+is kept byte for byte. The original URL is still what is read.
+
+:func:`redact` rewrites one free text: every URL in it through :func:`public_url`, AWS
+access key ids, ``key=value`` secrets (secret, token, password, credential, signature, api key;
+a URL or path after the keyword is not taken for one), ``Authorization``/``Bearer`` headers,
+the same query parameters outside a whole URL, and every value registered with
 :func:`register_secret` (the process's ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN`` are
 registered on import). :class:`RedactingFilter` applies it to every log record that a handler
 emits, tracebacks included.
@@ -16,32 +22,59 @@ import os
 import re
 import threading
 from typing import Any
+from urllib.parse import unquote_plus
 
 MASK = "***"
 
 #: secrets shorter than this are not registered (they would mask ordinary words)
 MIN_SECRET_LENGTH = 8
 
+#: query parameters whose values are secrets (or sign them), compared in lower case
+SECRET_PARAMS = frozenset({
+    "signature", "sig", "awsaccesskeyid", "googleaccessid", "security-token",
+    "x-security-token", "token", "access_token", "id_token", "refresh_token", "session_token",
+    "sessiontoken", "auth", "authorization", "api_key", "apikey", "api-key", "key", "secret",
+    "client_secret", "password", "passwd", "pwd", "credential", "credentials", "policy",
+    "key-pair-id",
+})
+#: query parameter prefixes of AWS SigV4 and Google V4 signed URLs (Credential, Signature,
+#: Security-Token, SignedHeaders, Date, Expires, Algorithm, ...)
+SECRET_PARAM_PREFIXES = ("x-amz-", "x-goog-")
+#: the fields of an Azure SAS token, masked in a query that carries its ``sig``
+SAS_PARAMS = frozenset({
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "skoid", "sktid", "skt",
+    "ske", "sks", "skv", "saoid", "suoid", "scid",
+})
+
 _SENSITIVE_PARAM = (
-    r"X-Amz-(?:Signature|Credential|Security-Token|SignedHeaders|Date|Expires|Algorithm)|"
-    r"X-Goog-(?:Signature|Credential)|Signature|Sig|AWSAccessKeyId|Security-Token|"
-    r"access_token|token|api_?key|apikey|key|secret|password|passwd|pwd|credential|auth|"
-    r"client_secret"
+    r"X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|"
+    + "|".join(re.escape(name) for name in sorted(SECRET_PARAMS, key=len, reverse=True))
 )
+#: a URL in free text (trailing punctuation is not part of it)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s\"'<>`]*[^\s\"'<>`.,;:!?)\]}]", re.IGNORECASE)
+#: URL user info: ``scheme://user:password@`` or ``scheme://token@``
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/?#@\s\"']+@", re.IGNORECASE)
+#: not followed by a URL or an absolute path: after a keyword such as ``passwd:`` that ends
+#: another value (``<jobId>:<imageUrl>``), those are not the keyword's secret value
+_NO_URL_AHEAD = r"(?![a-z][a-z0-9+.-]*://|/)"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # presigned and token-bearing query parameters: keep the name, drop the value
-    (re.compile(rf"([?&;](?:{_SENSITIVE_PARAM})=)[^&#\s\"'<>]*", re.IGNORECASE), rf"\g<1>{MASK}"),
+    # presigned and token-bearing query parameters (outside a whole URL): keep the name only
+    (re.compile(rf"([?&;](?:{_SENSITIVE_PARAM})=)(?:[^&#\s\"'<>]*[^&#\s\"'<>.,;:!?)\]}}])?",
+                re.IGNORECASE), rf"\g<1>{MASK}"),
     # URL user info: scheme://user:password@host
-    (re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s:@\"']+:[^/\s@\"']*@", re.IGNORECASE), rf"\g<1>{MASK}@"),
-    # Authorization headers (AWS SigV4, Basic, Bearer) up to the end of the line or quote
-    (re.compile(r"(\bAuthorization\b[\"']?\s*[:=]\s*[\"']?)[^\"'\r\n]+", re.IGNORECASE), rf"\g<1>{MASK}"),
+    (_USERINFO, rf"\g<1>{MASK}@"),
+    # Authorization headers (AWS SigV4, Basic, Bearer, ...) up to the end of the line or quote;
+    # any other value after the keyword is one word
+    (re.compile(r"(\bAuthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:AWS4-HMAC-SHA256|AWS|Basic|"
+                r"Bearer|Digest|Negotiate|NTLM|Token|OAuth)\s[^\"'\r\n]+|"
+                rf"{_NO_URL_AHEAD}[^\s\"',;&}}]+)", re.IGNORECASE), rf"\g<1>{MASK}"),
     (re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), rf"\g<1>{MASK}"),
     # key = value / "key": "value" secrets (AWS CLI, boto, JSON, env files)
     (
         re.compile(
             r"((?:aws_)?(?:secret(?:_?access)?_?key|session_?token|security_?token|secret|password|"
             r"passwd|api_?key|access_?token|client_?secret|credentials?|token|signature)[\"']?\s*[:=]\s*[\"']?)"
-            r"[^\s\"',;&}]+",
+            rf"{_NO_URL_AHEAD}[^\s\"',;&}}]+",
             re.IGNORECASE,
         ),
         rf"\g<1>{MASK}",
@@ -49,6 +82,37 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # AWS access key ids (long-term AKIA..., temporary ASIA...)
     (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[A-Z0-9]{16}\b"), MASK),
 )
+
+
+def _secret_param(name: str, sas: bool) -> bool:
+    name = unquote_plus(name).strip().lower()
+    return name in SECRET_PARAMS or name.startswith(SECRET_PARAM_PREFIXES) or (sas and name in SAS_PARAMS)
+
+
+def _mask_query(query: str) -> str:
+    """``query`` (``a=1&b=2``) with the values of its secret parameters masked."""
+    pairs = [pair.partition("=") for pair in query.split("&")]
+    sas = any(unquote_plus(name).strip().lower() == "sig" for name, _, _ in pairs)
+    return "&".join(
+        f"{name}={MASK}" if sep and value and _secret_param(name, sas) else f"{name}{sep}{value}"
+        for name, sep, value in pairs
+    )
+
+
+def public_url(url: str) -> str:
+    """``url`` as it may be written: user info and the values of signing and token query
+    parameters masked (``https://***@h/a.tif?X-Amz-Signature=***&v=2``), the rest unchanged.
+
+    Idempotent; a plain path or URL comes back as it is. Also masks a URL inside a GDAL path
+    (``NITF_IM:0:https://...``, ``/vsicurl/https://...``).
+    """
+    if not url or ("@" not in url and "?" not in url):
+        return url
+    base, hash_, fragment = url.partition("#")
+    base, mark, query = base.partition("?")
+    base = _USERINFO.sub(rf"\g<1>{MASK}@", base)
+    return f"{base}{mark}{_mask_query(query) if mark else ''}{hash_}{fragment}"
+
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -83,6 +147,7 @@ def redact(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(MASK, text)
+    text = _URL.sub(lambda match: public_url(match.group()), text)
     for regex, replacement in _PATTERNS:
         text = regex.sub(replacement, text)
     return text
