@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +29,9 @@ from dask.base import tokenize
 from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
 from pipeline import synthetic
-from pipeline.aws import GdalOptions
+from pipeline.aws import GdalOptions, split_s3_url
 from pipeline.detections import Detections
+from pipeline.failures import is_permanent
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
 from pipeline.io import (
@@ -54,8 +55,10 @@ from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
 from pipeline.nitf import source_metadata
 from pipeline.parts import PartStore, fingerprint
-from pipeline.request import ImageRequest
+from pipeline.redact import public_url, redact
+from pipeline.request import ImageRequest, S3Output
 from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels, tiles_in
+from pipeline.security import work_prefix
 from pipeline.sinks import Sink, make_sink
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size, to_uint8
 
@@ -142,6 +145,8 @@ class ImageOutcome:
     ground: bool = True
     #: features per class after the merge, counted as they are written
     classes: Counter[str] = field(default_factory=Counter)
+    #: a FAILED image whose failure a retry cannot change (:mod:`pipeline.failures`)
+    permanent: bool = False
 
     def summary(self) -> dict[str, Any]:
         info = self.plan.info if self.plan else None
@@ -368,6 +373,9 @@ class JobResult:
     features: gpd.GeoDataFrame
     summary: dict[str, Any]
     outputs: list[str] = field(default_factory=list)
+    #: a FAILED job whose every image failed in a way that a retry cannot change (the queue
+    #: worker then dead-letters its message at once; see :mod:`pipeline.failures`)
+    permanent: bool = False
 
     @property
     def status(self) -> str:
@@ -417,13 +425,40 @@ def job_status(outcomes: list[ImageOutcome]) -> str:
     return ev.PARTIAL
 
 
-def default_work_dir(request: ImageRequest) -> Path:
-    """Where a job keeps its part files and manifest: ``<first LOCAL output>/<jobId>.parts``,
-    or ``<tmp>/model-runner/<jobId>.parts`` for a job without a LOCAL output."""
-    for output in request.all_outputs:
+def work_location(request: ImageRequest) -> tuple[str | Path, str | None]:
+    """Where a job keeps its part files and manifest, and the role that writes there:
+    ``<first LOCAL output>/<jobId>.parts``, else ``s3://<first S3 output>/<jobId>.parts/``
+    (with that output's role), else ``<MODEL_RUNNER_WORK_PREFIX>/<jobId>.parts/`` (a Kinesis-only
+    job), else ``<tmp>/model-runner/<jobId>.parts``. Beside S3 outputs or under the work prefix,
+    a redelivered job resumes in any process."""
+    name = f"{request.job_id}.parts"
+    outputs = request.all_outputs
+    for output in outputs:
         if output.type == "LOCAL":
-            return Path(output.path) / f"{request.job_id}.parts"
-    return Path(tempfile.gettempdir()) / "model-runner" / f"{request.job_id}.parts"
+            return Path(output.path) / name, None
+    for output in outputs:
+        if output.type == "S3":
+            return f"s3://{output.bucket}/{_join(output.prefix, name)}/", output.role
+    prefix = work_prefix()
+    if prefix is not None:
+        return f"{prefix.rstrip('/')}/{name}/", None
+    return Path(tempfile.gettempdir()) / "model-runner" / name, None
+
+
+def done_marker(request: ImageRequest) -> S3Output | None:
+    """Where a job without LOCAL or S3 outputs (Kinesis only) leaves its summary, so that a
+    redelivered message finds it done: ``<MODEL_RUNNER_WORK_PREFIX>/<jobId>.summary.json``
+    (an S3 output of no formats; None for other jobs or without a work prefix)."""
+    prefix = work_prefix()
+    if prefix is None or any(o.type in ("LOCAL", "S3") for o in request.all_outputs):
+        return None
+    bucket, key = split_s3_url(prefix)
+    return S3Output(bucket=bucket, prefix=key, formats=())
+
+
+def _join(prefix: str, name: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{name}" if prefix else name
 
 
 def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int, int, int, int],
@@ -468,7 +503,7 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
     with outcome.timer.stage("write"):
         record = store.write_chunk(
             index, result.chunk, features, waiting,
-            {"url": plan.url, "tiles": result.tiles, "rawDetections": result.raw_detections,
+            {"url": public_url(plan.url), "tiles": result.tiles, "rawDetections": result.raw_detections,
              "classes": classes,
              "droppedDetections": result.dropped_detections,
              "detections": len(detections), "modelSeconds": round(result.model_seconds, 4)},
@@ -550,9 +585,9 @@ def run_job(
 ) -> JobResult:
     """Run ``request`` on ``client`` (a ``distributed.Client``) and write its outputs.
 
-    Streaming: each chunk's result is merged and written to a part file in ``work_dir``
-    (default :func:`default_work_dir`) as it arrives, and listed in the manifest there; only
-    detections near chunk borders wait for a cross-chunk merge at the end, and the final
+    Streaming: each chunk's result is merged and written to a part file in ``work_dir`` (a
+    directory or an S3 prefix; default :func:`work_location`) as it arrives, and listed in the
+    manifest there; only detections near chunk borders wait for a cross-chunk merge at the end, and the final
     files are assembled from the parts. ``resume=True`` keeps the chunks the manifest lists
     and computes only the others. ``collect_features=False`` leaves
     :attr:`JobResult.features` empty (the features are in the outputs), so that memory stays
@@ -568,8 +603,12 @@ def run_job(
     check_model(spec)
     spec = prepare_model(client, spec)  # endpoint settings, resources (fail fast), metrics
     sinks = sinks if sinks is not None else [make_sink(o) for o in request.all_outputs]
-    store = PartStore(work_dir or default_work_dir(request), request.job_id,
-                      fingerprint(request.to_wire(), chunk_target), resume=resume)
+    location, role = (work_dir, None) if work_dir else work_location(request)
+    store = PartStore(location, request.job_id, fingerprint(request.to_wire(), chunk_target),
+                      resume=resume, role=role)
+    marker = done_marker(request)
+    if marker is not None:
+        sinks = [*sinks, make_sink(marker)]
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
 
     outcomes = [ImageOutcome(url) for url in image_urls(request)]
@@ -597,6 +636,7 @@ def run_job(
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 reason = str(exc) if isinstance(exc, ImageError) else _one_line_error(exc)
                 outcome.status, outcome.reason = ev.FAILED, reason
+                outcome.permanent = is_permanent(exc)
                 bus.emit(ev.FAILED, request.job_id, outcome.url, reason)
                 continue
             outcome.tiles = tiles_in(outcome.plan.chunk_mask, outcome.plan.grid)
@@ -637,7 +677,7 @@ def run_job(
             # the chunk's result, even if the worker that held it has died since (the future
             # then reads "lost" or "pending" while the scheduler recomputes a key we have)
             result: ChunkResult = value[0, 0]
-            timed.append(result)
+            timed.append(replace(result, detections=Detections()))  # its seconds only
         else:
             reason = _future_error(value)
             log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
@@ -671,9 +711,6 @@ def run_job(
         if outcome.status != ev.FAILED:
             outcome.after_merge += _border_pass(store, index, outcome, request)
             parts.extend(store.parts(index))
-            border_part = store.directory / f"i{index:04d}-border.parquet"
-            if border_part.exists():
-                parts.append(border_part)
         outcome.border.clear()
         bus.emit(outcome.status, request.job_id, outcome.url, outcome.reason or "",
                  failedTiles=len(outcome.failed_tiles))
@@ -697,10 +734,12 @@ def run_job(
     for outcome in outcomes:
         for name, value in outcome.timer.as_dict().items():
             stage_seconds[name] = round(stage_seconds.get(name, 0.0) + value, 4)
+    why = job_reason(outcomes)
     summary = {
         "jobId": request.job_id,
         "jobName": request.job_name,
         "status": status,
+        "reason": why,
         "model": {"type": spec.type, "name": spec.name},
         "tileSize": request.tile_size,
         "tileOverlap": request.tile_overlap,
@@ -724,8 +763,28 @@ def run_job(
         written.append(sink.write_summary(request.job_id, summary))
     if (status == ev.SUCCESS and not keep_parts) or not store.records:
         store.remove()  # kept otherwise, for a resume
-    bus.emit(status, request.job_id, message=f"{summary['features']} features")
-    return JobResult(features, summary, written)
+    counted = f"{summary['features']} features"
+    bus.emit(status, request.job_id, message=why if status == ev.FAILED and why else
+             f"{counted}; {why}" if why else counted)
+    permanent = status == ev.FAILED and all(o.permanent for o in outcomes)
+    return JobResult(features, summary, written, permanent=permanent)
+
+
+def job_reason(outcomes: list[ImageOutcome]) -> str | None:
+    """One line for why a job is not a SUCCESS: the reason of its one image that did not
+    succeed, or how many did not and each one's reason, the image named where its reason does
+    not name it (None when every image succeeded)."""
+    failing = [o for o in outcomes if o.status != ev.SUCCESS]
+    if not failing:
+        return None
+    reasons = []
+    for outcome in failing:
+        url = public_url(outcome.url)
+        reason = redact(outcome.reason or outcome.status)
+        reasons.append(reason if url in reason else f"{url}: {reason}")
+    if len(outcomes) == 1:
+        return reasons[0]
+    return f"{len(failing)} of {len(outcomes)} images did not succeed: {'; '.join(reasons)}"
 
 
 def _one_line_error(exc: BaseException) -> str:

@@ -55,6 +55,9 @@ class WorkerConfig:
     heartbeat_seconds: float | None = None
     #: a failed job is hidden this long before its retry
     retry_delay: int = 10
+    #: runs of a message whose job fails transiently (throttling, network, lost workers) before
+    #: it is FAILED and dead-lettered; a permanent failure (pipeline.failures) gets one run
+    max_attempts: int = 3
     #: on SIGTERM, how long the current job may take to finish before it is released
     grace_seconds: float = 0.0
     #: at most one IN_PROGRESS status per this many seconds
@@ -106,9 +109,13 @@ def s3_key(prefix: str, name: str) -> str:
 
 
 def finished_summary(request: ImageRequest) -> dict[str, Any] | None:
-    """The ``SUCCESS`` summary of this job at one of its output locations, if there is one."""
+    """The ``SUCCESS`` summary of this job at one of its output locations, or (a Kinesis-only
+    job) at its done marker under ``MODEL_RUNNER_WORK_PREFIX``, if there is one."""
+    from graphs.image_job import done_marker
+
     name = f"{request.job_id}.summary.json"
-    for output in request.all_outputs:
+    marker = done_marker(request)
+    for output in [*request.all_outputs, *([marker] if marker else [])]:
         text: str | bytes | None = None
         try:
             if output.type == "LOCAL":
@@ -178,7 +185,10 @@ class QueueWorker:
         self.stats = WorkerStats()
         #: image sources and output destinations a request may name (pipeline.security)
         self.allow = allow if allow is not None else AllowList.for_worker()
+        self.allow.check_work_prefix()  # where Kinesis-only jobs resume from: allowed, or refused now
         self.stopping = threading.Event()
+        #: the last FAILED run's (reason, permanent, its JobStatus), see :meth:`_run`
+        self._failure: tuple[str, bool, Any] = ("", False, None)
         self.dead_letter_url, self.max_receives = self._redrive()
 
     # ------------------------------------------------------------------ queue plumbing
@@ -272,11 +282,15 @@ class QueueWorker:
         return self.stats
 
     # ------------------------------------------------------------------ one message
+    def _give_up(self, message: dict[str, Any], job_id: str, image_url: str, reason: str,
+                 **status: Any) -> None:
+        """Publish the message's one FAILED status (with ``reason``), then dead-letter it."""
+        self.publisher.publish(ev.FAILED, job_id, image_url, reason, **status)
+        self._dead_letter(message, reason)
+
     def _poison(self, message: dict[str, Any], reason: str) -> None:
         self.stats.poison += 1
-        job_id, image_url = read_ids(message["Body"])
-        self.publisher.publish(ev.FAILED, job_id, image_url, reason)
-        self._dead_letter(message, reason)
+        self._give_up(message, *read_ids(message["Body"]), reason)
 
     def _parse(self, message: dict[str, Any]) -> ImageRequest | None:
         """The request, or None after handling a poison message."""
@@ -323,6 +337,7 @@ class QueueWorker:
             self.stats.duplicates += 1
             self.publisher.publish(ev.SUCCESS, request.job_id, image_url,
                                    "already complete: acknowledged without running again",
+                                   duration=float((done.get("seconds") or {}).get("total") or 0),
                                    features=done.get("features"))
             self._delete(message)
             return "DUPLICATE"
@@ -344,20 +359,48 @@ class QueueWorker:
             self.stats.released += 1
         else:
             self.stats.failed += 1
-            last = self.max_receives is not None and receives >= self.max_receives
-            log.warning("job %s failed (receive %d%s)", request.job_id, receives,
-                        "; the queue moves it to the dead-letter queue next" if last else
-                        "; it will be retried")
-            self._hide(message, self.config.retry_delay)
+            self._failed(message, request, receives)
         return outcome
 
+    @property
+    def attempts(self) -> int:
+        """Runs a message gets before a transient failure is final: ``max_attempts``, or the
+        redrive policy's ``maxReceiveCount`` if that is lower."""
+        return min(self.config.max_attempts, self.max_receives or self.config.max_attempts)
+
+    def _failed(self, message: dict[str, Any], request: ImageRequest, receives: int) -> None:
+        """After a FAILED run: retry a transient failure (hidden for ``retry_delay``) until
+        :attr:`attempts` runs, else publish FAILED and dead-letter (or delete) the message."""
+        reason, permanent, status = self._failure
+        image_url = request.image_urls[0]
+        if permanent or receives >= self.attempts:
+            why = "cannot succeed on a retry" if permanent else f"failed {receives} times"
+            log.warning("job %s: FAILED (%s): %s", request.job_id, why, reason)
+            self._give_up(message, request.job_id, image_url, reason,
+                          duration=status.duration, failed_tiles=status.failed_tiles)
+            return
+        log.warning("job %s: attempt %d of %d failed: %s; retried in %d s", request.job_id,
+                    receives, self.attempts, reason, self.config.retry_delay)
+        self.publisher.publish(ev.IN_PROGRESS, request.job_id, image_url,
+                               f"attempt {receives} of {self.attempts} failed, retrying: {reason}",
+                               duration=status.duration, failed_tiles=status.failed_tiles)
+        self._hide(message, self.config.retry_delay)
+
     def _run(self, message: dict[str, Any], request: ImageRequest, sinks: list[Any]) -> str:
-        """Run the job in a thread while this thread heartbeats and watches for a stop."""
+        """Run the job in a thread while this thread heartbeats and watches for a stop. A
+        FAILED run leaves its reason, whether it is permanent and its status in ``_failure``
+        (its FAILED status is published by :meth:`_failed`, once, when it is final)."""
         from graphs.image_job import run_job
+        from pipeline.failures import is_permanent
 
         bus = ev.EventBus()
         status = self.publisher.for_job(request.job_id, request.image_urls[0])
-        bus.subscribe(status)
+
+        def publish(event: ev.Event) -> None:
+            if not (event.status == ev.FAILED and event.image_url is None):
+                status(event)  # the job's FAILED waits for _failed: final, or a retry
+
+        bus.subscribe(publish)
         cancelled = threading.Event()
         finished = threading.Event()
         outcome: dict[str, Any] = {}
@@ -370,21 +413,25 @@ class QueueWorker:
         if self.config.chunk_target:
             kwargs["chunk_target"] = self.config.chunk_target
         kwargs["resume"] = True  # a message whose job crashed mid-way continues from its parts
+        kwargs["collect_features"] = False  # the features stream from the parts to the outputs
 
         def target() -> None:
             from pipeline.parts import ResumeError
 
             try:
                 try:
-                    outcome["status"] = run_job(request, self.client, **kwargs).status
+                    result = run_job(request, self.client, **kwargs)
                 except ResumeError as exc:  # the parts of another request with this jobId
                     log.warning("job %s: %s; starting over", request.job_id, exc)
                     kwargs["resume"] = False
-                    outcome["status"] = run_job(request, self.client, **kwargs).status
+                    result = run_job(request, self.client, **kwargs)
+                outcome["status"] = result.status
+                outcome["reason"] = result.summary.get("reason") or result.status
+                outcome["permanent"] = result.permanent
             except JobCancelled:
                 outcome["status"] = "RELEASED"
-            except Exception as exc:  # noqa: BLE001 - reported as FAILED, retried by SQS
-                outcome["error"] = _one_line(exc)
+            except Exception as exc:  # noqa: BLE001 - reported as FAILED, retried if transient
+                outcome.update(status=ev.FAILED, reason=_one_line(exc), permanent=is_permanent(exc))
             finally:
                 finished.set()
 
@@ -403,12 +450,7 @@ class QueueWorker:
                 cancelled.set()
                 log.warning("job %s: released for another worker (stopping)", request.job_id)
                 return "RELEASED"
-        if "error" in outcome:
-            log.warning("job %s: %s", request.job_id, outcome["error"])
-            self.publisher.publish(ev.FAILED, request.job_id, request.image_urls[0],
-                                   outcome["error"], duration=status.duration,
-                                   failed_tiles=status.failed_tiles)
-            return ev.FAILED
+        self._failure = (str(outcome.get("reason") or ""), bool(outcome.get("permanent")), status)
         return str(outcome["status"])
 
 

@@ -68,6 +68,8 @@ MAX_REDIRECTS = 5
 
 ENV_SOURCES = "MODEL_RUNNER_ALLOWED_SOURCES"
 ENV_OUTPUTS = "MODEL_RUNNER_ALLOWED_OUTPUTS"
+#: ``s3://bucket[/prefix]`` where Kinesis-only jobs keep their parts, manifest and done marker
+ENV_WORK_PREFIX = "MODEL_RUNNER_WORK_PREFIX"
 #: the worker's closed defaults (neither variable set): S3 in, S3/Kinesis out, nothing local or HTTP
 DEFAULT_SOURCES = ("s3://*",)
 DEFAULT_OUTPUTS = ("s3://*", "kinesis://*")
@@ -181,6 +183,12 @@ class AllowList:
                 ENV_SOURCES, ENV_OUTPUTS, ", ".join(DEFAULT_SOURCES), ", ".join(DEFAULT_OUTPUTS))
         return cls.from_env(environ)
 
+    def check_work_prefix(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The worker's :func:`work_prefix`, which must be an allowed output destination (it
+        holds the parts of Kinesis-only jobs); :class:`AccessDenied` otherwise."""
+        prefix = work_prefix(environ)
+        return self.check_output(prefix, ENV_WORK_PREFIX) if prefix is not None else None
+
     def describe(self) -> str:
         """One line: the rules in force (for the worker's start-up log)."""
         return (f"image sources {', '.join(map(str, self.sources)) or 'none'}; "
@@ -263,6 +271,19 @@ class AllowList:
             except AccessDenied as exc:
                 refused[url] = str(exc)
         return refused
+
+
+def work_prefix(environ: Mapping[str, str] | None = None) -> str | None:
+    """``MODEL_RUNNER_WORK_PREFIX`` (``s3://bucket[/prefix]``, without a trailing ``/``), or
+    None when it is not set; anything else is refused with one line."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV_WORK_PREFIX, "").strip()
+    if not value:
+        return None
+    scheme, _, _ = _parse_output(value, ENV_WORK_PREFIX)
+    if scheme != "s3":
+        raise AccessDenied(f"{ENV_WORK_PREFIX}: {value} is not an s3://bucket[/prefix] URL")
+    return value.rstrip("/")
 
 
 def output_url(output: Any) -> str:

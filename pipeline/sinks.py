@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,38 @@ def _frame_columns(features: gpd.GeoDataFrame) -> tuple[np.ndarray, dict[str, li
     return features.geometry.values, {c: features[c].tolist() for c in features.columns if c != name}
 
 
-def _part_columns(path: str | Path) -> tuple[np.ndarray, dict[str, list[Any]]]:
+#: rows read from a GeoParquet part at a time by the streaming writers (bounds their memory)
+PART_BATCH_ROWS = 5000
+
+
+def _part_batches(path: str | Path,
+                  rows: int = PART_BATCH_ROWS) -> Iterator[tuple[np.ndarray, dict[str, list[Any]]]]:
     """A GeoParquet part's geometries and other columns (not its bbox covering) as lists of
-    Python values, read with pyarrow (nested columns come back as lists and dicts)."""
+    Python values, ``rows`` at a time (``pyarrow`` batches; nested columns come back as lists
+    and dicts)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    geo = json.loads(table.schema.metadata[b"geo"])
-    primary = geo["primary_column"]
-    covering = geo["columns"][primary].get("covering", {}).get("bbox", {})
-    skip = {primary} | {str(column[0]) for column in covering.values()}
-    geometry = shapely.from_wkb(table.column(primary).to_numpy(zero_copy_only=False))
-    return geometry, {name: table.column(name).to_pylist() for name in table.column_names if name not in skip}
+    with pq.ParquetFile(path) as part:
+        geo = json.loads(part.schema_arrow.metadata[b"geo"])
+        primary = geo["primary_column"]
+        covering = geo["columns"][primary].get("covering", {}).get("bbox", {})
+        skip = {str(column[0]) for column in covering.values()}
+        names = [name for name in part.schema_arrow.names if name not in skip]
+        for batch in part.iter_batches(batch_size=rows, columns=names):
+            with no_cyclic_gc():  # a batch's values hold no cycles
+                geometry = shapely.from_wkb(batch.column(primary).to_numpy(zero_copy_only=False))
+                columns = {name: batch.column(name).to_pylist() for name in names if name != primary}
+            yield geometry, columns
+
+
+def _columns_of(parts: Iterable[gpd.GeoDataFrame | str | Path],
+                rows: int = PART_BATCH_ROWS) -> Iterator[tuple[np.ndarray, dict[str, list[Any]]]]:
+    """Geometries and columns of frames (whole) and of GeoParquet part files (batch by batch)."""
+    for part in parts:
+        if isinstance(part, gpd.GeoDataFrame):
+            yield _frame_columns(part)
+        else:
+            yield from _part_batches(part, rows)
 
 
 def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame | str | Path],
@@ -92,13 +113,18 @@ def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame | str |
     with open(path, "w", encoding="utf-8") as out:
         out.write('{"type":"FeatureCollection","features":[')
         n = 0
-        for part in parts:
-            with no_cyclic_gc():  # a part's values and texts hold no cycles
-                columns = _frame_columns(part) if isinstance(part, gpd.GeoDataFrame) else _part_columns(part)
+        for columns in _columns_of(parts):
+            with no_cyclic_gc():  # a batch's values and texts hold no cycles
                 for text in _feature_texts(*columns):
                     out.write(f'{"," if n else ""}\n{text}')
                     n += 1
         out.write("\n]}\n")
+
+
+def feature_collection(texts: Sequence[str]) -> bytes:
+    """A FeatureCollection of feature texts (from :func:`_feature_texts`), as UTF-8 bytes."""
+    body = ",".join(f"\n{text}" for text in texts)
+    return f'{{"type":"FeatureCollection","features":[{body}\n]}}\n'.encode()
 
 
 def write_parquet(features: gpd.GeoDataFrame, path: str | Path) -> None:
@@ -107,8 +133,9 @@ def write_parquet(features: gpd.GeoDataFrame, path: str | Path) -> None:
 
 
 def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
-    """Concatenate GeoParquet parts into one file, a row group per part, without holding more
-    than one part in memory; the ``geo`` metadata's bbox and geometry types cover all parts."""
+    """Concatenate GeoParquet parts into one file, batch by batch (a row group per batch of at
+    most ``10 × PART_BATCH_ROWS`` rows), without holding more than one batch in memory; the
+    ``geo`` metadata's bbox and geometry types cover all parts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,11 +151,13 @@ def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
     schema = unified.with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
     with pq.ParquetWriter(path, schema) as writer:
         for part in paths:
-            table = pq.read_table(part)
-            for name in schema.names:  # a column that some parts lack (per-image properties)
-                if name not in table.column_names:
-                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
-            writer.write_table(table.select(schema.names).cast(schema))
+            with pq.ParquetFile(part) as source:
+                for batch in source.iter_batches(batch_size=PART_BATCH_ROWS * 10):
+                    table = pa.Table.from_batches([batch])
+                    for name in schema.names:  # a column that some parts lack (per-image properties)
+                        if name not in table.column_names:
+                            table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+                    writer.write_table(table.select(schema.names).cast(schema))
 
 
 WRITERS: dict[str, Callable[[gpd.GeoDataFrame, str | Path], None]] = {
@@ -250,19 +279,22 @@ class KinesisSink(Sink):
             self._client = client("kinesis", self.role)
         return self._client
 
-    def _payloads(self, features: gpd.GeoDataFrame, directory: str) -> Iterator[bytes]:
+    def _payloads(self, texts: Iterator[str]) -> Iterator[bytes]:
         """FeatureCollections of at most ``batch_size`` features, halved until one fits."""
-        pending = [features.iloc[i : i + self.batch_size]
-                   for i in range(0, len(features), self.batch_size)]
-        while pending:
-            batch = pending.pop(0)
-            path = Path(directory) / "batch.geojson"
-            write_geojson(batch, path)
-            data = path.read_bytes()
-            if len(data) > self.MAX_RECORD_BYTES and len(batch) > 1:
-                half = len(batch) // 2
-                pending[:0] = [batch.iloc[:half], batch.iloc[half:]]
-                continue
+        while True:
+            with no_cyclic_gc():  # the batch's texts hold no cycles
+                batch = list(islice(texts, self.batch_size))
+            if not batch:
+                return
+            yield from self._fitted(batch)
+
+    def _fitted(self, texts: list[str]) -> Iterator[bytes]:
+        data = feature_collection(texts)
+        if len(data) > self.MAX_RECORD_BYTES and len(texts) > 1:
+            half = len(texts) // 2
+            yield from self._fitted(texts[:half])
+            yield from self._fitted(texts[half:])
+        else:
             yield data
 
     def _put(self, records: list[dict[str, Any]]) -> None:
@@ -277,19 +309,28 @@ class KinesisSink(Sink):
             time.sleep(0.2 * 2**attempt)
         raise RuntimeError(f"Kinesis stream {self.stream}: {len(records)} records not accepted")
 
-    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+    def _send(self, job_id: str, parts: Iterable[gpd.GeoDataFrame | str | Path]) -> list[str]:
+        """Put the features of ``parts`` (read batch by batch) in PutRecords calls of at most
+        :attr:`MAX_RECORDS` records and :attr:`MAX_CALL_BYTES` bytes."""
+        texts = (text for columns in _columns_of(parts) for text in _feature_texts(*columns))
         records: list[dict[str, Any]] = []
         size = 0
-        with tempfile.TemporaryDirectory(prefix="kinesis-") as directory:
-            for data in self._payloads(features, directory):
-                if len(records) == self.MAX_RECORDS or size + len(data) > self.MAX_CALL_BYTES:
-                    self._put(records)
-                    records, size = [], 0
-                records.append({"Data": data, "PartitionKey": job_id})
-                size += len(data)
+        for data in self._payloads(texts):
+            if len(records) == self.MAX_RECORDS or size + len(data) > self.MAX_CALL_BYTES:
+                self._put(records)
+                records, size = [], 0
+            records.append({"Data": data, "PartitionKey": job_id})
+            size += len(data)
         if records:
             self._put(records)
         return [self.describe()]
+
+    def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
+        return self._send(job_id, [features])
+
+    def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
+        """Stream the parts to the stream: one batch of features in memory at a time."""
+        return self._send(job_id, parts)
 
     def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
         """Kinesis carries features only; the summary goes to the other outputs."""
@@ -334,18 +375,11 @@ class S3Sink(Sink):
         return self._client
 
     def _upload(self, files: list[str]) -> list[str]:
-        import botocore.exceptions
-
         written = []
         for path in files:
-            name = Path(path).name
-            try:
-                self._s3().upload_file(path, self.bucket, self.key(name))
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-                    boto3_transfer_errors()) as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise OSError(f"cannot write s3://{self.bucket}/{self.key(name)}: {message}") from None
-            written.append(f"s3://{self.bucket}/{self.key(name)}")
+            key = self.key(Path(path).name)
+            upload(self._s3(), Path(path), self.bucket, key)
+            written.append(f"s3://{self.bucket}/{key}")
         return written
 
     def _staged(self, write: Callable[[LocalSink], list[str]]) -> list[str]:
@@ -363,6 +397,22 @@ class S3Sink(Sink):
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.key('')}"
+
+
+def upload(s3: Any, body: bytes | Path, bucket: str, key: str) -> None:
+    """Put ``body`` (bytes, or a local file through boto3's managed transfer: multipart when
+    large, aborted on failure) at ``s3://bucket/key``; a failure is one-line :class:`OSError`."""
+    import botocore.exceptions
+
+    try:
+        if isinstance(body, Path):
+            s3.upload_file(str(body), bucket, key)
+        else:
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            boto3_transfer_errors()) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(f"cannot write s3://{bucket}/{key}: {message}") from None
 
 
 def boto3_transfer_errors() -> type[Exception]:
