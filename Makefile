@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint security audit typecheck bench lock clean check-notebooks strip-notebooks
+.PHONY: install osml-client demo test test-all lint security audit typecheck bench lock clean check-notebooks strip-notebooks
 
 install: $(STAMP)
 
@@ -15,14 +15,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e '.[test,cloud,onnx]'
 	touch $(STAMP)
 
+# OSML's own integration-test client (osml-model-runner-test, with the old boto3 it pins) in its
+# own venv, so that our .venv keeps its botocore; tests/test_osml_client.py runs it against the worker
+OSMLCLIENTENV := .osmlclientenv
+OSMLCLIENTREQ := tests/data/osml/client-requirements.txt
+osml-client: $(OSMLCLIENTENV)/.installed
+
+$(OSMLCLIENTENV)/.installed: $(OSMLCLIENTREQ)
+	test -x $(OSMLCLIENTENV)/bin/python || $(PYTHON) -m venv $(OSMLCLIENTENV)
+	$(OSMLCLIENTENV)/bin/python -m pip install --quiet --no-deps -r $(OSMLCLIENTREQ)
+	touch $@
+
 demo: install
 	$(BIN)/model-runner demo --output-dir demo-output
 
-test: install
+test: install osml-client
 	$(BIN)/ruff check --select S pipeline graphs
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: install
+test-all: install osml-client
 	$(BIN)/python -m pytest -q tests
 
 lint: install
@@ -58,4 +69,4 @@ lock:
 	  && .lockenv/bin/pip freeze --exclude-editable > constraints.txt && rm -rf .lockenv
 
 clean:
-	rm -rf $(VENV) $(AUDITENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AUDITENV) $(OSMLCLIENTENV) demo-output .pytest_cache .mypy_cache .ruff_cache

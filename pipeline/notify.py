@@ -1,13 +1,18 @@
 """Status notifications on SNS in OSML Model Runner's form.
 
 Each message body is JSON (``jobId``, ``imageUrl``, ``status``, ``processingDuration``,
-``failedTiles``, ``message``); the message attributes are OSML's ``StatusMessage`` attributes,
-all SNS ``String`` values: ``status``, ``image_status``, ``job_id``, ``image_id``
-(``<jobId>:<imageUrl>``) and ``processing_duration`` (whole seconds). OSML status consumers
-and SNS filter policies on those attributes work unchanged.
+``failedTiles``, ``message``; OSML's body is a line of text); the message attributes are
+OSML 2.3's image ``StatusMessage`` attributes, all SNS ``String`` values: ``status``,
+``image_status``, ``job_id``, ``image_id`` (``<jobId>:<imageUrl>``) and ``processing_duration``
+(seconds since the job started, as a decimal number such as ``"0.734"``: OSML's client checks
+``float(processing_duration) > 0``, which OSML's own whole seconds fail for a sub-second job).
+As in OSML, an attribute without a value is left out (a poison message has no job that ran, so
+no ``processing_duration``). OSML status consumers and SNS filter policies on those attributes
+work unchanged.
 
-Everything published or logged is redacted first (:mod:`pipeline.redact`): presigned query
-strings and credentials in image URLs, and secrets in messages, never reach the topic.
+Everything published or logged is redacted first (:mod:`pipeline.redact`): image URLs are
+published in their :func:`~pipeline.redact.public_url` form (``imageUrl`` and ``image_id``), and
+secrets in messages never reach the topic.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import events as ev
-from pipeline.redact import redact, redact_obj
+from pipeline.redact import public_url, redact, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,18 @@ log = logging.getLogger(__name__)
 TERMINAL = (ev.SUCCESS, ev.PARTIAL, ev.FAILED)
 
 
+def seconds_text(duration: float) -> str:
+    """``processing_duration``: decimal seconds, at least ``"0.001"`` for a job that ran
+    (``""``, left out, for one that did not)."""
+    return f"{max(duration, 0.001):.3f}" if duration > 0 else ""
+
+
 def status_attributes(status: str, job_id: str, image_url: str, duration: float) -> dict[str, str]:
-    """OSML's status message attributes as plain strings (SNS allows no empty values, so
-    ``job_id``/``image_id`` are left out where a poison message has none)."""
+    """OSML's image status message attributes as plain strings; empty ones are left out, as
+    OSML's ``StatusMessage.asdict`` leaves out unset ones (SNS allows no empty values)."""
     attributes = {"status": status, "image_status": status, "job_id": job_id,
                   "image_id": f"{job_id}:{image_url}" if job_id and image_url else "",
-                  "processing_duration": str(int(duration))}
+                  "processing_duration": seconds_text(duration)}
     return {k: v for k, v in attributes.items() if v}
 
 
@@ -64,14 +75,13 @@ class StatusPublisher:
     def publish(self, status: str, job_id: str, image_url: str = "", message: str = "", *,
                 duration: float = 0.0, failed_tiles: int = 0, **extra: Any) -> None:
         """Publish one status message (redacted); a failure to publish is logged, never raised."""
-        image_url, message = redact(image_url), redact(message)
+        job_id, image_url, message = redact(job_id), public_url(image_url), redact(message)
         body = redact_obj(status_body(status, job_id, image_url, duration, failed_tiles, message,
                                       **extra))
         log.info("status %s %s %s", status, job_id, message)
         if not self.topic_arn:
             return
-        attributes = {k: redact(v) for k, v in
-                      status_attributes(status, job_id, image_url, duration).items()}
+        attributes = status_attributes(status, job_id, image_url, duration)  # parts redacted
         try:
             self._client.publish(
                 TopicArn=self.topic_arn,

@@ -155,7 +155,7 @@ def test_centerpoint_features_sit_at_the_tile_centres(server, tmp_path, dask_cli
         assert row.image_url == server.url.format(z=z, x=x, y=y)
     collection = json.loads((tmp_path / "tiles.geojson").read_text())
     assert len(collection["features"]) == 6
-    assert {f["properties"]["class"] for f in collection["features"]} == {"centerpoint"}
+    assert {f["properties"]["class"] for f in collection["features"]} == {"sample_object"}
 
 
 def test_missing_slow_and_flaky_tiles_with_class_thresholds(server, tmp_path, dask_client) -> None:
@@ -224,7 +224,7 @@ def test_cli_tiles_from_a_list_file(server, tmp_path) -> None:
     process = subprocess.run(
         [sys.executable, "-m", "pipeline", "tiles", "--tiles", str(listing), "--imagery-url",
          server.url, "--model", "centerpoint", "--job-id", "cli-tiles", "--output-dir",
-         str(tmp_path / "out"), "--threshold", "centerpoint=0.5", "--workers", "1",
+         str(tmp_path / "out"), "--threshold", "sample_object=0.5", "--workers", "1",
          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert process.returncode == 0, process.stderr
     assert "SUCCESS" in process.stdout

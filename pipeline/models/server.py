@@ -5,7 +5,9 @@ Paths: ``GET /ping``; ``POST /invocations`` (the container contract) and the run
 output through S3, as SageMaker asynchronous inference does); ``POST /v1/models/<name>:predict``
 (TF Serving REST, ``{"instances": [{"b64": ...}]}``); and the control-plane
 ``DescribeEndpoint`` (``X-Amz-Target: SageMaker.DescribeEndpoint``), so that one server stands
-in for an endpoint. Bodies are tiles in any format GDAL reads; answers are OSML GeoJSON.
+in for an endpoint. Bodies are tiles in any format GDAL reads; answers are OSML GeoJSON, for
+``centerpoint`` and ``flood`` exactly what OSML's test model containers answer (random ids
+included).
 
 It can misbehave on purpose (:class:`Behaviour`): latency, a limited number of processing slots,
 random 5xx errors, throttling (HTTP 429 ``ThrottlingException``), malformed bodies, and
@@ -32,7 +34,6 @@ import numpy as np
 from pipeline.models.base import ModelSpec
 from pipeline.models.builtin import create as create_builtin
 from pipeline.models.encoding import decode_tile
-from pipeline.models.results import to_feature_collection
 
 MAX_REQUEST_BYTES = 256 * 2**20  # a chunked request body larger than this is refused
 
@@ -77,7 +78,8 @@ class ModelServer(ThreadingHTTPServer):
                  parameters: dict[str, Any] | None = None, behaviour: Behaviour | None = None):
         super().__init__(address, Handler)
         self.model_name = model
-        self.adapter = create_builtin(ModelSpec("BUILTIN", model, dict(parameters or {})))
+        self.adapter = create_builtin(ModelSpec("BUILTIN", model, dict(parameters or {})),
+                                      random_ids=True)
         self.behaviour = behaviour or Behaviour()
         self.stats = Stats()
         self.class_ids: dict[str, int] = {}
@@ -110,7 +112,16 @@ class ModelServer(ThreadingHTTPServer):
             self.stats.in_flight -= 1
 
     def detect(self, tiles: list[np.ndarray]) -> list[Any]:
-        """Run the model (after the configured latency, in a slot when slots are limited)."""
+        """The model's detections for each tile (TF Serving's answer is built from them)."""
+        return self._run(tiles, lambda t: self.adapter.predict(t[None], np.zeros((1, 2), dtype=np.int64))[0])
+
+    def answer(self, tile: np.ndarray) -> dict[str, Any]:
+        """The model's OSML FeatureCollection for one tile."""
+        return self._run([tile], lambda t: self.adapter.answer(t, np.zeros(2, dtype=np.int64)))[0]
+
+    def _run(self, tiles: list[np.ndarray], model: Any) -> list[Any]:
+        """Run ``model`` on each tile (after the configured latency, in a slot when slots are
+        limited)."""
         if self._slots is not None:
             self._slots.acquire()
         try:
@@ -118,7 +129,7 @@ class ModelServer(ThreadingHTTPServer):
                 time.sleep(self.behaviour.latency)
             with self._lock:
                 self.stats.tiles += len(tiles)
-            return [self.adapter.predict(t[None], np.zeros((1, 2), dtype=np.int64))[0] for t in tiles]
+            return [model(t) for t in tiles]
         finally:
             if self._slots is not None:
                 self._slots.release()
@@ -244,8 +255,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.marked(tile, behaviour.malformed_marker) or self.server.roll(behaviour.malformed_rate):
             self._reply(200, b'{"type": "FeatureCollection", "feat', content_type="application/json")
             return
-        detections = self.server.detect([tile])[0]
-        self._reply(200, to_feature_collection(detections))
+        self._reply(200, self.server.answer(tile))
 
     def _invoke_async(self) -> None:
         if self._misbehave():
@@ -276,9 +286,8 @@ class Handler(BaseHTTPRequestHandler):
             tile = decode_tile(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
             if self.server.marked(tile, self.server.behaviour.async_fail_marker):
                 raise RuntimeError("inference failed for this tile")
-            detections = self.server.detect([tile])[0]
             bucket, key = _s3_parts(output_url)
-            s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(to_feature_collection(detections)).encode())
+            s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(self.server.answer(tile)).encode())
         except Exception as exc:  # noqa: BLE001 - reported through the failure location
             bucket, key = _s3_parts(failure_url)
             s3.put_object(Bucket=bucket, Key=key, Body=str(exc).encode())
