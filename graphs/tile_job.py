@@ -39,6 +39,7 @@ from pipeline.detections import Detections
 from pipeline.geolocate import empty_features, to_features
 from pipeline.io import AffineSensorModel
 from pipeline.models import ModelSpec, check_model, load_model
+from pipeline.redact import public_url
 from pipeline.request import ImageProcessor, Output, RequestError, StrictDocument
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ def run_part(part: int, tiles: list[tuple[int, int, int]], template: str, spec: 
                 found.append(detections.shifted(offset[0], offset[1]))
                 local_boxes.extend(detections.boxes.tolist())
                 tile_ids += [tile_id(tile)] * len(detections)
-                urls += [tile_url(template, tile)] * len(detections)
+                urls += [public_url(tile_url(template, tile))] * len(detections)
         merged = Detections.concat(found)
         if not len(merged):
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +30,36 @@ def _positive(text: str) -> int:
     return value
 
 
+#: an option's value that starts with a minus sign and a digit, such as ``-78.37,39.19,-78.3,39.2``
+#: (argparse takes only a lone negative number for a value, not such a list)
+_NEGATIVE_VALUE = re.compile(r"^-\d[\d.,eE+-]*$")
+
+
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--bbox -78.37,39.19,...`` → ``--bbox=-78.37,39.19,...``, for every long option (a
+    value that starts with ``-`` and a digit is otherwise taken for an unknown option)."""
+    out: list[str] = []
+    for arg in argv:
+        previous = out[-1] if out else ""
+        if (_NEGATIVE_VALUE.match(arg) and previous.startswith("--") and "=" not in previous
+                and len(previous) > 2):
+            out[-1] = f"{previous}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser (and subcommand parsers) that reads ``--opt -1,2`` as ``--opt=-1,2``."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        argv = attach_negative_values(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(argv, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="model-runner",
         description="Run ML models over very large overhead images with Dask.",
     )
@@ -89,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a message stays hidden, renewed while its job runs (120)")
     worker.add_argument("--retry-delay", type=int, default=10,
                         help="seconds before a failed job is retried (10)")
+    worker.add_argument("--max-attempts", type=_positive, default=3,
+                        help="runs of a message whose job fails transiently (throttling, network, "
+                        "lost workers) before it is FAILED and dead-lettered (3; at most the "
+                        "queue's maxReceiveCount); a permanent failure gets one run")
     worker.add_argument("--grace-seconds", type=float, default=0.0,
                         help="on SIGTERM, let the current job finish for this long (0)")
     worker.add_argument("--progress-seconds", type=float, default=30.0,
@@ -158,6 +191,9 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
 
     for noisy in ("distributed", "bokeh", "tornado", "rasterio", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # GDAL's warnings before a failed open ("CPLE_AppDefined in Unknown marker") name neither
+    # the image nor the cause; the image's one-line reason does (--debug shows them)
+    logging.getLogger("rasterio._env").setLevel(level if debug else logging.ERROR)
     # Dask's dashboard accepts websocket origins '*', which bokeh warns about on every start; a
     # LocalCluster's dashboard listens on 127.0.0.1 only (graphs.cluster), so it says nothing new
     logging.getLogger("bokeh.server.util").setLevel(max(level, logging.ERROR))
@@ -183,8 +219,8 @@ def print_summary(summary: dict[str, Any], outputs: Sequence[str]) -> None:
         if image["width"]:
             line += (f"  {image['width']}x{image['height']}, {image['tiles']} tiles, "
                      f"{image['detections']['afterMerge']} features")
-        if image["reason"]:
-            line += f"  ({image['reason']})"
+        if image["reason"]:  # the URL is on the line already
+            line += f"  ({image['reason'].replace(' ' + image['url'], '')})"
         print(redact(line))
     for path in outputs:
         print(f"  wrote {path}")
@@ -282,7 +318,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         queue_url=args.queue_url, status_topic_arn=args.status_topic_arn,
         max_jobs=args.max_jobs, exit_when_idle=args.exit_when_idle,
         wait_seconds=args.wait_seconds, visibility_timeout=args.visibility_timeout,
-        retry_delay=args.retry_delay, grace_seconds=args.grace_seconds,
+        retry_delay=args.retry_delay, max_attempts=args.max_attempts,
+        grace_seconds=args.grace_seconds,
         progress_seconds=args.progress_seconds, chunk_target=args.chunk_target,
     )
     stats = run_worker(config, args.cluster, args.workers)

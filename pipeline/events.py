@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.redact import public_url, redact
+
 log = logging.getLogger("pipeline.events")
 
 STARTED, IN_PROGRESS, SUCCESS, PARTIAL, FAILED = (
@@ -36,7 +38,12 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Logs every event and passes it to each subscriber; a failing subscriber is logged."""
+    """Logs every event and passes it to each subscriber; a failing subscriber is logged.
+
+    A job's FAILED and PARTIAL are warnings, its other statuses information; an image's status
+    is a debug line (its reason is in the job's, see ``graphs.image_job.job_reason``). Image
+    URLs are logged in their :func:`~pipeline.redact.public_url` form.
+    """
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
@@ -49,8 +56,10 @@ class EventBus:
     def emit(self, status: str, job_id: str, image_url: str | None = None, message: str = "",
              **fields: Any) -> Event:
         event = Event(status, job_id, image_url, message, fields)
-        where = f" {image_url}" if image_url else ""
-        log.info("%s %s%s %s", status, job_id, where, message)
+        where = f" {public_url(image_url)}" if image_url else ""
+        level = (logging.DEBUG if image_url and status != IN_PROGRESS
+                 else logging.WARNING if status in (FAILED, PARTIAL) else logging.INFO)
+        log.log(level, "%s %s%s %s", status, job_id, where, redact(message))
         with self._lock:
             subscribers = list(self._subscribers)
         for subscriber in subscribers:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.quicklook import draw, feature_boxes
+from pipeline.redact import public_url
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def plot_result(result: Any, image: str | None = None, ax: Any = None, max_side:
         _, ax = _pyplot().subplots(figsize=(7, 7), layout="constrained")
     boxes, classes = feature_boxes(result.features, image)
     draw(ax, image, boxes, classes, truth=truth, max_side=max_side)
-    ax.set_title(f"{Path(image).name}: {len(boxes)} features")
+    ax.set_title(f"{Path(public_url(image)).name}: {len(boxes)} features")
     ax.set_xlabel("column (pixels)")
     ax.set_ylabel("row (pixels)")
     return ax

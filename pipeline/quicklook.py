@@ -82,7 +82,9 @@ def feature_boxes(features: Any, image_url: str | None = None) -> tuple[np.ndarr
     if features is None or not len(features):
         return np.empty((0, 4)), np.empty(0, dtype=object)
     if image_url is not None and "image_url" in features:
-        features = features[features["image_url"] == image_url]
+        from pipeline.redact import public_url
+
+        features = features[features["image_url"] == public_url(image_url)]  # as written
     boxes = np.array(features["imageBBox"].tolist(), dtype=np.float64).reshape(-1, 4)
     if "featureClasses" in features:
         classes = np.array([c[0]["iri"] if c else "" for c in features["featureClasses"]], dtype=object)

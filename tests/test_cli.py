@@ -82,3 +82,101 @@ def test_demo_finds_every_planted_object_across_chunk_edges(tmp_path) -> None:
     assert summary["features"] == 150 and summary["classes"] == {"bright-object": 150}
     for name in ("demo.geojson", "demo.parquet", "demo.summary.png", "demo-quicklook.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
+
+
+# ---------------------------------------------------------------- negative numbers as values
+def _value_options() -> list[tuple[str, str]]:
+    """``(command, --option)`` for every long option of every command that takes a value."""
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, option) for name, sub in commands.choices.items() for action in sub._actions
+            if action.nargs != 0 and action.option_strings
+            for option in action.option_strings if option.startswith("--")]
+
+
+#: what each command needs besides the option under test
+_BASE = {"run": ["r.json"], "worker": ["--queue-url", "q"], "tiles": [], "demo": [],
+         "serve-model": []}
+
+
+@pytest.mark.parametrize(("command", "option"), _value_options())
+def test_every_option_takes_a_value_with_a_minus_sign(command: str, option: str, capsys) -> None:
+    """``--opt -1,2`` is read as ``--opt=-1,2`` (the same namespace, or the same error), not as
+    an unknown option ``-1,2``."""
+    from pipeline.cli import build_parser
+
+    def parse(argv: list[str]) -> object:
+        try:
+            return vars(build_parser().parse_args(argv))
+        except SystemExit:
+            return capsys.readouterr().err.splitlines()[-1]
+
+    for value in ("-1,2", "-78.37,39.19,-78.3,39.2", "-0.5"):
+        spaced = parse([command, *_BASE[command], option, value])
+        assert spaced == parse([command, *_BASE[command], f"{option}={value}"])
+        assert "expected one argument" not in str(spaced)
+
+
+def test_tiles_bbox_with_negative_longitudes(tmp_path, capsys) -> None:
+    from pipeline.cli import _tile_request, build_parser
+
+    argv = ["tiles", "--bbox", "-78.37,39.19,-78.3,39.2", "--zoom", "12", "--imagery-url",
+            "http://127.0.0.1:9/{z}/{x}/{y}.png", "--model", "null", "--output-dir", str(tmp_path)]
+    assert list(_tile_request(build_parser().parse_args(argv)).bbox) == [-78.37, 39.19, -78.3, 39.2]
+    # the whole command gets past its arguments to the next check (no outputs)
+    assert main(argv[:-2]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "model-runner: error: the tile job has no outputs: add one or pass --output-dir DIR")
+
+
+# ---------------------------------------------------------------- one line per failed image
+def _run_cli(tmp_path: Path, image: str, *flags: str, **extra: object) -> subprocess.CompletedProcess:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({
+        "jobId": "one-line", "imageUrls": [image], "outputs": [{"type": "LOCAL", "path": str(tmp_path)}],
+        "imageProcessor": {"name": "null", "type": "BUILTIN"}, **extra}))
+    return subprocess.run([sys.executable, "-m", "pipeline", *flags, "run", str(request), "--workers",
+                           "1", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def _roi_far_away(tmp_path: Path) -> tuple[str, str]:
+    """A small georeferenced image (10°E, 50°N) and a regionOfInterest 1° east of it."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    path = tmp_path / "small.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=from_origin(10.0, 50.0, 1e-4, 1e-4)) as dst:
+        dst.write(np.zeros((1, 64, 64), dtype=np.uint8))
+    return str(path), "POLYGON ((11 49.9, 11.1 49.9, 11.1 50, 11 50, 11 49.9))"
+
+
+@pytest.mark.parametrize("case", ["bad NITF", "regionOfInterest misses"])
+def test_a_failed_image_is_one_line_on_stderr(case: str, tmp_path: Path) -> None:
+    """A NITF GDAL cannot open (p0_02a.ntf, ../shared/data/README.md) and a regionOfInterest
+    that misses the image: stderr names the image on exactly one line, with the cause; no
+    GDAL warnings; stdout names it once more in the job's image list; exit 1."""
+    from tests.conftest import shared_file
+
+    if case == "bad NITF":
+        image, extra = str(shared_file("nitf/jitc/p0_02a.ntf")), {}
+        cause = "Unable to open JPEG2000 image within NITF file"
+    else:
+        image, roi = _roi_far_away(tmp_path)
+        extra, cause = {"regionOfInterest": roi}, "regionOfInterest does not intersect image"
+    done = _run_cli(tmp_path, image, **extra)
+    assert done.returncode == 1, done.stderr
+    named = [line for line in done.stderr.splitlines() if image in line]
+    assert len(named) == 1 and cause in named[0], done.stderr
+    assert "CPLE_" not in done.stderr and "Traceback" not in done.stderr
+    (listed,) = [line for line in done.stdout.splitlines() if image in line]
+    assert listed.startswith(f"  FAILED   {image}  (") and cause in listed and listed.count(image) == 1
+    summary = json.loads((tmp_path / "one-line.summary.json").read_text())
+    assert summary["status"] == "FAILED" and cause in summary["reason"]
+    assert summary["images"][0]["reason"] == summary["reason"]
+    if case == "bad NITF":  # --debug shows more (GDAL's warnings)
+        assert "CPLE_" in _run_cli(tmp_path, image, "--debug").stderr

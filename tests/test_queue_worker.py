@@ -257,19 +257,35 @@ def test_poison_messages_go_to_the_dlq_at_once(scene, queues, tmp_path, dask_cli
     assert not list(tmp_path.iterdir())
 
 
-def test_failing_job_reaches_the_dlq_after_the_redrive_count(queues, tmp_path, dask_client) -> None:
-    body = json.dumps({"jobId": "job-missing", "imageUrls": [str(tmp_path / "missing.tif")],
-                       "outputs": [{"type": "LOCAL", "path": str(tmp_path)}],
-                       "imageProcessor": {"name": "null", "type": "BUILTIN"}})
+def every_tile_fails():
+    """A model whose every tile fails (a transient failure: retried)."""
+
+    def model(tiles: np.ndarray, offsets: np.ndarray) -> list[Any]:
+        raise RuntimeError("endpoint unavailable")
+
+    return model
+
+
+def test_failing_job_reaches_the_dlq_after_the_redrive_count(scene, queues, tmp_path,
+                                                             dask_client) -> None:
+    # every tile fails: transient, so run again up to maxReceiveCount (2), then FAILED once and
+    # dead-lettered by the worker (a permanent failure: tests/test_worker_failures.py)
+    body = request_body(scene, "job-failing", [{"type": "LOCAL", "path": str(tmp_path)}],
+                        imageProcessor={"type": "PYTHON",
+                                        "name": "tests.test_queue_worker:every_tile_fails"})
     queues.sqs.send_message(QueueUrl=queues.requests, MessageBody=body)
     stats = worker(queues, dask_client).run()
-    assert (stats.received, stats.failed) == (2, 2)  # maxReceiveCount 2, then SQS moves it
+    assert (stats.received, stats.failed) == (2, 2)
     assert counts(queues.sqs, queues.requests) == (0, 0)
     dead = drain(queues.sqs, queues.dlq)
-    assert [m["body"]["jobId"] for m in dead] == ["job-missing"]
+    assert [m["body"]["jobId"] for m in dead] == ["job-failing"]
+    assert "endpoint unavailable" in dead[0]["attributes"]["failure_reason"]
     final = drain(queues.sqs, queues.final)
-    assert [m["attributes"]["status"] for m in final] == ["FAILED", "FAILED"]
-    assert "missing.tif" in json.dumps([m["body"] for m in drain(queues.sqs, queues.status)])
+    assert [m["attributes"]["status"] for m in final] == ["FAILED"]
+    assert "all 25 tiles failed" in final[0]["body"]["message"]  # 5 x 5 tiles, stride 112
+    retried = [m["body"]["message"] for m in drain(queues.sqs, queues.status)
+               if m["body"]["message"].startswith("attempt")]
+    assert retried == [f"attempt 1 of 2 failed, retrying: {final[0]['body']['message']}"]
 
 
 def test_redelivered_message_finished_on_s3_is_acknowledged(scene, queues, dask_client) -> None:

@@ -1,0 +1,24 @@
+"""Which failures a retry cannot change, told by the exception's type (never by its text).
+
+Permanent: an image that cannot be opened or read (:class:`~pipeline.io.ImageError`: not
+found, not an image, an unsupported driver such as a disguised VRT, a regionOfInterest that
+misses the image), a source or destination the allow-list refuses
+(:class:`~pipeline.security.AccessDenied`) and an invalid request
+(:class:`~pipeline.request.RequestError`). Everything else (throttling, network faults, lost
+workers, tiles that failed at a model endpoint) is transient: the queue worker retries it a
+bounded number of times.
+"""
+
+from __future__ import annotations
+
+from pipeline.io import ImageError
+from pipeline.request import RequestError
+from pipeline.security import AccessDenied
+
+#: exception types whose failures are the same on every try
+PERMANENT: tuple[type[BaseException], ...] = (ImageError, AccessDenied, RequestError)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a retry of what raised ``exc`` would fail the same way."""
+    return isinstance(exc, PERMANENT)
