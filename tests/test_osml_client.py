@@ -231,12 +231,16 @@ def run_osml_client(osml: SimpleNamespace, endpoint: str, endpoint_type: str) ->
 
 
 def check(osml: SimpleNamespace, report: dict[str, Any], log: str) -> None:
+    lines = log.splitlines()
     failed = sorted({line.split("Failed feature equality checks: ", 1)[1]
-                     for line in log.splitlines() if "Failed feature equality checks: " in line})
+                     for line in lines if "Failed feature equality checks: " in line})
+    # the client logs the first pair that differs: expected, "does not match actual", actual
+    pair = next((lines[i - 1:i + 2] for i, line in enumerate(lines)
+                 if line.endswith("does not match actual")), [])
     worker_log = osml.logs.read_text()[-2000:] if "run_model_on_image" not in report else ""
     assert report == {"run_model_on_image": True, "validate_s3_features_match": True,
                       "validate_kinesis_features_match": True, "validate_features_match": True}, (
-        f"OSML's checks: {report}; failed feature checks: {failed}; worker: {worker_log}")
+        f"OSML's checks: {report}; failed feature checks: {failed}; first pair: {pair}; worker: {worker_log}")
     assert "SUCCESS message found!" in log and "2 output sinks validated, tests succeeded!" in log
 
 
