@@ -2,11 +2,13 @@
 
 ``open_image`` returns a chunked, dask-backed ``xarray.DataArray`` (bands, y, x) whose chunks
 GDAL reads window by window, never the whole file; ``lazy_pixels`` is the bare dask array. Every
-open and read runs inside ``rasterio.Env(**options)`` with the image's *read options*
+open and read runs inside :func:`rasterio_env` with the image's *read options*
 (:func:`read_options`: a small picklable dict of GDAL config, for ``s3://`` the endpoint and
-credentials resolved in the client), so Dask workers read with the settings of the client and
-an ``imageReadRole`` applies to its image only. ``describe`` reads only the header, and
-``sensor_model`` builds the pixel ↔ lon/lat model that geolocation and regions of interest use.
+region of the client and the ``imageReadRole``, nothing secret), so Dask workers read with the
+settings of the client, sign with credentials of their own (renewed before they expire; a read
+denied as expired is retried once) and an ``imageReadRole`` applies to its image only.
+``describe`` reads only the header, and ``sensor_model`` builds the pixel ↔ lon/lat model that
+geolocation and regions of interest use.
 
 Image URLs: local paths, ``file://``, ``s3://bucket/key`` (read through ``/vsis3/`` with HTTP
 range requests) and any GDAL path. One image segment of a multi-segment NITF is
@@ -25,7 +27,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,11 +82,12 @@ def gdal_path(url: str) -> str:
 
 
 def read_options(url: str, role: str | None = None) -> dict[str, str]:
-    """The GDAL options to read ``url`` with (resolve once, in the client; picklable).
+    """The GDAL options to read ``url`` with (picklable, nothing secret: they travel in tasks).
 
-    For ``s3://`` these carry the endpoint (from ``AWS_ENDPOINT_URL[_S3]``), region and
-    credentials (the default boto3 chain, or ``role`` assumed through STS). The returned dict's
-    ``repr`` hides secrets.
+    For ``s3://`` these carry the endpoint (from ``AWS_ENDPOINT_URL[_S3]``), region and where
+    the reading process gets its credentials (:func:`pipeline.aws.gdal_s3_options`: its own
+    default chain, or ``role`` assumed there); :func:`rasterio_env` resolves them in that
+    process on every read.
     """
     from pipeline import aws
 
@@ -99,34 +101,51 @@ def read_options(url: str, role: str | None = None) -> dict[str, str]:
     return options
 
 
-class _StaticSession:
-    """Just enough of a boto3 session for rasterio's ``AWSSession``: fixed credentials."""
+def _s3_credentials(options: dict[str, str]) -> Any:
+    """This process's current (frozen) credentials for reads under ``options``; None for an
+    image outside S3 or a process without any credentials (it then reads unsigned)."""
+    from pipeline import aws
 
-    def __init__(self, key: str, secret: str, token: str | None, region: str | None):
+    owner = aws.read_session(options)
+    found = aws.credentials(owner) if owner is not None else None
+    return found.get_frozen_credentials() if found is not None else None
+
+
+class _StaticSession:
+    """Just enough of a boto3 session for rasterio's ``AWSSession``: the credentials that
+    :func:`_s3_credentials` has just read from the (refreshing) provider, so that GDAL and the
+    dataset cache (:func:`_dataset_key`) see the same ones."""
+
+    def __init__(self, frozen: Any, region: str | None):
         self.region_name = region
-        self._frozen = SimpleNamespace(access_key=key, secret_key=secret, token=token)
+        self._frozen = frozen
 
     def get_credentials(self) -> _StaticSession:
         return self
 
-    def get_frozen_credentials(self) -> SimpleNamespace:
+    def get_frozen_credentials(self) -> Any:
         return self._frozen
 
 
 def rasterio_env(options: dict[str, str]) -> Any:
-    """``rasterio.Env`` for GDAL ``options``; AWS credentials go through an ``AWSSession``
-    (rasterio refuses them as plain config options)."""
+    """``rasterio.Env`` for GDAL ``options``: an S3 read signs with this process's current
+    credentials (through an ``AWSSession``: rasterio refuses them as plain config options), or
+    unsigned (``AWS_NO_SIGN_REQUEST``) when this process has none at all."""
     from rasterio.session import AWSSession
 
+    from pipeline import aws
+
     config = dict(options)
-    key = config.pop("AWS_ACCESS_KEY_ID", None)
-    secret = config.pop("AWS_SECRET_ACCESS_KEY", None)
-    token = config.pop("AWS_SESSION_TOKEN", None)
-    if key and secret:
-        static = _StaticSession(key, secret, token, config.get("AWS_REGION"))
-        session = AWSSession(session=static, endpoint_url=config.get("AWS_S3_ENDPOINT"))
-        return rasterio.Env(session=session, **config)
-    return rasterio.Env(**config)
+    s3 = config.pop(aws.SIGNER_OPTION, None) is not None
+    config.pop(aws.STS_OPTION, None)
+    if not s3:
+        return rasterio.Env(**config)
+    frozen = _s3_credentials(options)
+    if frozen is None:
+        return rasterio.Env(AWS_NO_SIGN_REQUEST="YES", **config)
+    static = _StaticSession(frozen, config.get("AWS_REGION"))
+    return rasterio.Env(session=AWSSession(session=static, endpoint_url=config.get("AWS_S3_ENDPOINT")),
+                        **config)
 
 
 @contextmanager
@@ -298,13 +317,15 @@ class RasterSource:
 
     def _read(self, indexes: list[int], window: Any, out: np.ndarray | None = None) -> np.ndarray:
         cap_block_cache()
-        with gdal_env(self.url, self.options):
-            src = _open_cached(self.url, self.options)
-            try:
-                return src.read(indexes, window=window, out=out)
-            except rasterio.errors.RasterioIOError:
-                _forget(self.url, self.options)  # the next read reopens it
-                raise
+        for attempt in (1, 2):
+            with gdal_env(self.url, self.options):
+                try:
+                    return _open_cached(self.url, self.options).read(indexes, window=window, out=out)
+                except rasterio.errors.RasterioIOError:
+                    _forget(self.url, self.options)  # the next read reopens it
+                    if attempt == 2 or not _renewed_after_failure(self.options):
+                        raise
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- worker read state
@@ -331,13 +352,35 @@ def cap_block_cache() -> None:
 
 
 def _dataset_key(url: str, options: dict[str, str]) -> tuple[Any, ...]:
+    """Path, options, file version and the credentials that the active ``Env`` signs with: GDAL
+    keeps a file's signing settings from its open, so renewed credentials reopen it."""
+    from rasterio.env import getenv, hasenv
+
     path = gdal_path(url)
     try:  # a local file replaced since it was opened is opened again
         stat = os.stat(split_segment(path)[1])
         version: tuple[int, ...] = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
     except OSError:
         version = ()
-    return (path, tuple(sorted(options.items())), version)
+    config = getenv() if hasenv() else {}
+    signer = hash((config.get("AWS_ACCESS_KEY_ID"), config.get("AWS_SESSION_TOKEN")))
+    return (path, tuple(sorted(options.items())), version, signer)
+
+
+def _renewed_after_failure(options: dict[str, str]) -> bool:
+    """After an S3 read failed, renew this process's credentials for ``options`` if they are
+    temporary (an assumed role, an instance or task role); True if the read is worth one more
+    try. GDAL's error seldom says why (a denied block read is "Read error ... got 0 bytes"), and
+    S3 answers expired credentials with 403, with no body at all to a HEAD request."""
+    from pipeline import aws
+
+    owner = aws.read_session(options)
+    found = aws.credentials(owner) if owner is not None else None
+    if found is None or not aws.renewable(found):
+        return False
+    log.info("an S3 read failed; renewing %s credentials and reading again", found.method)
+    aws.renew(found)
+    return True
 
 
 def _open_cached(url: str, options: dict[str, str]) -> Any:

@@ -80,10 +80,20 @@ def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return moto_endpoint
 
 
+#: the workers' own credentials (as an instance or task role would give them): they sign their
+#: reads and model calls with these, never with the client's
+WORKER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "worker-testing-key",
+                      "AWS_SECRET_ACCESS_KEY": "worker-testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator[object]:
-    """A real LocalCluster with 2 single-threaded worker processes on 127.0.0.1."""
+    """A real LocalCluster with 2 single-threaded worker processes on 127.0.0.1, whose
+    environment has :data:`WORKER_CREDENTIALS` and no AWS endpoint (that travels in tasks)."""
+    import dask
+
     from graphs.cluster import connect
 
-    with connect("local", workers=2) as client:
+    with dask.config.set({"distributed.nanny.environ": WORKER_CREDENTIALS}), \
+            connect("local", workers=2) as client:
         yield client

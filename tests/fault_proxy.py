@@ -3,25 +3,33 @@
 ``proxy.inject("GET", r"^/bucket/key", status=503, times=2)`` answers the next two matching
 requests with an S3-style error (or resets the connection with ``status=None``); everything
 else is forwarded unchanged. ``proxy.log`` lists ``(method, path, outcome)`` of every request.
+
+As AWS does, it can also reject expired and anonymous requests: ``proxy.expire_tokens(4)``
+answers 403 ``ExpiredToken`` to any request signed with an STS session token that passed
+through the proxy (in an ``AssumeRole`` answer) more than 4 seconds earlier;
+``proxy.reject_unsigned = True`` answers 403 ``AccessDenied`` to requests without a signature.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "proxy-connection", "content-length"}
 CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied", 404: "NoSuchKey"}
+_SESSION_TOKEN = re.compile(rb"<SessionToken>([^<]+)</SessionToken>")
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Fault:
     path: re.Pattern[str]
     status: int | None  # None: reset the connection
     times: int | None  # None: forever
+    code: str | None = None  # the error code (default: by status)
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -53,8 +62,42 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return b"".join(parts)
         return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
+    def _error(self, status: int, code: str, message: str) -> None:
+        """An AWS-style error: XML (S3, STS) or JSON (``json_errors``, e.g. SageMaker runtime)."""
+        if self.server.json_errors:
+            error = json.dumps({"__type": code, "message": message}).encode()
+            kind = "application/x-amz-json-1.1"
+        else:
+            error = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                     f"<Message>{message}</Message></Error>").encode()
+            kind = "application/xml"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("x-amzn-ErrorType", code)
+        self.send_header("Content-Length", str(len(error) if self.command != "HEAD" else 0))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(error)
+
+    def _refused(self) -> bool:
+        """Answer an expired or unsigned request as AWS would; True if it was refused."""
+        query = parse_qs(urlsplit(self.path).query)
+        token = self.headers.get("X-Amz-Security-Token") or (query.get("X-Amz-Security-Token") or [None])[0]
+        signed = "Authorization" in self.headers or "X-Amz-Signature" in query
+        if self.server.reject_unsigned and not signed:
+            self.server.record(self.command, self.path, "unsigned")
+            self._error(403, "AccessDenied", "Access Denied")
+            return True
+        if token and self.server.expired(token):
+            self.server.record(self.command, self.path, "expired")
+            self._error(403, "ExpiredToken", "The provided token has expired.")
+            return True
+        return False
+
     def _handle(self) -> None:
         body = self._body()
+        if self._refused():
+            return
         fault = self.server.take(self.command, self.path)
         if fault is not None:
             self.server.record(self.command, self.path, fault.status or "reset")
@@ -63,15 +106,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.close()
                 return
-            code = CODES.get(fault.status, "InternalError")
-            error = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                     f"<Message>injected fault</Message></Error>").encode()
-            self.send_response(fault.status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(error) if self.command != "HEAD" else 0))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(error)
+            code = fault.code or CODES.get(fault.status, "InternalError")
+            self._error(fault.status, code, "injected fault")
             return
         upstream = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port,
                                               timeout=60)
@@ -84,6 +120,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
         self.server.record(self.command, self.path, response.status)
+        if response.status == 200 and self.server.max_token_age is not None:
+            for token in _SESSION_TOKEN.findall(data):  # an STS answer: the session starts now
+                self.server.issued(token.decode())
         self.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in HOP_BY_HOP:
@@ -99,21 +138,50 @@ class ProxyHandler(BaseHTTPRequestHandler):
 class FaultProxy(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, *, json_errors: bool = False):
         super().__init__(("127.0.0.1", 0), ProxyHandler)
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname or "127.0.0.1", parts.port or 80
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str, int | str]] = []
         self._lock = threading.Lock()
+        self.json_errors = json_errors
+        self.reject_unsigned = False
+        self.max_token_age: float | None = None
+        self.tokens: dict[str, float] = {}  #: STS session token → when it was issued
+        self.expired_tokens: list[str] = []  #: STS tokens some request was refused for
+        self.token_uses: dict[str, int] = {}  #: requests forwarded per STS token
+
+    def expire_tokens(self, seconds: float | None, tokens: dict[str, float] | None = None) -> None:
+        """Refuse STS session tokens older than ``seconds`` (None: never); ``tokens`` shares
+        the record of issued tokens with another proxy (one in front of STS, one elsewhere)."""
+        self.max_token_age = seconds
+        if tokens is not None:
+            self.tokens = tokens
+
+    def issued(self, token: str) -> None:
+        with self._lock:
+            self.tokens.setdefault(token, time.monotonic())
+
+    def expired(self, token: str) -> bool:
+        with self._lock:
+            born = self.tokens.get(token)
+            if self.max_token_age is None or born is None:
+                return False
+            if time.monotonic() - born > self.max_token_age:
+                self.expired_tokens.append(token)
+                return True
+            self.token_uses[token] = self.token_uses.get(token, 0) + 1
+            return False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def inject(self, method: str | None, path: str, status: int | None = 503, times: int | None = 1) -> None:
+    def inject(self, method: str | None, path: str, status: int | None = 503, times: int | None = 1,
+               code: str | None = None) -> None:
         with self._lock:
-            self.faults.append(Fault(method, re.compile(path), status, times))
+            self.faults.append(Fault(method, re.compile(path), status, times, code))
 
     def clear(self) -> None:
         with self._lock:
@@ -140,8 +208,8 @@ class FaultProxy(ThreadingHTTPServer):
 
 
 @contextmanager
-def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream)
+def fault_proxy(upstream: str, *, json_errors: bool = False) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, json_errors=json_errors)
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:

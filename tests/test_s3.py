@@ -19,6 +19,7 @@ import shapely
 
 from graphs.image_job import run_job
 from pipeline import aws
+from pipeline.aws import SIGNER_OPTION, SECRET_KEYS
 from pipeline.demo import match_truth, write_scene
 from pipeline.io import ImageError, describe, open_image, read_options
 from pipeline.request import ImageRequest
@@ -65,8 +66,9 @@ def test_read_options_follow_aws_settings_and_hide_secrets(aws, monkeypatch) -> 
     options = read_options("s3://b/k.tif")
     port = aws.rsplit(":", 1)[1]
     assert options["AWS_S3_ENDPOINT"] == f"127.0.0.1:{port}" and options["AWS_HTTPS"] == "NO"
-    assert options["AWS_ACCESS_KEY_ID"] == "testing" and options["AWS_REGION"] == "us-east-1"
-    assert "testing" not in repr(options) and "testing" not in str(options)
+    assert options["AWS_REGION"] == "us-east-1" and options[SIGNER_OPTION] == "default"
+    # no credentials: the reading process signs with its own
+    assert "testing" not in repr(dict(options)) and not set(SECRET_KEYS) & set(options)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")  # the S3-specific one wins
     assert read_options("s3://b/k.tif")["AWS_S3_ENDPOINT"] == "127.0.0.1:1"
     assert "AWS_S3_ENDPOINT" not in read_options("/local/file.tif")
@@ -89,9 +91,12 @@ def test_s3_image_runs_in_workers_started_before_the_settings(bucket, scene, das
 
 def test_image_read_role_is_assumed_for_that_image_only(bucket, dask_client, tmp_path, caplog) -> None:
     url = f"s3://{bucket}/scenes/scene.tif"
-    assumed = read_options(url, ROLE)
-    assert assumed["AWS_ACCESS_KEY_ID"] != "testing" and assumed["AWS_SESSION_TOKEN"] != "testing"
-    assert read_options(url)["AWS_ACCESS_KEY_ID"] == "testing"
+    options = read_options(url, ROLE)
+    assert options[aws.SIGNER_OPTION] == ROLE and not set(aws.SECRET_KEYS) & set(options)
+    assert read_options(url)[aws.SIGNER_OPTION] == "default"
+    role_session = aws.read_session(options)  # assumed in this process while planning
+    assumed = {"AWS_SECRET_ACCESS_KEY": role_session.get_credentials().get_frozen_credentials().secret_key}
+    assert assumed["AWS_SECRET_ACCESS_KEY"] != "testing"
     for name in ("pipeline", "graphs", "distributed"):
         caplog.set_level(logging.DEBUG, logger=name)
     result = run_job(_request(url, imageReadRole=ROLE, outputs=[{"type": "LOCAL", "path": str(tmp_path)}]),

@@ -5,9 +5,10 @@ sends it in a concurrency slot (:mod:`pipeline.models.retry`), retries transient
 parses the OSML GeoJSON answer. A tile that still fails comes back as its exception, so the job
 lists it and goes on.
 
-Settings that depend on the client's environment (endpoint URLs, region, assumed-role
-credentials, the concurrency cap) are resolved once in the client by :func:`resolve_model`
-into ``ModelSpec.options``, which travels to the workers with the spec.
+Settings that depend on the client's environment (endpoint URLs, region, the concurrency cap)
+are resolved once in the client by :func:`resolve_model` into ``ModelSpec.options``, which
+travels to the workers with the spec. Credentials never do: each worker signs with its own, or
+assumes ``assumedRole`` itself (:func:`aws_session`).
 """
 
 from __future__ import annotations
@@ -69,40 +70,46 @@ def concurrency_parameter(spec: ModelSpec) -> int | None:
 
 
 def aws_options(spec: ModelSpec, service_env: str) -> dict[str, Any]:
-    """Endpoint URL, region and (for ``assumedRole``) temporary credentials, from the client."""
-    import boto3
+    """Endpoint URLs and region from the client's settings (nothing secret: they travel in
+    tasks). An ``assumedRole`` is assumed here once, so that a role that cannot be assumed fails
+    in one line before any task runs; each worker assumes it again itself (:func:`aws_session`)."""
+    from pipeline import aws
 
     options: dict[str, Any] = {
         "endpointUrl": os.environ.get(service_env) or os.environ.get("AWS_ENDPOINT_URL"),
-        "region": boto3.session.Session().region_name or "us-east-1",
+        "region": aws.region(),
+        "stsUrl": aws.endpoint_url("sts"),
     }
     if spec.assumed_role:
         try:
-            answer = boto3.client("sts", region_name=options["region"]).assume_role(
-                RoleArn=spec.assumed_role, RoleSessionName="model-runner"
-            )
-        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds; one line
+            aws_session(with_options(spec, **options))
+        except aws.AwsError as exc:
+            message = str(exc).replace(f"cannot assume role {spec.assumed_role}: ", "")
             raise ModelError(
-                f"cannot assume imageProcessor.assumedRole {spec.assumed_role}: {_first_line(exc)}"
+                f"cannot assume imageProcessor.assumedRole {spec.assumed_role}: {message}"
             ) from None
-        credentials = answer["Credentials"]
-        options["credentials"] = {
-            "aws_access_key_id": credentials["AccessKeyId"],
-            "aws_secret_access_key": credentials["SecretAccessKey"],
-            "aws_session_token": credentials["SessionToken"],
-        }
     return options
+
+
+def aws_session(spec: ModelSpec) -> Any:
+    """This process's boto3 session for ``spec``: its own credentials, or ``assumedRole``'s
+    renewed before they expire (:func:`pipeline.aws.session`)."""
+    from pipeline import aws
+
+    return aws.session(spec.assumed_role, purpose="model", region_name=spec.options.get("region"),
+                       sts_url=spec.options.get("stsUrl"))
 
 
 def boto_client(service: str, spec: ModelSpec, policy: RetryPolicy, pool: int,
                 endpoint_url: str | None = None) -> Any:
-    """A boto3 client from resolved options, with botocore's own retries off (we retry)."""
-    import boto3
+    """A boto3 client with this process's credentials (:func:`aws_session`) and botocore's own
+    retries off (we retry), except that a call AWS refuses as expired is signed again with
+    renewed credentials and sent once more."""
     from botocore.config import Config
 
-    session = boto3.session.Session(
-        region_name=spec.options.get("region"), **spec.options.get("credentials", {})
-    )
+    from pipeline import aws
+
+    session = aws_session(spec)
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(10.0, policy.timeout),
@@ -110,7 +117,9 @@ def boto_client(service: str, spec: ModelSpec, policy: RetryPolicy, pool: int,
         max_pool_connections=max(10, pool),
     )
     url = endpoint_url if endpoint_url is not None else spec.options.get("endpointUrl")
-    return session.client(service, endpoint_url=url or None, config=config)
+    client = session.client(service, endpoint_url=url or None, config=config)
+    aws.retry_expired_once(client, aws.credentials(session))
+    return client
 
 
 def classify_boto_error(exc: Exception, what: str) -> ModelError:
