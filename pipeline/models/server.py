@@ -4,10 +4,10 @@ Paths: ``GET /ping``; ``POST /invocations`` (the container contract) and the run
 ``POST /endpoints/<name>/invocations`` and ``/endpoints/<name>/async-invocations`` (input and
 output through S3, as SageMaker asynchronous inference does); ``POST /v1/models/<name>:predict``
 (TF Serving REST, ``{"instances": [{"b64": ...}]}``); and the control-plane
-``DescribeEndpoint`` (``X-Amz-Target: SageMaker.DescribeEndpoint``), so that one server stands
-in for an endpoint. Bodies are tiles in any format GDAL reads; answers are OSML GeoJSON, for
-``centerpoint`` and ``flood`` exactly what OSML's test model containers answer (random ids
-included).
+``DescribeEndpoint`` (``X-Amz-Target: SageMaker.DescribeEndpoint``) and ``ListTags`` (none), so
+that one server stands in for an endpoint. Bodies are tiles in any format GDAL reads; answers
+are OSML GeoJSON, for ``centerpoint`` and ``flood`` exactly what OSML's test model containers
+answer (random ids included).
 
 It can misbehave on purpose (:class:`Behaviour`): latency, a limited number of processing slots,
 random 5xx errors, throttling (HTTP 429 ``ThrottlingException``), malformed bodies, and
@@ -218,6 +218,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path == "/" and "DescribeEndpoint" in self.headers.get("X-Amz-Target", ""):
                 self._describe(body)
+            elif path == "/" and "ListTags" in self.headers.get("X-Amz-Target", ""):
+                self._reply(200, {"Tags": []}, content_type="application/x-amz-json-1.1")
             elif path == "/invocations" or (path.startswith("/endpoints/") and path.endswith("/invocations")):
                 self._invoke(body)
             elif path.startswith("/endpoints/") and path.endswith("/async-invocations"):

@@ -248,7 +248,7 @@ def resolve(spec: ModelSpec) -> ModelSpec:
     options = aws_options(spec, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME")
     options["s3Url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     spec = with_options(spec, **options)
-    cap = concurrency_parameter(spec) or endpoint_capacity(spec)
+    cap = concurrency_parameter(spec) or endpoint_capacity(spec, choose=False).requests
     return with_options(spec, maxConcurrency=cap)
 
 
