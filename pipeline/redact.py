@@ -57,6 +57,8 @@ _USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/?#@\s\"']+@", re.IGNORECASE)
 #: not followed by a URL or an absolute path: after a keyword such as ``passwd:`` that ends
 #: another value (``<jobId>:<imageUrl>``), those are not the keyword's secret value
 _NO_URL_AHEAD = r"(?![a-z][a-z0-9+.-]*://|/)"
+#: a secret value after a keyword: one word, without the punctuation that ends a clause
+_WORD = r"[^\s\"',;&}]*[^\s\"',;&}.:!?)\]]"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # presigned and token-bearing query parameters (outside a whole URL): keep the name only
     (re.compile(rf"([?&;](?:{_SENSITIVE_PARAM})=)(?:[^&#\s\"'<>]*[^&#\s\"'<>.,;:!?)\]}}])?",
@@ -67,14 +69,14 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # any other value after the keyword is one word
     (re.compile(r"(\bAuthorization\b[\"']?\s*[:=]\s*[\"']?)(?:(?:AWS4-HMAC-SHA256|AWS|Basic|"
                 r"Bearer|Digest|Negotiate|NTLM|Token|OAuth)\s[^\"'\r\n]+|"
-                rf"{_NO_URL_AHEAD}[^\s\"',;&}}]+)", re.IGNORECASE), rf"\g<1>{MASK}"),
+                rf"{_NO_URL_AHEAD}{_WORD})", re.IGNORECASE), rf"\g<1>{MASK}"),
     (re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), rf"\g<1>{MASK}"),
     # key = value / "key": "value" secrets (AWS CLI, boto, JSON, env files)
     (
         re.compile(
             r"((?:aws_)?(?:secret(?:_?access)?_?key|session_?token|security_?token|secret|password|"
             r"passwd|api_?key|access_?token|client_?secret|credentials?|token|signature)[\"']?\s*[:=]\s*[\"']?)"
-            rf"{_NO_URL_AHEAD}[^\s\"',;&}}]+",
+            rf"{_NO_URL_AHEAD}{_WORD}",
             re.IGNORECASE,
         ),
         rf"\g<1>{MASK}",

@@ -301,3 +301,49 @@ def test_worker_writes_no_secret_of_moto_presigned_urls(
         **{f"dead letter {i}": json.dumps(m["attributes"]) for i, m in enumerate(dead)},
     }
     assert _leaks(secrets, places) == []
+
+
+# ---------------------------------------------------------------- the one written form of a URL
+@pytest.mark.parametrize(
+    ("url", "public"),
+    [
+        ("s3://bucket/a@b/scene.tif", "s3://bucket/a@b/scene.tif"),
+        ("/data/scene.tif", "/data/scene.tif"),
+        ("https://h/a.tif?X-Amz-Credential=AKIAQSECRETKEYID7788%2F2025&X-Amz-Signature=ab12&v=2#f",
+         "https://h/a.tif?X-Amz-Credential=***&X-Amz-Signature=***&v=2#f"),
+        ("https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=GOOG4&X-Goog-Signature=77&alt=media",
+         "https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=***&X-Goog-Signature=***&alt=media"),
+        ("https://acct.blob.core.windows.net/c/a.tif?sv=2022-11-02&sp=r&se=2030-01-01&sig=abc%3D&x=1",
+         "https://acct.blob.core.windows.net/c/a.tif?sv=***&sp=***&se=***&sig=***&x=1"),
+        ("https://h/a.tif?sp=1&st=2", "https://h/a.tif?sp=1&st=2"),  # no SAS without its sig
+        ("https://alice:pw@h:8/a.tif?token=t&key=k&password=p&Policy=x&Key-Pair-Id=y",
+         "https://***@h:8/a.tif?token=***&key=***&password=***&Policy=***&Key-Pair-Id=***"),
+        ("https://ghp_tokenAsUser@h/a.tif", "https://***@h/a.tif"),
+        ("NITF_IM:1:https://u:p@h/a.ntf?Signature=s", "NITF_IM:1:https://***@h/a.ntf?Signature=***"),
+    ],
+)
+def test_public_url(url: str, public: str) -> None:
+    from pipeline.redact import public_url, redact
+
+    assert public_url(url) == public
+    assert public_url(public) == public
+    assert redact(f"cannot open image {url}: HTTP 403") == f"cannot open image {public}: HTTP 403"
+
+
+@pytest.mark.parametrize("keyword", ["passwd", "password", "token", "secret", "api_key", "signature",
+                                     "credentials", "authorization"])
+@pytest.mark.parametrize("url", ["s3://bucket/in/a.tif", "/data/in/a.tif",
+                                 "https://h/a.tif?X-Amz-Signature=abc"])
+def test_a_keyword_ending_a_value_keeps_the_url_after_it(keyword: str, url: str) -> None:
+    """``<jobId>:<imageUrl>`` (OSML's ``image_id``) with a jobId that ends in a keyword: the
+    URL (its public form) is kept, not taken for the keyword's secret value."""
+    from pipeline.notify import status_attributes
+    from pipeline.redact import public_url, redact
+
+    job_id = f"backup-{keyword}"
+    assert redact(f"{job_id}:{url} failed") == f"{job_id}:{public_url(url)} failed"
+    assert status_attributes("FAILED", job_id, public_url(url), 1.0)["image_id"] == (
+        f"{job_id}:{public_url(url)}")
+    # the keyword's own values still go
+    assert redact(f"{keyword}: hunter2hunter2 and {keyword}=s3cr3tvalue").count("***") == 2
+    assert redact("Authorization: Basic YWxpY2U6cHc= rest") == "Authorization: ***"
