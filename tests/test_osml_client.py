@@ -140,6 +140,18 @@ def test_small_tif_geotransform_fits_osml_results_exactly(tmp_path) -> None:
             assert np.abs(lonlat - want).max() <= 5.01e-7
 
 
+def test_status_attributes_of_a_sub_second_job_pass_osml_client_check() -> None:
+    from pipeline.notify import status_attributes
+
+    # OSML's monitor_job_status asserts float(processing_duration) > 0 on SUCCESS
+    attributes = status_attributes("SUCCESS", "j1", "s3://b/small.tif", 0.25)
+    assert attributes == {"status": "SUCCESS", "image_status": "SUCCESS", "job_id": "j1",
+                          "image_id": "j1:s3://b/small.tif", "processing_duration": "0.250"}
+    assert float(status_attributes("SUCCESS", "j1", "s3://b/x", 1e-6)["processing_duration"]) > 0
+    # a poison message: no job ran, no duration (as OSML leaves unset attributes out)
+    assert status_attributes("FAILED", "", "", 0.0) == {"status": "FAILED", "image_status": "FAILED"}
+
+
 def _aws_env(endpoint: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "MODEL_RUNNER_ALLOWED_"))}
