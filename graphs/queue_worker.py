@@ -320,7 +320,8 @@ class QueueWorker:
 
         try:
             check_model(model_spec(request))
-            return [make_sink(output) for output in request.all_outputs]
+            # OSML's queue: features in OSML's form unless an output asks for another
+            return [make_sink(output, form="OSML") for output in request.all_outputs]
         except (ModelError, ValueError) as exc:
             self._poison(message, f"invalid request: {exc}")
             return None

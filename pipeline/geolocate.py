@@ -1,14 +1,27 @@
 """Pixel detections → a GeoDataFrame of lon/lat features (vectorised, shapely 2).
 
-Each feature's geometry is the box as a polygon through the image's sensor model (EPSG:4326,
-x = lon). The properties follow OSML Model Runner: ``imageBBox``, ``imageGeometry``,
-``featureClasses``, ``center_longitude``/``center_latitude``, ``inferenceMetadata``,
-``image_url``, and the request's ``featureProperties`` merged in.
+Each feature's geometry is its detection's shape through the image's sensor model (EPSG:4326,
+x = lon), vertex by vertex: the model's own geometry (Point, LineString, Polygon, ...) where it
+gave one, else the box as a polygon. The properties follow OSML Model Runner: ``imageBBox``,
+``imageGeometry``, ``featureClasses`` (all of the model's classes), ``center_longitude``/
+``center_latitude`` (the centroid of the model's geometry, else the box centre),
+``inferenceMetadata``, ``image_url``, the model's other properties (``modelProperties``, JSON
+text) and the request's ``featureProperties`` merged in.
+
+The frame is the one stored form that both output forms are written from
+(:mod:`pipeline.sinks`): ``geometry`` is RFC 7946 (counter-clockwise, cut at the antimeridian);
+the internal columns (``_`` names) keep what OSML's form needs: ``_ground`` (the shape
+geolocated with its vertices in their own order and start, a box as OSML's ring NE, SE, SW,
+NW), ``_bbox`` (the ground bounds of the ``imageBBox`` corners, clamped to OSML's grid where
+they lie outside it: OSML's feature ``bbox``; None where the model gave no ``imageBBox``)
+and ``_shape`` (``imageGeometry`` is the model's own).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,9 +34,14 @@ from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
 from pipeline.io import SensorModel
 from pipeline.redact import public_url
+from pipeline.sinks import _json_default
 
 # Box corners in the order NW, NE, SE, SW (pixel frame), closed.
 _CORNERS = np.array([[0, 1], [2, 1], [2, 3], [0, 3], [0, 1]])
+#: the same ring as OSML writes a box (shapely's ``box``): NE, SE, SW, NW, closed
+OSML_RING = [1, 2, 3, 0, 1]
+#: internal columns (not feature properties): see the module's docstring
+INTERNAL_COLUMNS = ("_ground", "_bbox", "_shape")
 
 FEATURE_COLUMNS = (
     "id",
@@ -34,6 +52,7 @@ FEATURE_COLUMNS = (
     "center_latitude",
     "inferenceMetadata",
     "image_url",
+    "modelProperties",
 )
 
 
@@ -53,6 +72,41 @@ def ground_polygons(ground: np.ndarray) -> np.ndarray:
     geometry = shapely.orient_polygons(shapely.polygons(ground))
     geometry[crossing] = [antimeridian.split(polygon) for polygon in geometry[crossing]]
     return np.asarray(geometry)
+
+
+def rfc7946(geometry: np.ndarray) -> np.ndarray:
+    """Lon/lat geometries of any type as RFC 7946 writes them: polygons counter-clockwise,
+    those that cross the antimeridian (a jump of more than 180° in longitude) cut there."""
+    out = np.asarray(shapely.orient_polygons(geometry), dtype=object)
+    if not len(out):
+        return out
+    xmin, _, xmax, _ = shapely.bounds(geometry).T
+    for k in np.flatnonzero(xmax - xmin > 180.0):
+        out[k] = _cut(geometry[k])
+    return out
+
+
+def _cut(geometry: Any) -> Any:
+    """One geometry with wrapped longitudes, cut at the antimeridian (lines and polygons)."""
+    unwrapped = shapely.transform(
+        geometry, lambda xy: np.column_stack([antimeridian.unwrap(xy[:, 0]), xy[:, 1]]))
+    if shapely.get_dimensions(unwrapped) == 2:
+        return antimeridian.split(unwrapped)
+    if shapely.get_dimensions(unwrapped) != 1:
+        return geometry
+    lines = []
+    for shift, window in zip(antimeridian._SHIFTS, antimeridian._WINDOWS, strict=True):
+        part = shapely.get_parts(shapely.intersection(unwrapped, window))
+        lines += [shapely.transform(p, lambda xy, s=shift: xy + [s, 0.0]) for p in part
+                  if isinstance(p, shapely.LineString) and not p.is_empty]
+    return lines[0] if len(lines) == 1 else shapely.MultiLineString(lines) if lines else geometry
+
+
+def _through(model: SensorModel) -> Callable[[np.ndarray], np.ndarray]:
+    """A shapely ``transform`` function: pixel ``(x, y)`` rows → lon/lat rows."""
+    def to_ground(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(model.pixel_to_lonlat(xy[:, 0], xy[:, 1]))
+    return to_ground
 
 
 def feature_ids(image_url: str, boxes: list[list[float]], classes: list[Any]) -> list[str]:
@@ -81,11 +135,21 @@ def to_features(
     lon, lat = model.pixel_to_lonlat(rings[..., 0].ravel(), rings[..., 1].ravel())
     ground = np.stack([lon, lat], axis=-1).reshape(n, 5, 2)
     geometry = ground_polygons(ground)
+    raw = shapely.polygons(ground[:, OSML_RING]) if n else np.empty(0, dtype=object)
     cx, cy = detections.centers
+    shaped = detections.shaped
+    shapes = detections.shapes[shaped]
+    if len(shapes):
+        raw[shaped] = shapely.transform(shapes, _through(model))
+        geometry[shaped] = rfc7946(raw[shaped])
+        centroids = shapely.centroid(shapes)
+        cx, cy = cx.copy(), cy.copy()
+        cx[shaped], cy[shaped] = shapely.get_x(centroids), shapely.get_y(centroids)
     center_lon, center_lat = model.pixel_to_lonlat(cx, cy)
     when = (inference_time or datetime.now(UTC)).isoformat()
     with no_cyclic_gc():
-        columns = _columns(detections, rings, image_url, job_id, when)
+        columns = _columns(detections, rings, shapes, image_url, job_id, when,
+                           set(feature_properties or {}) | set(extra_columns or {}))
     columns["center_longitude"] = center_lon if model.georeferenced else np.full(n, np.nan)
     columns["center_latitude"] = center_lat if model.georeferenced else np.full(n, np.nan)
     columns = {name: columns[name] for name in FEATURE_COLUMNS}  # the documented column order
@@ -94,31 +158,70 @@ def to_features(
     for key, value in (feature_properties or {}).items():
         columns[key] = [value] * n
     crs = "EPSG:4326" if model.georeferenced else None
+    bbox_given = np.array([(e or {}).get("bbox", True) for e in detections.extras], dtype=bool)
+    if model.georeferenced:
+        corners = ground[:, :4]
+        clamped = [k for k, e in enumerate(detections.extras) if e is not None and e.get("clamp")]
+        if clamped:  # OSML geolocates these boxes' corners clamped to its grid
+            boxes = detections.boxes[clamped] + np.array([e["clamp"] for e in detections.extras[clamped]])
+            inner = box_rings(boxes)[:, :4]
+            lon, lat = model.pixel_to_lonlat(inner[..., 0].ravel(), inner[..., 1].ravel())
+            corners = corners.copy()
+            corners[clamped] = np.stack([lon, lat], axis=-1).reshape(len(clamped), 4, 2)
+        spans = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).tolist()
+        columns["_ground"] = gpd.GeoSeries(raw, crs=crs)
+        columns["_bbox"] = [box if given else None for box, given in zip(spans, bbox_given, strict=True)]
+    else:
+        columns["_ground"] = gpd.GeoSeries([None] * n, crs=crs)
+        columns["_bbox"] = [None] * n
+    columns["_shape"] = shaped
     return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
 
 
-def _columns(detections: Detections, rings: np.ndarray, image_url: str, job_id: str,
-             when: str) -> dict[str, Any]:
-    """The feature columns held as Python values (ids, boxes, pixel rings, classes, ...)."""
+def _columns(detections: Detections, rings: np.ndarray, shapes: np.ndarray, image_url: str,
+             job_id: str, when: str, taken: set[str]) -> dict[str, Any]:
+    """The feature columns held as Python values (ids, boxes, pixel rings or the model's
+    shapes, classes, the model's other properties as JSON text, ...)."""
     n = len(detections)
     # nested Python values, built from one ``tolist`` per array (not one per row)
     boxes = np.asarray(detections.boxes, dtype=np.float64).tolist()
     classes, scores = detections.classes.tolist(), np.asarray(detections.scores, dtype=np.float64).tolist()
+    ids = feature_ids(image_url, boxes, classes)
+    geometries: list[Any] = [{"type": "Polygon", "coordinates": [ring]} for ring in rings.tolist()]
+    feature_classes: list[Any] = [
+        [{"iri": str(cls), "score": score}] for cls, score in zip(classes, scores, strict=True)
+    ]
+    properties: list[str | None] = [None] * n
+    if len(shapes):
+        texts = iter(shapely.to_geojson(shapes).tolist())
+        for k, shape in enumerate(detections.shapes):
+            if shape is not None:
+                geometries[k] = json.loads(next(texts))
+    taken = taken | set(FEATURE_COLUMNS)  # the model's properties never shadow ours
+    for k, extra in enumerate(detections.extras):
+        if extra is None:
+            continue
+        if extra.get("id") is not None:
+            ids[k] = extra["id"]
+        if extra.get("featureClasses") is not None:
+            feature_classes[k] = extra["featureClasses"]
+        others = {key: v for key, v in (extra.get("properties") or {}).items() if key not in taken}
+        if others:
+            properties[k] = json.dumps(others, default=_json_default)
     return {
-        "id": feature_ids(image_url, boxes, classes),
+        "id": ids,
         "imageBBox": boxes,
-        "imageGeometry": [{"type": "Polygon", "coordinates": [ring]} for ring in rings.tolist()],
-        "featureClasses": [
-            [{"iri": str(cls), "score": score}] for cls, score in zip(classes, scores, strict=True)
-        ],
+        "imageGeometry": geometries,
+        "featureClasses": feature_classes,
         "inferenceMetadata": [{"jobId": job_id, "inferenceDT": when}] * n,
         "image_url": [image_url] * n,
+        "modelProperties": properties,
     }
 
 
 def empty_features(georeferenced: bool = True) -> gpd.GeoDataFrame:
     """A GeoDataFrame with the feature columns and no rows."""
     crs = "EPSG:4326" if georeferenced else None
-    return gpd.GeoDataFrame(
-        {name: [] for name in FEATURE_COLUMNS}, geometry=gpd.GeoSeries([], crs=crs), crs=crs
-    )
+    columns: dict[str, Any] = {name: [] for name in FEATURE_COLUMNS}
+    columns.update(_ground=gpd.GeoSeries([], crs=crs), _bbox=[], _shape=np.zeros(0, dtype=bool))
+    return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries([], crs=crs), crs=crs)

@@ -155,7 +155,7 @@ def soft_nms(
             skip_box_threshold,
         )
     keep = ~np.isnan(scores)
-    return Detections(detections.boxes[keep], scores[keep], detections.classes[keep])
+    return detections.select(keep).rescored(scores[keep])  # featureClasses keep rawScore
 
 
 def distill(detections: Detections, algorithm: object | None) -> Detections:

@@ -26,9 +26,10 @@ from typing import Any, Protocol
 
 import geopandas as gpd
 import numpy as np
+import shapely
 
 from pipeline.detections import Detections
-from pipeline.sinks import staged_file, write_parquet
+from pipeline.sinks import _json_default, staged_file, write_parquet
 
 MANIFEST = "manifest.jsonl"
 #: version of the chunk layout (:class:`pipeline.tiling.TileGrid`): a manifest written under
@@ -307,7 +308,7 @@ class PartStore:
         if not record.get("border"):
             return Detections()
         with np.load(self.storage.local(record["border"]), allow_pickle=False) as data:
-            return Detections(data["boxes"], data["scores"], data["classes"].astype(object))
+            return _load_detections(data)
 
     def parts(self, image: int) -> Iterator[Path]:
         """The settled part files of one image, in chunk order, then its border part (local
@@ -325,6 +326,22 @@ class PartStore:
 
 
 def _save_detections(detections: Detections, path: Path) -> None:
+    """Border detections as an ``.npz`` (no pickles): the model's shapes as hex WKB and its
+    other answers as JSON text, "" where a detection has none."""
+    shapes = np.array([shapely.to_wkb(s, hex=True) if s is not None else "" for s in detections.shapes],
+                      dtype=str)
+    extras = np.array([json.dumps(e, default=_json_default) if e is not None else ""
+                       for e in detections.extras], dtype=str)
     with open(path, "wb") as out:
         np.savez(out, boxes=detections.boxes, scores=detections.scores,
-                 classes=detections.classes.astype(str))
+                 classes=detections.classes.astype(str), shapes=shapes, extras=extras)
+
+
+def _load_detections(data: Any) -> Detections:
+    """What :func:`_save_detections` wrote (files without shapes and extras too)."""
+    n = len(data["scores"])
+    shapes = extras = None
+    if "shapes" in data and n:
+        shapes = [shapely.from_wkb(s) if s else None for s in data["shapes"].tolist()]
+        extras = [json.loads(e) if e else None for e in data["extras"].tolist()]
+    return Detections(data["boxes"], data["scores"], data["classes"].astype(object), shapes, extras)

@@ -95,6 +95,9 @@ class ImageProcessor(_Strict):
 
 Format = Literal["geojson", "parquet"]
 DEFAULT_FORMATS: tuple[Format, ...] = ("geojson", "parquet")
+#: how features are written (GeoJSON files, Kinesis records): RFC 7946, or field for field as
+#: OSML Model Runner 2.3 writes them; None: the run mode's default (queue worker: OSML)
+FeatureForm = Literal["RFC7946", "OSML"]
 
 
 def _lower_formats(value: Any) -> Any:
@@ -109,8 +112,9 @@ class LocalOutput(_Strict):
     type: Literal["LOCAL"] = "LOCAL"
     path: str
     formats: tuple[Format, ...] = DEFAULT_FORMATS
+    feature_form: FeatureForm | None = None
 
-    _normalise_type = field_validator("type", mode="before")(_upper)
+    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
     _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
 
 
@@ -122,8 +126,9 @@ class S3Output(_Strict):
     prefix: str = ""
     formats: tuple[Format, ...] = DEFAULT_FORMATS
     role: str | None = None
+    feature_form: FeatureForm | None = None
 
-    _normalise_type = field_validator("type", mode="before")(_upper)
+    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
     _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
 
 
@@ -134,8 +139,9 @@ class KinesisOutput(_Strict):
     stream: str
     batch_size: int = Field(default=1000, gt=0)
     role: str | None = None
+    feature_form: FeatureForm | None = None
 
-    _normalise_type = field_validator("type", mode="before")(_upper)
+    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
 
 
 def _output_kind(value: Any) -> str | None:

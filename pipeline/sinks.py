@@ -1,8 +1,11 @@
-"""Writing features and summaries: GeoJSON (RFC 7946), GeoParquet 1.1, summary JSON.
+"""Writing features and summaries: GeoJSON (RFC 7946 or OSML's form), GeoParquet 1.1,
+summary JSON.
 
 Files are serialised to a temporary file first and appear at their final names only when
 complete (local: ``os.replace`` in the same directory). A sink per output type; more types
-register in :data:`SINKS`.
+register in :data:`SINKS` (a factory ``(output, form) -> Sink``). The feature form
+(:data:`FORMS`) is applied as features are written, from the one stored form of
+:mod:`pipeline.geolocate`, so one job can write both.
 """
 
 from __future__ import annotations
@@ -46,20 +49,171 @@ def _clean(values: list[Any]) -> list[Any]:
     return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
 
 
-def _feature_texts(geometry: np.ndarray, columns: dict[str, list[Any]]) -> Iterator[str]:
-    """One RFC 7946 Feature (lon/lat, CCW rings) as JSON text per row: the ``id`` column is
-    the feature's id, the other columns its properties (plain Python values)."""
-    geometries = shapely.to_geojson(shapely.orient_polygons(geometry))
+#: the output forms of features: RFC 7946 (lon/lat, counter-clockwise rings cut at the
+#: antimeridian) and OSML (field for field what OSML Model Runner 2.3 writes)
+FORMS = ("RFC7946", "OSML")
+#: frame columns that are not feature properties (see :mod:`pipeline.geolocate`)
+_INTERNAL = ("_ground", "_bbox", "_shape")
+#: OSML rounds coordinates of geometries to this many decimals (the ``geojson`` package's)
+OSML_PRECISION = 6
+#: our own properties that OSML does not write
+_NOT_OSML = ("image_url", "imageSegment")
+
+
+def _geojson_values(values: list[Any]) -> list[Any]:
+    """Geometry values as GeoJSON dicts: dicts stay, shapely geometries and WKB (a part's
+    column) are converted, None stays None."""
+    other = [k for k, v in enumerate(values) if v is not None and not isinstance(v, dict)]
+    if not other:
+        return values
+    values = list(values)
+    geometries = np.asarray([values[k] for k in other], dtype=object)
+    if isinstance(values[other[0]], bytes | bytearray):
+        geometries = shapely.from_wkb(geometries)
+    for k, text in zip(other, shapely.to_geojson(geometries).tolist(), strict=True):
+        values[k] = json.loads(text)
+    return values
+
+
+def _drop_nulls(classes: list[Any]) -> list[Any]:
+    """``featureClasses`` lists without the null keys that a GeoParquet part adds to entries
+    that lack a key other entries have."""
+    if not any(None in c.values() for entries in classes if entries for c in entries):
+        return classes
+    return [[{k: v for k, v in c.items() if v is not None} for c in entries] if entries else entries
+            for entries in classes]
+
+
+def _rounded(coordinates: Any, digits: int = OSML_PRECISION) -> Any:
+    """Nested coordinates rounded as OSML rounds them (Python's ``round``)."""
+    if isinstance(coordinates, list | tuple):
+        return [_rounded(c, digits) for c in coordinates]
+    return round(coordinates, digits)
+
+
+def _osml_ground(ground: list[Any], geometry: np.ndarray) -> list[str | None]:
+    """OSML's ``geometry`` texts: the shapes as geolocated (vertices in their own order) with
+    ``[lon, lat, 0.0]`` positions rounded to 6 decimals; null where the feature has no lon/lat."""
+    values = np.asarray(ground, dtype=object)
+    if len(values) and isinstance(next((v for v in values if v is not None), None), bytes | bytearray):
+        values = shapely.from_wkb(values)
+    values[shapely.is_missing(np.asarray(geometry, dtype=object))] = None
+
+    def rounded(xy: np.ndarray) -> np.ndarray:
+        return np.asarray(_rounded(xy.ravel().tolist()), dtype=np.float64).reshape(xy.shape)
+
+    values = shapely.force_3d(shapely.transform(values, rounded), 0.0)
+    return [t for t in shapely.to_geojson(values).tolist()]
+
+
+_DATES: dict[str, str] = {}
+
+
+def _osml_time(value: str) -> str:
+    """An ISO 8601 time as OSML writes ``inferenceDT``: UTC, whole seconds, ``Z``."""
+    if value not in _DATES:
+        from datetime import UTC, datetime
+
+        moment = datetime.fromisoformat(value)
+        moment = moment.astimezone(UTC) if moment.tzinfo else moment
+        _DATES[value] = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _DATES[value]
+
+
+def _osml_source(meta: Any, url: Any) -> list[dict[str, Any]] | None:
+    """OSML's ``sourceMetadata`` (NITF only) from ours (:func:`pipeline.nitf.source_metadata`)."""
+    if not meta:
+        return None
+    moment = meta.get("sourceDT")
+    return [{"location": url, "format": "NITF", "category": meta.get("imageCategory") or "",
+             "sourceId": meta.get("fileTitle") or "",
+             "sourceDT": moment.replace("+00:00", "Z") if isinstance(moment, str) else moment}]
+
+
+def _osml_properties(columns: dict[str, list[Any]], n: int) -> None:
+    """Turn the property columns into OSML's (in place): ``imageGeometry`` rounded (a box as
+    OSML's ring NE, SE, SW, NW), ``imageBBox`` only where the model gave one, centres only where
+    geolocated, ``inferenceDT`` in whole seconds, ``sourceMetadata`` as OSML's list, and not
+    our own ``image_url``/``imageSegment``."""
+    from pipeline.models.results import box_ring
+
+    shaped = columns.pop("_shape", None) or [False] * n
+    bbox = columns.get("_bbox") or [None] * n
+    boxes = columns.get("imageBBox") or [None] * n
+    if "imageGeometry" in columns:
+        columns["imageGeometry"] = [
+            {**g, "coordinates": _rounded(g["coordinates"])} if own and g is not None
+            else {"type": "Polygon", "coordinates": _rounded([box_ring(*b)])} if b is not None else g
+            for g, b, own in zip(columns["imageGeometry"], boxes, shaped, strict=True)
+        ]
+    georeferenced = any(_finite(v) for v in columns.get("center_longitude") or [])
+    if "imageBBox" in columns and georeferenced:
+        columns["imageBBox"] = [b if not own or box is not None else _ABSENT
+                                for b, box, own in zip(boxes, bbox, shaped, strict=True)]
+    for name in ("center_longitude", "center_latitude"):
+        if name in columns:
+            columns[name] = [v if _finite(v) else _ABSENT for v in columns[name]]
+    if "inferenceMetadata" in columns:
+        columns["inferenceMetadata"] = [
+            {**m, "inferenceDT": _osml_time(m["inferenceDT"])} if m and m.get("inferenceDT") else m
+            for m in columns["inferenceMetadata"]
+        ]
+    if "sourceMetadata" in columns:
+        urls = columns.get("image_url") or [None] * n
+        columns["sourceMetadata"] = [
+            _osml_source(m, u) or _ABSENT for m, u in zip(columns.pop("sourceMetadata"), urls, strict=True)
+        ]
+    for name in _NOT_OSML:
+        columns.pop(name, None)
+
+
+#: a property value that is left out of the feature
+_ABSENT = object()
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _feature_texts(geometry: np.ndarray, columns: dict[str, list[Any]],
+                   form: str = "RFC7946") -> Iterator[str]:
+    """One GeoJSON Feature as JSON text per row, in ``form`` (:data:`FORMS`): the ``id`` column
+    is the feature's id, ``modelProperties`` (JSON text) is merged into its properties, the
+    internal columns give OSML's ``geometry`` and ``bbox``, the other columns are its
+    properties (plain Python values)."""
+    columns = dict(columns)
+    n = len(geometry)
     ids = columns.pop("id", None)
+    model = columns.pop("modelProperties", None) or [None] * n
+    if "imageGeometry" in columns:
+        columns["imageGeometry"] = _geojson_values(columns["imageGeometry"])
+    if "featureClasses" in columns:
+        columns["featureClasses"] = _drop_nulls(columns["featureClasses"])
+    ground = columns.pop("_ground", None)
+    bbox = columns.get("_bbox") or [None] * n
+    if form == "OSML":
+        geometries = _osml_ground(ground if ground is not None else list(geometry), geometry)
+        _osml_properties(columns, n)
+    elif form == "RFC7946":
+        geometries = shapely.to_geojson(shapely.orient_polygons(geometry)).tolist()
+        bbox = [None] * n
+        columns.pop("_shape", None)
+    else:
+        raise ValueError(f"unknown feature form {form!r} (expected one of {', '.join(FORMS)})")
+    columns.pop("_bbox", None)
     names = list(columns)
     rows = zip(*(_clean(values) for values in columns.values()), strict=True) if names \
-        else iter([()] * len(geometries))
+        else iter([()] * n)
     encode = json.JSONEncoder(default=_json_default, allow_nan=False).encode
     for k, (geometry_text, values) in enumerate(zip(geometries, rows, strict=True)):
-        body = encode(dict(zip(names, values, strict=True)))
+        body = encode({name: v for name, v in zip(names, values, strict=True) if v is not _ABSENT})
+        if isinstance(model[k], str):  # None or NaN where the model said no more
+            body = f"{body[:-1]}{', ' if len(body) > 2 else ''}{model[k][1:]}"
         feature_id = ids[k] if ids is not None else None
         identifier = f'"id":{json.dumps(feature_id)},' if feature_id is not None else ""
-        yield f'{{"type":"Feature",{identifier}"geometry":{geometry_text or "null"},"properties":{body}}}'
+        box = f'"bbox":{json.dumps(bbox[k])},' if bbox[k] is not None else ""
+        yield (f'{{"type":"Feature",{box}{identifier}"geometry":{geometry_text or "null"},'
+               f'"properties":{body}}}')
 
 
 def _frame_columns(features: gpd.GeoDataFrame) -> tuple[np.ndarray, dict[str, list[Any]]]:
@@ -103,8 +257,9 @@ def _columns_of(parts: Iterable[gpd.GeoDataFrame | str | Path],
 
 
 def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame | str | Path],
-                  path: str | Path) -> None:
-    """An RFC 7946 FeatureCollection, written feature by feature (lon/lat, CCW rings).
+                  path: str | Path, form: str = "RFC7946") -> None:
+    """A FeatureCollection in ``form`` (:data:`FORMS`; RFC 7946: lon/lat, CCW rings), written
+    feature by feature.
 
     ``features`` may also be an iterable of frames or GeoParquet part files, written one after
     another (one in memory at a time).
@@ -115,7 +270,7 @@ def write_geojson(features: gpd.GeoDataFrame | Iterable[gpd.GeoDataFrame | str |
         n = 0
         for columns in _columns_of(parts):
             with no_cyclic_gc():  # a batch's values and texts hold no cycles
-                for text in _feature_texts(*columns):
+                for text in _feature_texts(*columns, form=form):
                     out.write(f'{"," if n else ""}\n{text}')
                     n += 1
         out.write("\n]}\n")
@@ -127,8 +282,16 @@ def feature_collection(texts: Sequence[str]) -> bytes:
     return f'{{"type":"FeatureCollection","features":[{body}\n]}}\n'.encode()
 
 
-def write_parquet(features: gpd.GeoDataFrame, path: str | Path) -> None:
-    """GeoParquet 1.1 with a ``bbox`` covering column."""
+def write_parquet(features: gpd.GeoDataFrame, path: str | Path, internal: bool = True) -> None:
+    """GeoParquet 1.1 with a ``bbox`` covering column; ``imageGeometry`` is stored as a
+    geometry column (pixels, no CRS: a model's shapes differ in type). ``internal=False`` (an
+    output file) leaves out the internal columns that only the GeoJSON forms need."""
+    if not internal:
+        features = features.drop(columns=[c for c in _INTERNAL if c in features.columns])
+    if "imageGeometry" in features.columns and not isinstance(features["imageGeometry"], gpd.GeoSeries):
+        values = features["imageGeometry"].tolist()
+        shapes = [shapely.from_geojson(json.dumps(v)) if isinstance(v, dict) else v for v in values]
+        features = features.assign(imageGeometry=gpd.GeoSeries(shapes, index=features.index))
     features.to_parquet(path, schema_version="1.1.0", write_covering_bbox=True, index=False)
 
 
@@ -141,13 +304,17 @@ def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
 
     schemas = [pq.read_schema(p) for p in paths]
     geo = json.loads(schemas[0].metadata[b"geo"])
-    column = geo["primary_column"]
-    boxes = [json.loads(s.metadata[b"geo"])["columns"][column] for s in schemas]
-    spans = np.array([b["bbox"] for b in boxes if b.get("bbox")], dtype=np.float64).reshape(-1, 4)
-    if len(spans):
-        geo["columns"][column]["bbox"] = [*spans[:, :2].min(axis=0), *spans[:, 2:].max(axis=0)]
-    geo["columns"][column]["geometry_types"] = sorted({t for b in boxes for t in b["geometry_types"]})
+    for internal in _INTERNAL:  # an output file: no internal columns
+        geo["columns"].pop(internal, None)
+    for column in geo["columns"]:
+        boxes = [json.loads(s.metadata[b"geo"])["columns"].get(column, {}) for s in schemas]
+        spans = np.array([b["bbox"] for b in boxes if b.get("bbox")], dtype=np.float64).reshape(-1, 4)
+        if len(spans):
+            geo["columns"][column]["bbox"] = [*spans[:, :2].min(axis=0), *spans[:, 2:].max(axis=0)]
+        geo["columns"][column]["geometry_types"] = sorted(
+            {t for b in boxes for t in b.get("geometry_types", [])})
     unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    unified = pa.schema([f for f in unified if f.name not in _INTERNAL])
     schema = unified.with_metadata({**schemas[0].metadata, b"geo": json.dumps(geo).encode()})
     with pq.ParquetWriter(path, schema) as writer:
         for part in paths:
@@ -162,7 +329,7 @@ def concat_parquet(paths: Sequence[str | Path], path: str | Path) -> None:
 
 WRITERS: dict[str, Callable[[gpd.GeoDataFrame, str | Path], None]] = {
     "geojson": write_geojson,
-    "parquet": write_parquet,
+    "parquet": partial(write_parquet, internal=False),
 }
 
 
@@ -203,9 +370,11 @@ class Sink(ABC):
 class LocalSink(Sink):
     """``LOCAL`` output: ``<path>/<jobId>.<suffix>``, atomically by rename."""
 
-    def __init__(self, path: str | Path, formats: tuple[str, ...] = ("geojson", "parquet")):
+    def __init__(self, path: str | Path, formats: tuple[str, ...] = ("geojson", "parquet"),
+                 form: str = "RFC7946"):
         self.directory = Path(path)
         self.formats = formats
+        self.form = form  # of the GeoJSON file
 
     def _publish(self, name: str, write: Callable[[Path], object]) -> str:
         final = self.directory / name
@@ -215,15 +384,16 @@ class LocalSink(Sink):
         return str(final)
 
     def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
-        return [
-            self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", partial(WRITERS[fmt], features))
-            for fmt in self.formats
-        ]
+        writers: dict[str, Callable[[Path], None]] = {
+            "geojson": lambda p: write_geojson(features, p, self.form),
+            "parquet": lambda p: WRITERS["parquet"](features, p),
+        }
+        return [self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", writers[fmt]) for fmt in self.formats]
 
     def write_feature_parts(self, job_id: str, parts: Sequence[str | Path]) -> list[str]:
         """Stream the parts into the final files: one part in memory at a time."""
         writers: dict[str, Callable[[Path], None]] = {
-            "geojson": lambda p: write_geojson(parts, p),
+            "geojson": lambda p: write_geojson(parts, p, self.form),
             "parquet": lambda p: concat_parquet(parts, p),
         }
         return [self._publish(f"{job_id}{FORMAT_SUFFIX[fmt]}", writers[fmt]) for fmt in self.formats]
@@ -241,33 +411,36 @@ class LocalSink(Sink):
 SINKS: dict[str, str] = {"LOCAL": "pipeline.sinks:local_sink"}
 
 
-def local_sink(output: Any) -> Sink:
-    return LocalSink(output.path, tuple(output.formats))
+def local_sink(output: Any, form: str = "RFC7946") -> Sink:
+    return LocalSink(output.path, tuple(output.formats), form)
 
 
-def make_sink(output: Any) -> Sink:
-    """The sink for one request output (``LocalOutput``, ``S3Output``, ...)."""
+def make_sink(output: Any, form: str | None = None) -> Sink:
+    """The sink for one request output (``LocalOutput``, ``S3Output``, ...), writing features
+    in the output's ``featureForm``, else in ``form`` (the run mode's default), else RFC 7946."""
     import importlib
 
     reference = SINKS.get(output.type)
     if reference is None:
         raise ValueError(f"output type {output.type} is not supported yet")
     module_name, _, attribute = reference.partition(":")
-    factory: Callable[[Any], Sink] = getattr(importlib.import_module(module_name), attribute)
-    return factory(output)
+    factory: Callable[..., Sink] = getattr(importlib.import_module(module_name), attribute)
+    return factory(output, getattr(output, "feature_form", None) or form or "RFC7946")
 
 
 class KinesisSink(Sink):
     """``Kinesis`` output (as OSML has it): records with ``PartitionKey`` = the job id and
-    ``Data`` = a GeoJSON FeatureCollection of at most ``batch_size`` features."""
+    ``Data`` = a GeoJSON FeatureCollection of at most ``batch_size`` features (in OSML's form,
+    one feature per record, as OSML puts them)."""
 
     #: Kinesis limits: records and bytes per PutRecords call, bytes per record
     MAX_RECORDS, MAX_CALL_BYTES, MAX_RECORD_BYTES = 500, 5_000_000, 1_000_000
 
     def __init__(self, stream: str, batch_size: int = 1000, role: str | None = None,
-                 client: Any = None):
+                 client: Any = None, form: str = "RFC7946"):
         self.stream = stream
-        self.batch_size = batch_size
+        self.form = form
+        self.batch_size = 1 if form == "OSML" else batch_size
         self.role = role
         self._client = client
 
@@ -312,7 +485,7 @@ class KinesisSink(Sink):
     def _send(self, job_id: str, parts: Iterable[gpd.GeoDataFrame | str | Path]) -> list[str]:
         """Put the features of ``parts`` (read batch by batch) in PutRecords calls of at most
         :attr:`MAX_RECORDS` records and :attr:`MAX_CALL_BYTES` bytes."""
-        texts = (text for columns in _columns_of(parts) for text in _feature_texts(*columns))
+        texts = (text for columns in _columns_of(parts) for text in _feature_texts(*columns, form=self.form))
         records: list[dict[str, Any]] = []
         size = 0
         for data in self._payloads(texts):
@@ -340,8 +513,8 @@ class KinesisSink(Sink):
         return f"kinesis://{self.stream}"
 
 
-def kinesis_sink(output: Any) -> Sink:
-    return KinesisSink(output.stream, output.batch_size, output.role)
+def kinesis_sink(output: Any, form: str = "RFC7946") -> Sink:
+    return KinesisSink(output.stream, output.batch_size, output.role, form=form)
 
 
 SINKS["KINESIS"] = "pipeline.sinks:kinesis_sink"
@@ -356,7 +529,8 @@ class S3Sink(Sink):
     """
 
     def __init__(self, bucket: str, prefix: str = "", formats: tuple[str, ...] = ("geojson", "parquet"),
-                 role: str | None = None):
+                 role: str | None = None, form: str = "RFC7946"):
+        self.form = form  # of the GeoJSON file
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.formats = formats
@@ -384,7 +558,7 @@ class S3Sink(Sink):
 
     def _staged(self, write: Callable[[LocalSink], list[str]]) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="s3-out-") as directory:
-            return self._upload(write(LocalSink(directory, self.formats)))
+            return self._upload(write(LocalSink(directory, self.formats, self.form)))
 
     def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
         return self._staged(lambda local: local.write_features(job_id, features))
@@ -422,8 +596,8 @@ def boto3_transfer_errors() -> type[Exception]:
     return S3UploadFailedError
 
 
-def s3_sink(output: Any) -> Sink:
-    return S3Sink(output.bucket, output.prefix, tuple(output.formats), output.role)
+def s3_sink(output: Any, form: str = "RFC7946") -> Sink:
+    return S3Sink(output.bucket, output.prefix, tuple(output.formats), output.role, form)
 
 
 SINKS["S3"] = "pipeline.sinks:s3_sink"

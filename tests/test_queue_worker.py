@@ -158,7 +158,8 @@ def kinesis_records(stream: str) -> list[dict[str, Any]]:
 def test_success_status_kinesis_and_redelivery(scene, queues, tmp_path, dask_client) -> None:
     body = request_body(scene, "job-ok", [
         {"type": "LOCAL", "path": str(tmp_path)},
-        {"type": "kinesis", "stream": queues.stream, "batchSize": 5},
+        # RFC 7946 batches batchSize features a record (OSML's form, the worker's default, one)
+        {"type": "kinesis", "stream": queues.stream, "batchSize": 5, "featureForm": "RFC7946"},
     ], someNewOsmlField={"x": 1})
     queues.sqs.send_message(QueueUrl=queues.requests, MessageBody=body)
     queues.sqs.send_message(QueueUrl=queues.requests, MessageBody=body)  # a duplicate delivery

@@ -11,8 +11,9 @@ import math
 from typing import Any
 
 import numpy as np
+import shapely
 
-from pipeline.detections import Detections
+from pipeline.detections import Detections, model_extras, osml_clamps, parse_shape, shape_box
 from pipeline.models.base import ModelError
 
 #: boxes may reach this many pixels outside the tile (rounding, half-pixel conventions)
@@ -32,33 +33,38 @@ def _load(body: bytes | str | Any) -> Any:
     return body
 
 
-def _bounds(geometry: Any) -> list[float]:
-    """``[xmin, ymin, xmax, ymax]`` of a GeoJSON geometry's coordinates (any nesting)."""
-    if not isinstance(geometry, dict) or "coordinates" not in geometry:
+#: properties that OSML replaces or removes: they are not the model's "other" properties
+_CONSUMED = frozenset({
+    "imageGeometry", "imageBBox", "featureClasses", "bounds_imcoords", "geom_imcoords",
+    "detection_score", "feature_types", "adjusted_feature_types", "image_id", "inferenceTime",
+    "center_longitude", "center_latitude", "inferenceMetadata",
+})
+
+
+def _shape(value: Any) -> Any:
+    """A shapely geometry of an ``imageGeometry`` (tile pixels)."""
+    if not isinstance(value, dict) or "coordinates" not in value:
         raise MalformedResponse("malformed response: imageGeometry has no coordinates")
     try:
-        points = np.asarray(_flatten(geometry["coordinates"]), dtype=np.float64).reshape(-1, 2)
-    except (TypeError, ValueError):
-        raise MalformedResponse("malformed response: imageGeometry coordinates are not numbers") from None
-    if not len(points):
+        shape = parse_shape(value)
+    except ValueError as exc:
+        raise MalformedResponse(f"malformed response: imageGeometry is {exc}") from None
+    if shape.is_empty:
         raise MalformedResponse("malformed response: imageGeometry is empty")
-    xmin, ymin = points.min(axis=0)
-    xmax, ymax = points.max(axis=0)
-    if xmax == xmin or ymax == ymin:  # a point or a line: give it one pixel
-        xmin, ymin, xmax, ymax = xmin - 0.5, ymin - 0.5, xmax + 0.5, ymax + 0.5
-    return [float(xmin), float(ymin), float(xmax), float(ymax)]
+    return shape
 
 
-def _flatten(coords: Any) -> list[Any]:
-    if isinstance(coords, list | tuple) and coords and isinstance(coords[0], list | tuple):
-        return [c for part in coords for c in _flatten(part)]
-    return [coords]
-
-
-def _class_and_score(props: dict[str, Any]) -> tuple[str, float]:
+def _feature_classes(props: dict[str, Any]) -> list[Any] | None:
+    """The model's class list (legacy ``feature_types`` converted as OSML converts it)."""
     classes = props.get("featureClasses")
     if classes is None and isinstance(props.get("feature_types"), dict):
         classes = [{"iri": k, "score": v} for k, v in props["feature_types"].items()]
+    if classes is not None and not isinstance(classes, list):
+        raise MalformedResponse("malformed response: featureClasses must be [{iri, score}]")
+    return classes
+
+
+def _class_and_score(props: dict[str, Any], classes: list[Any] | None) -> tuple[str, float]:
     if not classes:
         return "object", float(props.get("detection_score", props.get("score", 1.0)))
     try:
@@ -69,30 +75,72 @@ def _class_and_score(props: dict[str, Any]) -> tuple[str, float]:
 
 
 def parse_feature_collection(body: bytes | str | dict[str, Any], width: int, height: int) -> Detections:
-    """Detections (tile pixels) from an OSML GeoJSON FeatureCollection response."""
+    """Detections (tile pixels) from an OSML GeoJSON FeatureCollection response, kept whole:
+    each feature's ``imageGeometry`` (any geometry type, vertices as given), all of its
+    ``featureClasses``, its other properties and its ``id`` (see :mod:`pipeline.detections`).
+    The box (for the merge) is ``imageBBox``, else ``bounds_imcoords``, else the geometry's
+    bounds; the top class gives the class and score."""
     data = _load(body)
     if not isinstance(data, dict) or not isinstance(data.get("features"), list):
         raise MalformedResponse("malformed response: expected a FeatureCollection with 'features'")
-    boxes, scores, classes = [], [], []
+    boxes, scores, classes, shapes, extras = [], [], [], [], []
     for feature in data["features"]:
         props = feature.get("properties") if isinstance(feature, dict) else None
         if not isinstance(props, dict):
             raise MalformedResponse("malformed response: a feature has no properties")
-        if "imageBBox" in props:
-            box = props["imageBBox"]
-        elif "bounds_imcoords" in props:
-            box = props["bounds_imcoords"]
-        elif "imageGeometry" in props:
-            box = _bounds(props["imageGeometry"])
-        else:
-            raise MalformedResponse(
-                "malformed response: a feature has neither imageGeometry, imageBBox nor bounds_imcoords"
-            )
+        shape = _shape(props["imageGeometry"]) if "imageGeometry" in props else None
+        if shape is None and "imageBBox" not in props and "bounds_imcoords" in props:
+            # OSML makes the legacy bounds its imageGeometry (a box) and drops them
+            shape = _shape(_box_geometry(props["bounds_imcoords"]))
+        box = props.get("imageBBox", props.get("bounds_imcoords"))
+        if box is None:
+            if shape is None:
+                raise MalformedResponse(
+                    "malformed response: a feature has neither imageGeometry, imageBBox nor bounds_imcoords"
+                )
+            box = shape_box(shape)
         boxes.append(box)
-        name, score = _class_and_score(props)
+        shapes.append(shape)
+        feature_classes = _feature_classes(props)
+        name, score = _class_and_score(props, feature_classes)
         classes.append(name)
         scores.append(score)
-    return _checked(boxes, scores, classes, width, height)
+        others = {k: v for k, v in props.items() if k not in _CONSUMED}
+        extras.append((feature_classes, others, feature.get("id"), "imageBBox" in props))
+    found = _checked(boxes, scores, classes, width, height)
+    clamps = osml_clamps(found.boxes, shapes)
+    kept = [model_extras(*extra, clamp=clamp) for extra, clamp in zip(extras, clamps, strict=True)]
+    shaped = [k for k, s in enumerate(shapes) if s is not None]
+    if shaped:
+        bounds = shapely.bounds(np.asarray([shapes[k] for k in shaped], dtype=object))
+        if not np.isfinite(bounds).all():
+            raise MalformedResponse("malformed response: NaN or infinite coordinates in imageGeometry")
+        _inside(bounds, width, height, "imageGeometry")
+    return Detections(found.boxes, found.scores, found.classes, shapes, kept)
+
+
+def _box_geometry(box: Any) -> dict[str, Any]:
+    """A ``[xmin, ymin, xmax, ymax]`` box as OSML's polygon of it (shapely's ``box``: NE, SE,
+    SW, NW in pixels)."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise MalformedResponse("malformed response: boxes must be 4 numbers each") from None
+    return {"type": "Polygon", "coordinates": [box_ring(x0, y0, x1, y1)]}
+
+
+def box_ring(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    """The closed ring of a box as OSML writes it: NE, SE, SW, NW (pixels, y down)."""
+    return [[x1, y0], [x1, y1], [x0, y1], [x0, y0], [x1, y0]]
+
+
+def _inside(array: np.ndarray, width: int, height: int, what: str = "box") -> None:
+    x0, y0 = np.minimum(array[:, 0], array[:, 2]), np.minimum(array[:, 1], array[:, 3])
+    x1, y1 = np.maximum(array[:, 0], array[:, 2]), np.maximum(array[:, 1], array[:, 3])
+    outside = (x0 < -TOLERANCE) | (y0 < -TOLERANCE) | (x1 > width + TOLERANCE) | (y1 > height + TOLERANCE)
+    if outside.any():
+        bad = array[np.argmax(outside)].tolist()
+        raise MalformedResponse(f"malformed response: {what} {bad} lies outside the {width}x{height} tile")
 
 
 def _checked(boxes: Any, scores: Any, classes: Any, width: int, height: int) -> Detections:
@@ -103,34 +151,35 @@ def _checked(boxes: Any, scores: Any, classes: Any, width: int, height: int) -> 
         raise MalformedResponse("malformed response: boxes must be 4 numbers each") from None
     if not (np.isfinite(array).all() and np.isfinite(values).all()):
         raise MalformedResponse("malformed response: NaN or infinite coordinates or scores")
+    _inside(array, width, height)
     x0, y0 = np.minimum(array[:, 0], array[:, 2]), np.minimum(array[:, 1], array[:, 3])
     x1, y1 = np.maximum(array[:, 0], array[:, 2]), np.maximum(array[:, 1], array[:, 3])
-    outside = (x0 < -TOLERANCE) | (y0 < -TOLERANCE) | (x1 > width + TOLERANCE) | (y1 > height + TOLERANCE)
-    if outside.any():
-        bad = array[np.argmax(outside)].tolist()
-        raise MalformedResponse(f"malformed response: box {bad} lies outside the {width}x{height} tile")
     return Detections(np.stack([x0, y0, x1, y1], axis=1), values, np.asarray(classes, dtype=object))
 
 
 def to_feature_collection(detections: Detections) -> dict[str, Any]:
-    """The OSML response for ``detections`` (tile pixels): what ``serve-model`` answers."""
-    features = [
-        {
-            "type": "Feature",
-            "geometry": None,
-            "properties": {
-                "imageGeometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
-                },
-                "imageBBox": [x0, y0, x1, y1],
-                "featureClasses": [{"iri": str(name), "score": float(score)}],
-            },
-        }
-        for (x0, y0, x1, y1), score, name in zip(
-            detections.boxes.tolist(), detections.scores.tolist(), detections.classes, strict=True
-        )
-    ]
+    """The OSML response for ``detections`` (tile pixels): what ``serve-model`` answers. A
+    box-only detection's ``imageGeometry`` is its box as OSML's models write it (NE, SE, SW,
+    NW); a detection that keeps its model's answer gives it back (shape, classes, properties,
+    id)."""
+    features = []
+    for (x0, y0, x1, y1), score, name, shape, extra in zip(
+        detections.boxes.tolist(), detections.scores.tolist(), detections.classes,
+        detections.shapes, detections.extras, strict=True,
+    ):
+        extra = extra or {}
+        geometry = (json.loads(shapely.to_geojson(shape)) if shape is not None
+                    else {"type": "Polygon", "coordinates": [box_ring(x0, y0, x1, y1)]})
+        properties: dict[str, Any] = {"imageGeometry": geometry}
+        if extra.get("bbox", True):
+            properties["imageBBox"] = [x0, y0, x1, y1]
+        properties["featureClasses"] = (extra.get("featureClasses")
+                                        or [{"iri": str(name), "score": float(score)}])
+        properties.update(extra.get("properties") or {})
+        feature: dict[str, Any] = {"type": "Feature", "geometry": None, "properties": properties}
+        if extra.get("id") is not None:
+            feature["id"] = extra["id"]
+        features.append(feature)
     return {"type": "FeatureCollection", "features": features}
 
 
