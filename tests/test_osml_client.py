@@ -58,7 +58,7 @@ from aws.osml.utils import kinesis_client, run_model_on_image, s3_client, sqs_cl
 from aws.osml.utils.integ_utils import (
     validate_features_match, validate_kinesis_features_match, validate_s3_features_match)
 
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 endpoint, endpoint_type, result_file = sys.argv[1:4]
 report = {}
 try:
@@ -238,6 +238,7 @@ def run_osml_client(osml: SimpleNamespace, endpoint: str, endpoint_type: str) ->
         [str(CLIENT_PYTHON), "-c", DRIVER, endpoint, endpoint_type, str(EXPECTED)],
         cwd=ROOT, env=osml.env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
+    (osml.logs.parent / f"client-{endpoint_type}.log").write_text(process.stderr)  # kept for a look
     report = json.loads(process.stdout.strip().splitlines()[-1])
     return report, process.stderr
 
@@ -252,7 +253,8 @@ def check(osml: SimpleNamespace, report: dict[str, Any], log: str) -> None:
     worker_log = osml.logs.read_text()[-2000:] if "run_model_on_image" not in report else ""
     assert report == {"run_model_on_image": True, "validate_s3_features_match": True,
                       "validate_kinesis_features_match": True, "validate_features_match": True}, (
-        f"OSML's checks: {report}; failed feature checks: {failed}; first pair: {pair}; worker: {worker_log}")
+        f"OSML's checks: {report}; failed feature checks: {failed}; first pair: {pair}; "
+        f"logs in {osml.logs.parent}; worker: {worker_log}")
     assert "SUCCESS message found!" in log and "2 output sinks validated, tests succeeded!" in log
 
 
