@@ -235,3 +235,9 @@ def test_work_prefix_must_be_an_allowed_s3_prefix() -> None:
             AllowList.from_strings(outputs=["s3://results/runs", "kinesis://*", "/tmp"]).check_work_prefix(
                 {"MODEL_RUNNER_WORK_PREFIX": value})
         assert "MODEL_RUNNER_WORK_PREFIX" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_example_worker_config_allows_its_work_prefix() -> None:
+    lines = (ROOT / "configs" / "worker" / "worker.env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert AllowList.for_worker(env).check_work_prefix(env) == env["MODEL_RUNNER_WORK_PREFIX"]
