@@ -212,12 +212,13 @@ def test_worker_writes_no_secret_of_moto_presigned_urls(
     import boto3
 
     endpoint, authorizations = echo_endpoint
-    sqs, sns, s3 = boto3.client("sqs"), boto3.client("sns"), boto3.client("s3")
+    aws = boto3.session.Session()  # the default session may hold earlier tests' credentials
+    sqs, sns, s3 = aws.client("sqs"), aws.client("sns"), aws.client("s3")
     tag = uuid.uuid4().hex[:8]
     bucket, stream = f"secrets-{tag}", f"features-{tag}"
     s3.create_bucket(Bucket=bucket)
     s3.upload_file(str(scene.path), bucket, "in/scene.tif")
-    boto3.client("kinesis").create_stream(StreamName=stream, ShardCount=1)
+    aws.client("kinesis").create_stream(StreamName=stream, ShardCount=1)
 
     def queue(name: str, **attributes: str) -> tuple[str, str]:
         url = sqs.create_queue(QueueName=f"{name}-{tag}", Attributes=attributes)["QueueUrl"]
@@ -234,7 +235,7 @@ def test_worker_writes_no_secret_of_moto_presigned_urls(
 
     from botocore.config import Config
 
-    signer = boto3.client("s3", config=Config(signature_version="s3v4"))
+    signer = aws.client("s3", config=Config(signature_version="s3v4"))
 
     def presign(key: str) -> str:
         return str(signer.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
