@@ -7,8 +7,11 @@ At least once, done right:
 - it is deleted only after the job's outputs are complete (``SUCCESS`` or ``PARTIAL``);
 - a redelivered message whose ``<jobId>.summary.json`` already says ``SUCCESS`` at an output
   location is acknowledged without redoing the work;
-- a job that fails is released for a retry, and SQS moves it to the dead-letter queue after the
-  redrive policy's ``maxReceiveCount``;
+- a job that fails publishes one ``FAILED`` whose message is its one-line reason; a permanent
+  failure (:mod:`pipeline.failures`: an image that cannot be opened, a region of interest that
+  misses it, ...) is then moved at once to the dead-letter queue (deleted if there is none); a
+  transient one is hidden for ``retry_delay`` and run again, up to ``max_attempts`` runs (at most
+  the redrive policy's ``maxReceiveCount``), each retry announced as ``IN_PROGRESS``;
 - a poison message (not JSON, an invalid request, an unknown model or output type) is published
   as ``FAILED`` and moved at once to the queue's dead-letter queue (deleted if there is none);
 - ``SIGTERM``/``SIGINT`` stop taking messages; the current job finishes within
