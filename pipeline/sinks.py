@@ -58,21 +58,70 @@ _INTERNAL = ("_ground", "_bbox", "_shape")
 OSML_PRECISION = 6
 #: our own properties that OSML does not write
 _NOT_OSML = ("image_url", "imageSegment")
+#: a property value that is left out of the feature
+_ABSENT = object()
 
 
-def _geojson_values(values: list[Any]) -> list[Any]:
-    """Geometry values as GeoJSON dicts: dicts stay, shapely geometries and WKB (a part's
-    column) are converted, None stays None."""
-    other = [k for k, v in enumerate(values) if v is not None and not isinstance(v, dict)]
-    if not other:
-        return values
-    values = list(values)
-    geometries = np.asarray([values[k] for k in other], dtype=object)
-    if isinstance(values[other[0]], bytes | bytearray):
-        geometries = shapely.from_wkb(geometries)
-    for k, text in zip(other, shapely.to_geojson(geometries).tolist(), strict=True):
-        values[k] = json.loads(text)
-    return values
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _round(values: Any, digits: int = OSML_PRECISION) -> np.ndarray:
+    """``values`` rounded exactly as Python's ``round(v, digits)`` rounds each (OSML's
+    ``geojson`` package rounds so): numpy's rounding, and Python's for the few values whose
+    scaled fraction is too close to one half for numpy's product to decide."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.round(values, digits)
+    scaled = values * 10.0**digits
+    tie = np.abs(scaled - np.floor(scaled) - 0.5) <= np.maximum(np.spacing(np.abs(scaled)) * 8, 1e-9)
+    if tie.any():
+        out[tie] = [round(v, digits) for v in values[tie].tolist()]
+    return out
+
+
+def _rounded(coordinates: Any) -> Any:
+    """Nested GeoJSON coordinates rounded as OSML rounds them."""
+    if isinstance(coordinates, list | tuple):
+        if coordinates and not isinstance(coordinates[0], list | tuple):
+            return _round(coordinates).tolist()
+        return [_rounded(c) for c in coordinates]
+    return coordinates
+
+
+def _shape_values(values: list[Any], rows: list[int]) -> dict[int, Any]:
+    """The model's shapes of ``rows`` as GeoJSON dicts: dicts stay, shapely geometries and WKB
+    (a part's column) are converted."""
+    out = {k: values[k] for k in rows if isinstance(values[k], dict) or values[k] is None}
+    other = [k for k in rows if k not in out]
+    if other:
+        geometries = np.asarray([values[k] for k in other], dtype=object)
+        if isinstance(values[other[0]], bytes | bytearray):
+            geometries = shapely.from_wkb(geometries)
+        for k, text in zip(other, shapely.to_geojson(geometries).tolist(), strict=True):
+            out[k] = json.loads(text)
+    return out
+
+
+def _image_geometries(columns: dict[str, list[Any]], shaped: list[bool], form: str) -> list[Any]:
+    """``imageGeometry`` per row: the model's shape (rounded in OSML's form), else the box's
+    ring from ``imageBBox`` (RFC 7946: NW, NE, SE, SW as stored; OSML: NE, SE, SW, NW rounded)."""
+    values = columns["imageGeometry"]
+    n = len(values)
+    own = [k for k in range(n) if shaped[k]]
+    shapes = _shape_values(values, own)
+    boxes = columns.get("imageBBox")
+    out: list[Any] = list(values)
+    if boxes is not None and len(own) < n:
+        box = [k for k in range(n) if not shaped[k] and boxes[k] is not None]
+        array = np.asarray([boxes[k] for k in box], dtype=np.float64).reshape(-1, 4)
+        order = [2, 1, 2, 3, 0, 3, 0, 1, 2, 1] if form == "OSML" else [0, 1, 2, 1, 2, 3, 0, 3, 0, 1]
+        rings = (_round(array) if form == "OSML" else array)[:, order].reshape(-1, 5, 2).tolist()
+        for k, ring in zip(box, rings, strict=True):
+            out[k] = {"type": "Polygon", "coordinates": [ring]}
+    for k, shape in shapes.items():
+        out[k] = {**shape, "coordinates": _rounded(shape["coordinates"])} \
+            if form == "OSML" and shape is not None and "coordinates" in shape else shape
+    return out
 
 
 def _drop_nulls(classes: list[Any]) -> list[Any]:
@@ -84,13 +133,6 @@ def _drop_nulls(classes: list[Any]) -> list[Any]:
             for entries in classes]
 
 
-def _rounded(coordinates: Any, digits: int = OSML_PRECISION) -> Any:
-    """Nested coordinates rounded as OSML rounds them (Python's ``round``)."""
-    if isinstance(coordinates, list | tuple):
-        return [_rounded(c, digits) for c in coordinates]
-    return round(coordinates, digits)
-
-
 def _osml_ground(ground: list[Any], geometry: np.ndarray) -> list[str | None]:
     """OSML's ``geometry`` texts: the shapes as geolocated (vertices in their own order) with
     ``[lon, lat, 0.0]`` positions rounded to 6 decimals; null where the feature has no lon/lat."""
@@ -98,12 +140,8 @@ def _osml_ground(ground: list[Any], geometry: np.ndarray) -> list[str | None]:
     if len(values) and isinstance(next((v for v in values if v is not None), None), bytes | bytearray):
         values = shapely.from_wkb(values)
     values[shapely.is_missing(np.asarray(geometry, dtype=object))] = None
-
-    def rounded(xy: np.ndarray) -> np.ndarray:
-        return np.asarray(_rounded(xy.ravel().tolist()), dtype=np.float64).reshape(xy.shape)
-
-    values = shapely.force_3d(shapely.transform(values, rounded), 0.0)
-    return [t for t in shapely.to_geojson(values).tolist()]
+    values = shapely.force_3d(shapely.transform(values, _round), 0.0)
+    return list(shapely.to_geojson(values).tolist())
 
 
 _DATES: dict[str, str] = {}
@@ -130,26 +168,15 @@ def _osml_source(meta: Any, url: Any) -> list[dict[str, Any]] | None:
              "sourceDT": moment.replace("+00:00", "Z") if isinstance(moment, str) else moment}]
 
 
-def _osml_properties(columns: dict[str, list[Any]], n: int) -> None:
-    """Turn the property columns into OSML's (in place): ``imageGeometry`` rounded (a box as
-    OSML's ring NE, SE, SW, NW), ``imageBBox`` only where the model gave one, centres only where
-    geolocated, ``inferenceDT`` in whole seconds, ``sourceMetadata`` as OSML's list, and not
-    our own ``image_url``/``imageSegment``."""
-    from pipeline.models.results import box_ring
-
-    shaped = columns.pop("_shape", None) or [False] * n
+def _osml_properties(columns: dict[str, list[Any]], shaped: list[bool], n: int) -> None:
+    """Turn the property columns into OSML's (in place): ``imageBBox`` only where the model
+    gave one, centres only where geolocated, ``inferenceDT`` in whole seconds,
+    ``sourceMetadata`` as OSML's list, and not our own ``image_url``/``imageSegment``."""
     bbox = columns.get("_bbox") or [None] * n
-    boxes = columns.get("imageBBox") or [None] * n
-    if "imageGeometry" in columns:
-        columns["imageGeometry"] = [
-            {**g, "coordinates": _rounded(g["coordinates"])} if own and g is not None
-            else {"type": "Polygon", "coordinates": _rounded([box_ring(*b)])} if b is not None else g
-            for g, b, own in zip(columns["imageGeometry"], boxes, shaped, strict=True)
-        ]
     georeferenced = any(_finite(v) for v in columns.get("center_longitude") or [])
     if "imageBBox" in columns and georeferenced:
         columns["imageBBox"] = [b if not own or box is not None else _ABSENT
-                                for b, box, own in zip(boxes, bbox, shaped, strict=True)]
+                                for b, box, own in zip(columns["imageBBox"], bbox, shaped, strict=True)]
     for name in ("center_longitude", "center_latitude"):
         if name in columns:
             columns[name] = [v if _finite(v) else _ABSENT for v in columns[name]]
@@ -167,40 +194,33 @@ def _osml_properties(columns: dict[str, list[Any]], n: int) -> None:
         columns.pop(name, None)
 
 
-#: a property value that is left out of the feature
-_ABSENT = object()
-
-
-def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def _feature_texts(geometry: np.ndarray, columns: dict[str, list[Any]],
                    form: str = "RFC7946") -> Iterator[str]:
     """One GeoJSON Feature as JSON text per row, in ``form`` (:data:`FORMS`): the ``id`` column
     is the feature's id, ``modelProperties`` (JSON text) is merged into its properties, the
     internal columns give OSML's ``geometry`` and ``bbox``, the other columns are its
     properties (plain Python values)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown feature form {form!r} (expected one of {', '.join(FORMS)})")
     columns = dict(columns)
     n = len(geometry)
     ids = columns.pop("id", None)
     model = columns.pop("modelProperties", None) or [None] * n
+    shaped = [v is True for v in columns.pop("_shape", None) or [False] * n]
+    ground = columns.pop("_ground", None)
+    bbox = columns.pop("_bbox", None) or [None] * n
     if "imageGeometry" in columns:
-        columns["imageGeometry"] = _geojson_values(columns["imageGeometry"])
+        columns["imageGeometry"] = _image_geometries(columns, shaped, form)
     if "featureClasses" in columns:
         columns["featureClasses"] = _drop_nulls(columns["featureClasses"])
-    ground = columns.pop("_ground", None)
-    bbox = columns.get("_bbox") or [None] * n
     if form == "OSML":
         geometries = _osml_ground(ground if ground is not None else list(geometry), geometry)
-        _osml_properties(columns, n)
-    elif form == "RFC7946":
+        columns["_bbox"] = bbox
+        _osml_properties(columns, shaped, n)
+        columns.pop("_bbox")
+    else:
         geometries = shapely.to_geojson(shapely.orient_polygons(geometry)).tolist()
         bbox = [None] * n
-        columns.pop("_shape", None)
-    else:
-        raise ValueError(f"unknown feature form {form!r} (expected one of {', '.join(FORMS)})")
-    columns.pop("_bbox", None)
     names = list(columns)
     rows = zip(*(_clean(values) for values in columns.values()), strict=True) if names \
         else iter([()] * n)
@@ -282,16 +302,32 @@ def feature_collection(texts: Sequence[str]) -> bytes:
     return f'{{"type":"FeatureCollection","features":[{body}\n]}}\n'.encode()
 
 
+def _image_shapes(features: gpd.GeoDataFrame) -> np.ndarray:
+    """The ``imageGeometry`` column as shapely geometries: boxes' rings (NW, NE, SE, SW) built
+    at once from ``imageBBox``, the model's shapes from their GeoJSON dicts."""
+    values = features["imageGeometry"].tolist()
+    n = len(values)
+    out = np.empty(n, dtype=object)
+    dicts = np.fromiter((isinstance(v, dict) for v in values), dtype=bool, count=n)
+    boxes = np.zeros(n, dtype=bool)
+    if "_shape" in features.columns and "imageBBox" in features.columns:
+        boxes = dicts & ~features["_shape"].to_numpy(dtype=bool)
+    if boxes.any():
+        array = np.asarray(features["imageBBox"].to_numpy()[boxes].tolist(), dtype=np.float64)
+        out[boxes] = shapely.polygons(array[:, [0, 1, 2, 1, 2, 3, 0, 3, 0, 1]].reshape(-1, 5, 2))
+    for k in np.flatnonzero(~boxes).tolist():
+        out[k] = shapely.from_geojson(json.dumps(values[k])) if dicts[k] else values[k]
+    return out
+
+
 def write_parquet(features: gpd.GeoDataFrame, path: str | Path, internal: bool = True) -> None:
     """GeoParquet 1.1 with a ``bbox`` covering column; ``imageGeometry`` is stored as a
     geometry column (pixels, no CRS: a model's shapes differ in type). ``internal=False`` (an
     output file) leaves out the internal columns that only the GeoJSON forms need."""
+    if "imageGeometry" in features.columns and not isinstance(features["imageGeometry"], gpd.GeoSeries):
+        features = features.assign(imageGeometry=gpd.GeoSeries(_image_shapes(features), index=features.index))
     if not internal:
         features = features.drop(columns=[c for c in _INTERNAL if c in features.columns])
-    if "imageGeometry" in features.columns and not isinstance(features["imageGeometry"], gpd.GeoSeries):
-        values = features["imageGeometry"].tolist()
-        shapes = [shapely.from_geojson(json.dumps(v)) if isinstance(v, dict) else v for v in values]
-        features = features.assign(imageGeometry=gpd.GeoSeries(shapes, index=features.index))
     features.to_parquet(path, schema_version="1.1.0", write_covering_bbox=True, index=False)
 
 
