@@ -1,6 +1,7 @@
 """Failure is a clean state in the queue worker (real moto SQS/SNS/S3, a real LocalCluster).
 
-A permanent failure (an image that cannot be opened, a refused URL, an invalid request) gives
+A permanent failure (an image that cannot be opened, a region of interest that misses the
+image, a refused URL, an invalid request) gives
 exactly one FAILED status whose message is its one-line reason, and its message leaves the
 queue after one receive: dead-lettered by the worker (with the reason) where the queue has a
 DLQ, deleted where it has none. A transient one is run again, at most ``max_attempts`` times.
@@ -85,6 +86,8 @@ def test_permanent_failures_get_one_failed_status_and_leave_after_one_receive(
     queues.s3.put_object(Bucket=bucket, Key="in/disguised.tif", Body=VRT.encode())
     queues.s3.put_object(Bucket=bucket, Key="in/disguised.ntf", Body=VRT.encode())
     queues.s3.put_object(Bucket=bucket, Key="in/garbage.tif", Body=b"II*\x00" + bytes(range(256)) * 4)
+    small = write_scene(tmp_path / "small.tif", size=128, count=1, tile_size=64, overlap=8)
+    queues.s3.upload_file(str(small.path), bucket, "in/small.tif")
     bodies = {
         "vrt-tif": _request("vrt-tif", f"s3://{bucket}/in/disguised.tif", tmp_path),
         "vrt-ntf": _request("vrt-ntf", f"s3://{bucket}/in/disguised.ntf", tmp_path),
@@ -93,13 +96,15 @@ def test_permanent_failures_get_one_failed_status_and_leave_after_one_receive(
         "refused": _request("refused", "https://elsewhere.example.org/a.tif", tmp_path),
         "invalid": _request("invalid", f"s3://{bucket}/in/garbage.tif", tmp_path,
                             imageProcessorTileOverlap=4096),
+        "roi-miss": _request("roi-miss", f"s3://{bucket}/in/small.tif", tmp_path,
+                             regionOfInterest="POLYGON ((100 10, 101 10, 101 11, 100 11, 100 10))"),
     }
     for body in bodies.values():
         queues.sqs.send_message(QueueUrl=queues.requests, MessageBody=body)
     stats = _run(queues, queues.requests, dask_client, tmp_path)
 
     assert stats.received == len(bodies)  # one receive each: nothing was retried
-    assert (stats.failed, stats.poison) == (4, 2)
+    assert (stats.failed, stats.poison) == (5, 2)
     assert counts(queues.sqs, queues.requests) == (0, 0)
     expected = {
         "vrt-tif": f"cannot open image s3://{bucket}/in/disguised.tif: ",
@@ -108,6 +113,7 @@ def test_permanent_failures_get_one_failed_status_and_leave_after_one_receive(
         "missing": f"image not found: s3://{bucket}/in/missing.tif",
         "refused": "refused: imageUrls[0]: https://elsewhere.example.org/a.tif is not on the allow-list",
         "invalid": "imageProcessorTileOverlap",
+        "roi-miss": f"regionOfInterest does not intersect image s3://{bucket}/in/small.tif",
     }
     statuses = _statuses(queues)
     dead = {m["body"]["jobId"]: m for m in drain(queues.sqs, queues.dlq)}
