@@ -87,9 +87,11 @@ def rfc7946(geometry: np.ndarray) -> np.ndarray:
 
 
 def _cut(geometry: Any) -> Any:
-    """One geometry with wrapped longitudes, cut at the antimeridian (lines and polygons)."""
+    """One geometry with wrapped longitudes, cut at the antimeridian (lines and polygons). It
+    lies near ±180°, so its western longitudes are moved one turn east (the same vertex the
+    same way: rings stay closed)."""
     unwrapped = shapely.transform(
-        geometry, lambda xy: np.column_stack([antimeridian.unwrap(xy[:, 0]), xy[:, 1]]))
+        geometry, lambda xy: np.column_stack([np.where(xy[:, 0] < 0, xy[:, 0] + 360.0, xy[:, 0]), xy[:, 1]]))
     if shapely.get_dimensions(unwrapped) == 2:
         return antimeridian.split(unwrapped)
     if shapely.get_dimensions(unwrapped) != 1:

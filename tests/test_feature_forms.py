@@ -316,3 +316,20 @@ def test_the_output_field_and_the_run_modes_default(tmp_path: Path) -> None:
     with pytest.raises(RequestError, match="featureForm"):
         ImageRequest.parse({"jobId": "j", "imageUrls": ["a.tif"], "imageProcessor": {"name": "m"},
                             "outputs": [{"type": "LOCAL", "path": "x", "featureForm": "WKT"}]})
+
+
+def test_model_shapes_across_the_antimeridian(tmp_path: Path) -> None:
+    # 0.01° pixels from 179.5°E: pixel column 50 lies on the antimeridian
+    model = AffineSensorModel((0.01, 0.0, 179.5, 0.0, -0.01, 10.0), CRS.from_epsg(4326).to_wkt())
+    found = Detections.coerce({"geometries": [{"type": "LineString", "coordinates": [[40, 5], [60, 5]]},
+                                              {"type": "Polygon", "coordinates": [[[40, 0], [60, 0],
+                                                                                   [60, 10], [40, 0]]]}],
+                               "classes": ["cable", "zone"]})
+    features = written(to_features(found, model, image_url="a", job_id="j"), tmp_path, "RFC7946")
+    line, zone = (shapely.geometry.shape(f["geometry"]) for f in features.values())
+    assert line.geom_type == "MultiLineString" and line.length == pytest.approx(0.2)
+    assert zone.geom_type == "MultiPolygon" and zone.area == pytest.approx(0.2 * 0.1 / 2)
+    assert sorted(round(p.bounds[0], 6) for p in zone.geoms) == [-180.0, 179.9]
+    osml = written(to_features(found, model, image_url="a", job_id="j"), tmp_path, "OSML")
+    lines = [f for f in osml.values() if f["geometry"]["type"] == "LineString"]
+    assert lines[0]["geometry"]["coordinates"] == [[179.9, 9.95, 0.0], [-179.9, 9.95, 0.0]]  # as OSML
