@@ -60,7 +60,15 @@ from pipeline.request import ImageRequest, S3Output
 from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels, tiles_in
 from pipeline.security import work_prefix
 from pipeline.sinks import Sink, make_sink
-from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, chunk_size, to_uint8
+from pipeline.tiling import (
+    DEFAULT_CHUNK_TARGET,
+    FIXED_STRIDE,
+    VARIABLE_OVERLAP,
+    TileGrid,
+    chunk_size,
+    processing_bounds,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +216,22 @@ def image_urls(request: ImageRequest) -> list[str]:
     return urls
 
 
+def plan_where_readable(client: Any, request: ImageRequest, url: str,
+                        chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
+    """:func:`plan_image` in this process, or on a worker when ``url`` is in S3 and this process
+    has no AWS credentials of its own (the workers sign with theirs; a plan holds no secret)."""
+    from pipeline import aws
+    from pipeline.io import in_s3
+
+    if client is not None and in_s3(url) and not aws.has_credentials():
+        return client.submit(plan_image, request, url, chunk_target, pure=False).result()
+    return plan_image(request, url, chunk_target)
+
+
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
 
-    Resolves, once per image: the read options (endpoint, ``imageReadRole`` credentials), the
+    Resolves, once per image: the read options (endpoint, region, ``imageReadRole``), the
     sensor model (with ``elevation``), the range adjustment (DRA statistics; the sample read
     also proves the pixels readable) and the region of interest's chunks.
     """
@@ -223,14 +243,16 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
         info = describe(url, options)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
-    chunk = chunk_size(request.tile_size, request.tile_overlap, chunk_target)
-    grid = TileGrid(info.width, info.height, request.tile_size, request.tile_overlap, chunk)
     elevation = request.elevation.model_dump(exclude_none=True) if request.elevation else None
     model = sensor_model(info, elevation, options)
-    roi = mask = None
+    roi = None
     if request.region_of_interest:
         roi = roi_pixels(request.region_of_interest, model, info.width, info.height, url)
-        mask = chunk_mask(roi, grid)
+    grid = tile_grid(request, info.width, info.height, chunk_target, roi)
+    mask = chunk_mask(roi, grid) if roi is not None else None
+    if not grid.n_tiles:
+        log.warning("%s: no tile fits %sx%s pixels with %s tiling (as in OSML): nothing to detect",
+                    url, info.width, info.height, grid.strategy)
     if synthetic.is_synthetic(url):
         adjustment = {"type": request.range_adjustment or "NONE", "requested": request.range_adjustment}
     else:
@@ -239,6 +261,18 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
             x, y = (int(v) for v in roi.bounds[:2]) if roi is not None else (0, 0)
             read_window(url, (x, y, x + 1, y + 1), options)
     return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
+
+
+def tile_grid(request: ImageRequest, width: int, height: int,
+              chunk_target: int = DEFAULT_CHUNK_TARGET, roi: Any = None) -> TileGrid:
+    """The request's tile grid of a ``width × height`` image (``tilingStrategy``, default
+    ``FIXED_STRIDE``); a ``VARIABLE_OVERLAP`` grid covers the ROI's bounds, as in OSML."""
+    strategy = request.tiling_strategy or FIXED_STRIDE
+    bounds = None
+    if roi is not None and strategy == VARIABLE_OVERLAP:
+        bounds = processing_bounds(roi.bounds, width, height)
+    return TileGrid(width, height, request.tile_size, request.tile_overlap,
+                    chunk_size(request.tile_size, request.tile_overlap, chunk_target), strategy, bounds)
 
 
 @dataclass(frozen=True)
@@ -254,7 +288,7 @@ class ChunkModel:
 
     def detect(self, block: np.ndarray, row: int, col: int) -> ChunkResult:
         """Tiles of chunk ``(row, col)`` (pixels ``block``) → the chunk's owned detections."""
-        origin = (col * self.grid.chunk, row * self.grid.chunk)
+        origin = self.grid.chunk_window(row, col)[:2]
         adjustment = self.range_adjustment
         if self.stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
             block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", self.bits, self.stretch), -1, 0)
@@ -461,12 +495,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def _chunk_neighbours(grid: TileGrid, chunk: tuple[int, int]) -> tuple[tuple[int, int, int, int],
-                                                                         tuple[bool, bool, bool, bool]]:
-    row, col = chunk
-    return grid.chunk_bounds(row, col), (col > 0, row > 0, col < grid.chunks_x - 1, row < grid.chunks_y - 1)
-
-
 #: what an empty chunk writes (only its length is read)
 _NO_FEATURES = empty_features(False)
 WGS84_NAME = "EPSG:4326"
@@ -491,8 +519,7 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
     assert plan is not None
     detections = result.detections
     with outcome.timer.stage("merge"):
-        bounds, neighbours = _chunk_neighbours(plan.grid, result.chunk)
-        border = border_mask(detections.boxes, bounds, plan.grid.overlap, neighbours)
+        border = border_mask(detections.boxes, plan.grid.chunk_reach(*result.chunk))
         final = settled(detections, border, request.distillation)
         merged = distill(detections.select(final), request.distillation)
         waiting = detections.select(~final)
@@ -631,7 +658,7 @@ def run_job(
     for index, outcome in enumerate(outcomes):
         with outcome.timer.stage("plan"):
             try:
-                outcome.plan = plan_image(request, outcome.url, chunk_target)
+                outcome.plan = plan_where_readable(client, request, outcome.url, chunk_target)
                 results = chunk_results(outcome.plan, request, spec)
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 reason = str(exc) if isinstance(exc, ImageError) else _one_line_error(exc)

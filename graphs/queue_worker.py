@@ -34,8 +34,11 @@ from pipeline.notify import StatusPublisher
 from pipeline.redact import redact
 from pipeline.request import ImageRequest, RequestError
 from pipeline.security import AccessDenied, AllowList
+from pipeline.tiling import VARIABLE_OVERLAP
 
 log = logging.getLogger(__name__)
+#: the tiling of a request that names no ``tilingStrategy``: OSML 2.x's
+QUEUE_TILING = VARIABLE_OVERLAP
 
 
 class JobCancelled(Exception):
@@ -307,6 +310,8 @@ class QueueWorker:
         if not request.all_outputs:
             self._poison(message, "invalid request: outputs: the request has no outputs")
             return None
+        if request.tiling_strategy is None:  # an unchanged OSML request gets OSML's grid
+            request = request.model_copy(update={"tiling_strategy": QUEUE_TILING})
         try:
             self.allow.check_request(request)
             self.allow.check_request_redirects(request)  # GDAL would follow them unchecked

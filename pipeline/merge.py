@@ -172,28 +172,16 @@ def distill(detections: Detections, algorithm: object | None) -> Detections:
     return nms(detections, iou)
 
 
-def border_mask(boxes: np.ndarray, bounds: tuple[int, int, int, int], overlap: int,
-                neighbours: tuple[bool, bool, bool, bool]) -> np.ndarray:
+def border_mask(boxes: np.ndarray, reach: tuple[float, float, float, float]) -> np.ndarray:
     """Boxes of one chunk that may overlap boxes of a neighbouring chunk.
 
-    ``bounds`` ``(x0, y0, x1, y1)`` are the chunk's own pixels; ``neighbours`` says whether a
-    chunk lies to the left, top, right and bottom. A neighbour's boxes reach at most
-    ``overlap`` pixels into this chunk from the left or top (its last tiles end there), and
-    start at or after this chunk's right or bottom edge, so only boxes inside those strips can
-    touch them.
+    ``reach`` ``(x0, y0, x1, y1)`` is :meth:`pipeline.tiling.TileGrid.chunk_reach`: the left
+    and top neighbours' tiles (so their boxes) end at ``x0`` and ``y0``, the right and bottom
+    ones' start at ``x1`` and ``y1`` (infinite where there is no neighbour), so only boxes that
+    cross one of those lines can touch them.
     """
-    x0, y0, x1, y1 = bounds
-    left, top, right, bottom = neighbours
-    mask = np.zeros(len(boxes), dtype=bool)
-    if left:
-        mask |= boxes[:, 0] < x0 + overlap
-    if top:
-        mask |= boxes[:, 1] < y0 + overlap
-    if right:
-        mask |= boxes[:, 2] > x1
-    if bottom:
-        mask |= boxes[:, 3] > y1
-    return mask
+    x0, y0, x1, y1 = reach
+    return (boxes[:, 0] < x0) | (boxes[:, 1] < y0) | (boxes[:, 2] > x1) | (boxes[:, 3] > y1)
 
 
 def settled(detections: Detections, border: np.ndarray, algorithm: object | None) -> np.ndarray:

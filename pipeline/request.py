@@ -215,6 +215,9 @@ class ImageRequest(StrictDocument):
     #: None: ``DRA`` for images deeper than 8 bits, else ``NONE`` (decided per image)
     range_adjustment: Literal["NONE", "DRA", "MINMAX"] | None = None
     region_of_interest: str | None = None
+    #: our extension (OSML ignores it): None is the run mode's default, ``VARIABLE_OVERLAP``
+    #: (OSML 2.x's grid) on the queue worker, ``FIXED_STRIDE`` on the CLI and Python API
+    tiling_strategy: Literal["FIXED_STRIDE", "VARIABLE_OVERLAP"] | None = None
     elevation: Elevation | None = None
     feature_properties: list[dict[str, Any]] = Field(default_factory=list)
     post_processing: list[PostProcessingStep] = Field(
@@ -222,7 +225,7 @@ class ImageRequest(StrictDocument):
     )
 
     _normalise_enums = field_validator(
-        "tile_format", "tile_compression", "range_adjustment", mode="before"
+        "tile_format", "tile_compression", "range_adjustment", "tiling_strategy", mode="before"
     )(_upper)
 
     @field_validator("tile_compression")

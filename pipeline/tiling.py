@@ -1,40 +1,65 @@
 """Tile grids, chunk layout and the ownership rule, as small pure functions.
 
-Tiles along one axis of length ``L`` start at ``0, S, 2S, ...`` with stride ``S = T - O``
-(tile size ``T``, overlap ``O``); there are ``n = max(1, ceil((L - T) / S) + 1)`` of them,
-so every pixel is inside a tile. The last tile is clipped to the image and padded with zeros
-to ``T`` before it reaches the model (nothing at the right or bottom edge is dropped).
+Conventions (stated once): pixels are ``(x, y)`` = (column, row), the upper-left corner of pixel
+``(0, 0)`` is ``(0, 0)``; a window or box ``(x0, y0, x1, y1)`` covers columns ``x0 .. x1 - 1``.
+A grid is separable: the tiles are every pair of an x tile and a y tile, and each axis is a
+sorted array of tile *origins* with the tiles' *ends* (``origin + T`` clipped to the grid).
+``T`` is ``imageProcessorTileSize``, ``O`` the requested ``imageProcessorTileOverlap``.
 
-**Ownership rule** (exactly one full box per object smaller than the overlap): a box found
-in a tile is kept only if
+**Tiling strategies** (``tilingStrategy`` of the request, :data:`STRATEGIES`):
 
-1. it does not touch an edge of the tile that is not an edge of the image (a truncated view
-   of an object that a neighbouring tile sees whole), and
-2. its centre lies in the tile's *core*. The cores partition the image: along an axis, the
-   core of tile ``i`` is ``[i*S + O/2, (i+1)*S + O/2)``, the first one starting at ``-inf``
-   and the last one ending at ``+inf``.
+- ``FIXED_STRIDE``: origins ``0, S, 2S, ...`` with ``S = T - O``, ``max(1, ceil((L - T) / S) + 1)``
+  tiles, so every pixel is in a tile; the last tile is clipped to the image and zero-padded to
+  ``T`` before it reaches the model.
+- ``VARIABLE_OVERLAP``: OSML Model Runner 2.x's grid, exactly. Full-size tiles are spread evenly
+  over the axis with an overlap of at least ``O`` (:func:`spread_overlap`; 3376 px, 512/128 →
+  stride 358); the processing bounds shrink to the last whole tile (up to ``n - 2`` pixels at
+  the right or bottom edge are then in no tile, as in OSML). The axis is first cut into OSML's
+  regions (``REGION_SIZE``, default 10240, rounded to whole tiles, overlapping by the spread
+  overlap) and each region is tiled on its own in the same way. An image narrower or shorter
+  than ``T`` gets OSML's clipped tiles (longer than the overlap) instead of whole ones, and an
+  image no longer than ``O`` gets no tile. With a regionOfInterest the grid covers the ROI's
+  rounded pixel bounds, as OSML's processing bounds.
 
-An object of extent ``w < O`` has its centre in exactly one core, and that tile holds it whole
-and away from its edges, so it is kept there and nowhere else. Chunks hold a whole number of
-tile strides, so the rule does not depend on where chunk edges fall. Objects larger than the
-overlap may be dropped or cut: choose ``imageProcessorTileOverlap`` larger than the objects.
+**Ownership rule** (exactly one full box per object smaller than ``O``, for both strategies):
+along an axis, the *core* of tile ``i`` runs from the middle of its overlap with tile ``i - 1``
+to the middle of its overlap with tile ``i + 1`` (the first core from ``-inf``, the last to
+``+inf``), so the cores partition the plane. A box found in a tile is kept only if
+
+1. it does not touch an edge of the tile that is not an edge of the grid (a truncated view of
+   an object that a neighbouring tile sees whole), and
+2. its centre lies in the tile's core.
+
+An object of extent ``w < O`` has its centre in exactly one core, at least half an overlap
+(``>= O / 2 > w / 2``) inside that tile's inner edges, so it is kept there whole and nowhere
+else. Chunks hold whole tiles, so the rule does not depend on where chunk edges fall. Objects
+larger than the overlap may be dropped or cut: choose ``imageProcessorTileOverlap`` larger
+than the objects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline.detections import Detections
 
 DEFAULT_CHUNK_TARGET = 4096
+FIXED_STRIDE = "FIXED_STRIDE"
+VARIABLE_OVERLAP = "VARIABLE_OVERLAP"
+Strategy = Literal["FIXED_STRIDE", "VARIABLE_OVERLAP"]
+STRATEGIES: tuple[str, ...] = (FIXED_STRIDE, VARIABLE_OVERLAP)
+#: OSML Model Runner's default ``REGION_SIZE`` (pixels a side)
+OSML_REGION_SIZE = 10240
 
 
 def tile_count(length: int, tile_size: int, overlap: int) -> int:
-    """Number of tiles needed to cover ``length`` pixels."""
+    """Number of ``FIXED_STRIDE`` tiles needed to cover ``length`` pixels."""
     stride = tile_size - overlap
     if length <= tile_size:
         return 1
@@ -42,17 +67,75 @@ def tile_count(length: int, tile_size: int, overlap: int) -> int:
 
 
 def tile_origins(length: int, tile_size: int, overlap: int) -> np.ndarray:
-    """Start offsets of the tiles along one axis."""
+    """Start offsets of the ``FIXED_STRIDE`` tiles along one axis."""
     return np.arange(tile_count(length, tile_size, overlap), dtype=np.int64) * (
         tile_size - overlap
     )
+
+
+def _ceildiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def crops(length: int, size: int, overlap: int, whole: bool) -> np.ndarray:
+    """Starts of OSML's crops of ``size`` along an axis of ``length``, one every
+    ``size - overlap`` pixels from 0: with ``whole`` only those that fit whole, else those
+    whose part inside the axis is longer than ``overlap``."""
+    stride = size - overlap
+    starts = np.arange(max(0, _ceildiv(length, stride)), dtype=np.int64) * stride
+    inside = np.minimum(size, length - starts)
+    return starts[inside == size] if whole else starts[inside > overlap]
+
+
+def spread_overlap(length: int, tile_size: int, overlap: int) -> int:
+    """OSML's overlap of full tiles spread evenly over ``length``: the requested ``overlap``
+    grown by the spare pixels of the ``n`` tiles it needs, shared among the ``n - 1`` gaps
+    (rounded up)."""
+    stride = tile_size - overlap
+    n = _ceildiv(length - overlap, stride)
+    if n <= 1:
+        return overlap
+    return overlap + _ceildiv(overlap + n * stride - length, n - 1)
+
+
+def region_length(region_size: int, tile_size: int, overlap: int) -> int:
+    """OSML's region side: ``region_size`` rounded down to whole tiles at ``overlap``."""
+    stride = tile_size - overlap
+    return max(1, (region_size - overlap) // stride) * stride + overlap
+
+
+def variable_overlap_origins(length: int, tile_size: int, overlap: int, whole: bool,
+                             region_size: int = OSML_REGION_SIZE) -> np.ndarray:
+    """Tile origins of OSML 2.x's ``VariableOverlapTilingStrategy`` along an axis of ``length``
+    (relative to the processing bounds): regions first, then each region's tiles. ``whole`` is
+    OSML's choice for the whole image: True where it has full tiles (both sides ``>= T``), else
+    every tile is a clipped crop."""
+    spread = spread_overlap(length, tile_size, overlap)
+    if whole:  # the processing bounds end with the last whole tile
+        length = int(crops(length, tile_size, spread, True)[-1]) + tile_size
+    side = region_length(region_size, tile_size, spread)
+    parts = []
+    for start in crops(length, side, spread, False).tolist():
+        extent = min(side, length - start)
+        parts.append(start + crops(extent, tile_size, spread_overlap(extent, tile_size, overlap), whole))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def processing_bounds(bounds: tuple[float, float, float, float], width: int,
+                      height: int) -> tuple[int, int, int, int]:
+    """OSML's processing bounds ``(x0, y0, x1, y1)`` of a pixel-space ROI's ``bounds``: its
+    corner and its size each rounded (half to even, as Python's ``round``), within the image."""
+    minx, miny, maxx, maxy = bounds
+    x0, y0 = round(minx), round(miny)
+    return x0, y0, min(width, x0 + round(maxx - minx)), min(height, y0 + round(maxy - miny))
 
 
 def chunk_size(tile_size: int, overlap: int, target: int = DEFAULT_CHUNK_TARGET) -> int:
     """A chunk side holding a whole number of tile strides, as close to ``target`` as it can.
 
     A few thousand pixels a side keeps GDAL's reads to mostly whole internal blocks, and a
-    chunk to a few tiles per side, so a lost chunk costs little work.
+    chunk to a few tiles per side, so a lost chunk costs little work. (A ``VARIABLE_OVERLAP``
+    chunk holds as many tiles, a few pixels fewer.)
     """
     stride = tile_size - overlap
     return max(1, round(target / stride)) * stride
@@ -69,32 +152,90 @@ def chunk_count(n_tiles: int, per_chunk: int) -> int:
 
 
 @dataclass(frozen=True)
+class Axis:
+    """One axis of a grid: tile ``origins`` and ``ends`` (sorted), and the axis ``length``."""
+
+    origins: np.ndarray
+    ends: np.ndarray
+    length: int
+
+    @property
+    def count(self) -> int:
+        return len(self.origins)
+
+    @cached_property
+    def cuts(self) -> np.ndarray:
+        """Core edges: the middle of each pair of neighbouring tiles' overlap."""
+        return (self.origins[1:] + self.ends[:-1]) / 2.0
+
+    def core(self, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Core ``(start, end)`` of the tiles that start at ``origins``."""
+        index = np.searchsorted(self.origins, origins)
+        bounds = np.concatenate([[-np.inf], self.cuts, [np.inf]])
+        return bounds[index], bounds[index + 1]
+
+
+@dataclass(frozen=True)
 class TileGrid:
-    """The tile grid of one image: ``width × height`` pixels, chunks of ``chunk`` pixels (a
-    whole number of tile strides), the last chunk of each axis taking the remainder (see
-    :func:`chunk_count`)."""
+    """The tile grid of one image: ``width × height`` pixels, tiles of ``tile_size`` laid out
+    by ``strategy``, chunks of ``chunk // (tile_size - overlap)`` tiles a side (``chunk`` is a
+    whole number of nominal strides), the last chunk of each axis taking the remainder (see
+    :func:`chunk_count`). ``bounds`` ``(x0, y0, x1, y1)``: the pixels a ``VARIABLE_OVERLAP``
+    grid tiles (OSML's processing bounds; default the whole image); ``region_size``: OSML's
+    ``REGION_SIZE``."""
 
     width: int
     height: int
     tile_size: int
     overlap: int
     chunk: int
+    strategy: str = FIXED_STRIDE
+    bounds: tuple[int, int, int, int] | None = None
+    region_size: int = OSML_REGION_SIZE
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown tiling strategy {self.strategy!r} "
+                             f"(expected {' or '.join(STRATEGIES)})")
         if self.chunk % self.stride:
             raise ValueError(f"chunk {self.chunk} is not a multiple of the stride {self.stride}")
 
     @property
     def stride(self) -> int:
+        """The nominal stride ``T - O`` (``VARIABLE_OVERLAP`` tiles are closer)."""
         return self.tile_size - self.overlap
+
+    @cached_property
+    def _axes(self) -> tuple[Axis, Axis]:
+        if self.strategy == FIXED_STRIDE:
+            lengths = ((0, self.width), (0, self.height))
+            origins = [tile_origins(n, self.tile_size, self.overlap) for _, n in lengths]
+        else:
+            x0, y0, x1, y1 = self.bounds or (0, 0, self.width, self.height)
+            lengths = ((x0, x1 - x0), (y0, y1 - y0))
+            whole = min(x1 - x0, y1 - y0) >= self.tile_size
+            origins = [start + variable_overlap_origins(n, self.tile_size, self.overlap, whole,
+                                                        self.region_size) for start, n in lengths]
+        return tuple(  # type: ignore[return-value]
+            Axis(o, np.minimum(o + self.tile_size, start + n), n)
+            for o, (start, n) in zip(origins, lengths, strict=True)
+        )
+
+    @property
+    def x(self) -> Axis:
+        return self._axes[0]
+
+    @property
+    def y(self) -> Axis:
+        return self._axes[1]
 
     @property
     def tiles_x(self) -> int:
-        return tile_count(self.width, self.tile_size, self.overlap)
+        return self.x.count
 
     @property
     def tiles_y(self) -> int:
-        return tile_count(self.height, self.tile_size, self.overlap)
+        return self.y.count
 
     @property
     def n_tiles(self) -> int:
@@ -118,24 +259,43 @@ class TileGrid:
         last = chunk_index == chunk_count(n_tiles, per_chunk) - 1  # it takes the remainder
         return np.arange(first, n_tiles if last else min(first + per_chunk, n_tiles), dtype=np.int64)
 
+    def _axis_bounds(self, axis: Axis, index: int, n_chunks: int, size: int) -> tuple[int, int]:
+        per_chunk = self.tiles_per_chunk
+        start = 0 if index == 0 else int(axis.origins[index * per_chunk])
+        end = size if index == n_chunks - 1 else int(axis.origins[(index + 1) * per_chunk])
+        return start, end
+
     def chunk_bounds(self, chunk_row: int, chunk_col: int) -> tuple[int, int, int, int]:
-        """The chunk's own pixels ``(x0, y0, x1, y1)`` (its tiles' strides, without the halo):
-        the chunks partition the image."""
-        x0, y0 = chunk_col * self.chunk, chunk_row * self.chunk
-        x1 = self.width if chunk_col == self.chunks_x - 1 else x0 + self.chunk
-        y1 = self.height if chunk_row == self.chunks_y - 1 else y0 + self.chunk
+        """The chunk's own pixels ``(x0, y0, x1, y1)``: from its first tile's origin to the next
+        chunk's (the first and last chunk from and to the image edge), so the chunks partition
+        the image and each chunk's tiles start in it."""
+        x0, x1 = self._axis_bounds(self.x, chunk_col, self.chunks_x, self.width)
+        y0, y1 = self._axis_bounds(self.y, chunk_row, self.chunks_y, self.height)
+        return x0, y0, x1, y1
+
+    def chunk_reach(self, chunk_row: int, chunk_col: int) -> tuple[float, float, float, float]:
+        """How far the neighbouring chunks' tiles reach into this chunk ``(x0, y0, x1, y1)``:
+        the left (top) neighbour's tiles end at ``x0`` (``y0``), the right (bottom) one's start
+        at ``x1`` (``y1``); ``-inf``/``+inf`` where there is no neighbour. Only this chunk's boxes
+        that cross those lines can overlap a neighbour's boxes."""
+        per_chunk = self.tiles_per_chunk
+
+        def axis(a: Axis, index: int, n_chunks: int) -> tuple[float, float]:
+            low = float(a.ends[index * per_chunk - 1]) if index > 0 else -np.inf
+            high = float(a.origins[(index + 1) * per_chunk]) if index < n_chunks - 1 else np.inf
+            return low, high
+
+        x0, x1 = axis(self.x, chunk_col, self.chunks_x)
+        y0, y1 = axis(self.y, chunk_row, self.chunks_y)
         return x0, y0, x1, y1
 
     def chunk_tiles(self, chunk_row: int, chunk_col: int) -> np.ndarray:
-        """Tile windows ``(x0, y0, x1, y1)`` owned by one chunk, clipped to the image."""
+        """Tile windows ``(x0, y0, x1, y1)`` owned by one chunk, row by row, clipped to the grid."""
         cols = self._axis_tiles(chunk_col, self.tiles_x)
         rows = self._axis_tiles(chunk_row, self.tiles_y)
-        ix, iy = np.meshgrid(cols, rows)
-        x0 = ix.ravel() * self.stride
-        y0 = iy.ravel() * self.stride
-        x1 = np.minimum(x0 + self.tile_size, self.width)
-        y1 = np.minimum(y0 + self.tile_size, self.height)
-        return np.stack([x0, y0, x1, y1], axis=1)
+        ix, iy = (v.ravel() for v in np.meshgrid(cols, rows))
+        return np.stack([self.x.origins[ix], self.y.origins[iy], self.x.ends[ix], self.y.ends[iy]],
+                        axis=1).astype(np.int64).reshape(-1, 4)
 
     def chunk_tile_count(self, chunk_row: int, chunk_col: int) -> int:
         return len(self._axis_tiles(chunk_col, self.tiles_x)) * len(
@@ -143,10 +303,11 @@ class TileGrid:
         )
 
     def chunk_window(self, chunk_row: int, chunk_col: int) -> tuple[int, int, int, int]:
-        """Pixels ``(x0, y0, x1, y1)`` that the chunk's tiles read (chunk plus halo)."""
+        """Pixels ``(x0, y0, x1, y1)`` that the chunk's tiles read (chunk plus halo); the chunk's
+        pixel array starts at ``(x0, y0)``."""
         tiles = self.chunk_tiles(chunk_row, chunk_col)
         if len(tiles) == 0:
-            x0, y0 = chunk_col * self.chunk, chunk_row * self.chunk
+            x0, y0 = self.chunk_bounds(chunk_row, chunk_col)[:2]
             return x0, y0, x0, y0
         return (
             int(tiles[:, 0].min()),
@@ -157,20 +318,22 @@ class TileGrid:
 
     def cores(self, windows: np.ndarray) -> np.ndarray:
         """Ownership cores ``(cx0, cy0, cx1, cy1)`` of tiles given by their windows."""
-        half = self.overlap / 2.0
-        x0 = windows[:, 0].astype(np.float64)
-        y0 = windows[:, 1].astype(np.float64)
-        last_x = (self.tiles_x - 1) * self.stride
-        last_y = (self.tiles_y - 1) * self.stride
-        cx0 = np.where(x0 > 0, x0 + half, -np.inf)
-        cy0 = np.where(y0 > 0, y0 + half, -np.inf)
-        cx1 = np.where(x0 < last_x, x0 + self.stride + half, np.inf)
-        cy1 = np.where(y0 < last_y, y0 + self.stride + half, np.inf)
+        cx0, cx1 = self.x.core(windows[:, 0])
+        cy0, cy1 = self.y.core(windows[:, 1])
         return np.stack([cx0, cy0, cx1, cy1], axis=1)
+
+    @property
+    def extent(self) -> tuple[int, int, int, int]:
+        """The pixels the tiles cover ``(x0, y0, x1, y1)``: the grid's edges."""
+        if not self.n_tiles:
+            return 0, 0, 0, 0
+        return (int(self.x.origins[0]), int(self.y.origins[0]), int(self.x.ends[-1]),
+                int(self.y.ends[-1]))
 
 
 def owned(detections: Detections, window: np.ndarray, core: np.ndarray, grid: TileGrid) -> Detections:
-    """Apply the ownership rule to one tile's detections, given in full-image pixels."""
+    """Apply the ownership rule to one tile's detections, given in full-image pixels (extra
+    per-detection fields are kept)."""
     if not len(detections):
         return detections
     x0, y0, x1, y1 = (float(v) for v in window)
@@ -180,16 +343,17 @@ def owned(detections: Detections, window: np.ndarray, core: np.ndarray, grid: Ti
     cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
     cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if x0 > 0:
+    gx0, gy0, gx1, gy1 = grid.extent
+    if x0 > gx0:
         keep &= boxes[:, 0] > x0
-    if y0 > 0:
+    if y0 > gy0:
         keep &= boxes[:, 1] > y0
-    if x1 < grid.width:
+    if x1 < gx1:
         keep &= boxes[:, 2] < x1
-    if y1 < grid.height:
+    if y1 < gy1:
         keep &= boxes[:, 3] < y1
     keep &= (cx >= core[0]) & (cx < core[2]) & (cy >= core[1]) & (cy < core[3])
-    return Detections(boxes[keep], detections.scores[keep], detections.classes[keep])
+    return dataclasses.replace(detections, boxes=boxes).select(keep)
 
 
 def cut_tiles(chunk: np.ndarray, origin: tuple[int, int], windows: np.ndarray, tile_size: int,

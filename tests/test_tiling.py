@@ -109,9 +109,8 @@ def _run_chunks(image: np.ndarray, grid: TileGrid) -> Detections:
     for row in range(grid.chunks_y):
         for col in range(grid.chunks_x):
             x0, y0, x1, y1 = grid.chunk_window(row, col)
-            origin = (col * grid.chunk, row * grid.chunk)
-            pixels = image[:, origin[1] : y1, origin[0] : x1]
-            parts.append(detect_chunk(pixels, origin, (row, col), grid, spec).detections)
+            pixels = image[:, y0:y1, x0:x1]
+            parts.append(detect_chunk(pixels, (x0, y0), (row, col), grid, spec).detections)
     return Detections.concat(parts)
 
 
