@@ -333,3 +333,22 @@ def test_model_shapes_across_the_antimeridian(tmp_path: Path) -> None:
     osml = written(to_features(found, model, image_url="a", job_id="j"), tmp_path, "OSML")
     lines = [f for f in osml.values() if f["geometry"]["type"] == "LineString"]
     assert lines[0]["geometry"]["coordinates"] == [[179.9, 9.95, 0.0], [-179.9, 9.95, 0.0]]  # as OSML
+
+
+def test_parts_of_different_shapes_concatenate_into_one_output_parquet(found: Any, tmp_path: Path) -> None:
+    import geopandas as gpd
+
+    from pipeline.sinks import concat_parquet
+
+    boxes = _box_features(5)
+    parts = []
+    for k, frame in enumerate([found.iloc[:1], found.iloc[1:], boxes]):  # shapes of one type each
+        write_parquet(frame, tmp_path / f"p{k}.parquet")
+        parts.append(tmp_path / f"p{k}.parquet")
+    concat_parquet(parts, tmp_path / "all.parquet")
+    table = gpd.read_parquet(tmp_path / "all.parquet")
+    assert len(table) == len(found) + 5 and not {"_ground", "_bbox", "_shape"} & set(table.columns)
+    assert set(table["imageGeometry"].geom_type) == {"Polygon", "Point", "LineString"}
+    assert table["imageGeometry"].iloc[-1].equals(shapely.box(*boxes["imageBBox"].iloc[-1]))
+    write_geojson(parts, tmp_path / "parts.geojson", "OSML")
+    assert len(json.loads((tmp_path / "parts.geojson").read_text())["features"]) == len(found) + 5
