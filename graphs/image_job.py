@@ -114,7 +114,9 @@ class ImagePlan:
     def describe(self) -> dict[str, Any]:
         """Sensor model, range adjustment and ROI facts for the summary (no secrets)."""
         model = self.sensor_model
-        facts: dict[str, Any] = {"sensorModel": model.kind, "rangeAdjustment": self.range_adjustment}
+        facts: dict[str, Any] = {"sensorModel": model.kind, "rangeAdjustment": self.range_adjustment,
+                                 "tiling": {"strategy": self.grid.strategy,
+                                            "tilesAcross": self.grid.tiles_x, "tilesDown": self.grid.tiles_y}}
         outline = footprint(model, self.info.width, self.info.height)
         if outline is not None:
             facts["footprint"] = json.loads(shapely.to_geojson(outline))

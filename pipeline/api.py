@@ -34,7 +34,7 @@ from pipeline.io import describe, read_window, sensor_model
 from pipeline.merge import distill
 from pipeline.models import ModelError, ModelSpec, check_model
 from pipeline.request import DistillationAlgorithm, ImageRequest, RequestError
-from pipeline.tiling import TileGrid, chunk_size
+from pipeline.tiling import FIXED_STRIDE, TileGrid, chunk_size
 
 ModelLike = ModelSpec | dict[str, Any] | str
 
@@ -73,6 +73,7 @@ def run(
     output_dir: str | Path | None = None,
     progress: bool = False,
     workers: int | None = None,
+    tiling: str | None = None,
 ) -> Any:
     """Run a job and write its outputs; returns a :class:`graphs.JobResult`.
 
@@ -81,6 +82,8 @@ def run(
     LocalCluster of ``workers`` processes is started for the job and closed after it.
     ``output_dir`` adds a LOCAL output (GeoJSON, GeoParquet, summary JSON and chart PNG); a
     request without outputs still returns its features. ``progress`` shows a tqdm bar of tiles.
+    ``tiling`` (``FIXED_STRIDE`` or ``VARIABLE_OVERLAP``) overrides the request's
+    ``tilingStrategy`` (default ``FIXED_STRIDE``).
     """
     from graphs.cluster import connect
     from graphs.image_job import model_spec, run_job
@@ -89,6 +92,8 @@ def run(
     request = as_request(request)
     if output_dir is not None:
         request = request.with_output_dir(output_dir)
+    if tiling is not None:
+        request = ImageRequest.parse({**request.to_wire(), "tilingStrategy": tiling})
     try:
         check_model(model_spec(request))
     except ModelError as exc:
@@ -145,6 +150,7 @@ def detect(
     parameters: dict[str, Any] | None = None,
     tile_size: int = 1024,
     overlap: int = 50,
+    tiling: str = FIXED_STRIDE,
     range_adjustment: str = "NONE",
     distillation: DistillationAlgorithm | None = DEFAULT_DISTILLATION,
     elevation: dict[str, Any] | None = None,
@@ -157,6 +163,7 @@ def detect(
     edges (objects cut by them come back cut). ``model`` is a built-in name, a
     ``"package.module:factory"``, a dict ``{"type", "name", "parameters"}`` or a ModelSpec.
     ``elevation`` (``{"constant": metres}`` or ``{"dem": url}``) sets an RPC image's ground height.
+    ``tiling`` is ``FIXED_STRIDE`` or ``VARIABLE_OVERLAP`` (OSML 2.x's grid over the window).
     """
     spec = as_model_spec(model, parameters)
     check_model(spec)
@@ -169,7 +176,7 @@ def detect(
     pixels = read_window(url, (x0, y0, x1, y1))
     width, height = x1 - x0, y1 - y0
     grid = TileGrid(width, height, tile_size, overlap,
-                    chunk_size(tile_size, overlap, max(width, height) + tile_size))
+                    chunk_size(tile_size, overlap, max(width, height) + tile_size), tiling.upper())
     result = detect_chunk(pixels, (0, 0), (0, 0), grid, spec, range_adjustment.upper(), info.bits)
     if result.failed_tiles:
         first = result.failed_tiles[0]

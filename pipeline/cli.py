@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=_positive, default=None, metavar="PIXELS",
                      help="target side of a chunk, the unit of work and of resume (default 4096; "
                      "rounded to whole tile strides)")
+    from pipeline.tiling import STRATEGIES
+
+    run.add_argument("--tiling", type=str.upper, choices=STRATEGIES, default=None,
+                     help="tile grid, overriding the request's tilingStrategy (default "
+                     "FIXED_STRIDE; VARIABLE_OVERLAP: OSML 2.x's full tiles spread evenly)")
     run.add_argument("--resume", action="store_true",
                      help="keep the chunks that an interrupted run of this request finished "
                      "(its manifest in <output>/<jobId>.parts) and compute only the others")
@@ -236,6 +241,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = ImageRequest.from_file(args.request)
     if args.output_dir:
         request = request.with_output_dir(args.output_dir)
+    if args.tiling:
+        request = request.model_copy(update={"tiling_strategy": args.tiling})
     if not request.all_outputs:
         raise UsageError("the request has no outputs: add one or pass --output-dir DIR")
     try:

@@ -114,23 +114,39 @@ def _run_chunks(image: np.ndarray, grid: TileGrid) -> Detections:
     return Detections.concat(parts)
 
 
+def grid_edges(grid: TileGrid, axis: str) -> list[int]:
+    """Every tile edge and chunk edge of one axis of ``grid`` (inside the grid)."""
+    a = grid.x if axis == "x" else grid.y
+    n_chunks = grid.chunks_x if axis == "x" else grid.chunks_y
+    chunk_starts = [int(a.origins[k * grid.tiles_per_chunk]) for k in range(1, n_chunks)]
+    return sorted(set(a.origins[1:].tolist()) | set(a.ends[:-1].tolist()) | set(chunk_starts))
+
+
+def planted_at_edges(grid: TileGrid, size: int) -> list[tuple[int, int, int, int]]:
+    """Non-touching ``size`` squares straddling every tile and chunk edge of ``grid`` (both axes)
+    and at the grid's corners, all inside the grid's extent."""
+    gx0, gy0, gx1, gy1 = grid.extent
+    boxes = []
+    for k, edge in enumerate(grid_edges(grid, "x")):
+        y = gy0 + 5 + (k * 37) % max(1, gy1 - gy0 - size - 10)
+        boxes.append((edge - size // 2, y, edge - size // 2 + size, y + size - 1))
+    for k, edge in enumerate(grid_edges(grid, "y")):
+        x = gx0 + 7 + (k * 53) % max(1, gx1 - gx0 - size - 10)
+        boxes.append((x, edge - size // 2, x + size - 1, edge - size // 2 + size))
+    boxes += [(gx0, gy0, gx0 + 5, gy0 + 5), (gx1 - 6, gy1 - 4, gx1, gy1)]
+    inside = [b for b in boxes if b[0] >= gx0 and b[1] >= gy0 and b[2] <= gx1 and b[3] <= gy1]
+    return _non_touching(inside)
+
+
+@pytest.mark.parametrize("strategy", ["FIXED_STRIDE", "VARIABLE_OVERLAP"])
 @pytest.mark.parametrize(("tile", "overlap", "chunk_target"),
                          [(64, 16, 100), (64, 20, 48), (50, 18, 200), (40, 17, 23)])
-def test_objects_across_tile_and_chunk_edges_found_exactly_once(tile, overlap, chunk_target) -> None:
+def test_objects_across_tile_and_chunk_edges_found_exactly_once(tile, overlap, chunk_target,
+                                                                strategy) -> None:
     width, height = 300, 260
-    grid = TileGrid(width, height, tile, overlap, chunk_size(tile, overlap, chunk_target))
-    stride = tile - overlap
-    boxes = []
-    # one object straddling every tile edge and every chunk edge, plus the image corners
-    edges = sorted(set(range(stride, width, stride)) | set(range(tile, width, stride))
-                   | set(range(grid.chunk, width, grid.chunk)))
-    size = overlap - 3
-    for k, edge in enumerate(edges):
-        y = 5 + (k * 37) % (height - size - 10)
-        boxes.append((edge - size // 2, y, edge - size // 2 + size, y + size - 1))
-    boxes += [(0, 0, 5, 5), (width - 6, height - 4, width, height)]
-    boxes = [b for b in boxes if b[2] <= width and b[3] <= height]
-    boxes = _non_touching(boxes)
+    grid = TileGrid(width, height, tile, overlap, chunk_size(tile, overlap, chunk_target), strategy)
+    boxes = planted_at_edges(grid, overlap - 3)
+    assert len(boxes) > len(grid_edges(grid, "x"))  # most edges have their object
     found = _run_chunks(_planted(width, height, boxes), grid)
     expected = sorted(tuple(float(v) for v in b) for b in boxes)
     assert sorted(map(tuple, found.boxes.tolist())) == expected
