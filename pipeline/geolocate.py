@@ -12,9 +12,9 @@ The frame is the one stored form that both output forms are written from
 (:mod:`pipeline.sinks`): ``geometry`` is RFC 7946 (counter-clockwise, cut at the antimeridian);
 the internal columns (``_`` names) keep what OSML's form needs: ``_ground`` (the shape
 geolocated with its vertices in their own order and start, a box as OSML's ring NE, SE, SW,
-NW), ``_bbox`` (the ground bounds of the ``imageBBox`` corners, clamped to OSML's grid where
-they lie outside it: OSML's feature ``bbox``; None where the model gave no ``imageBBox``)
-and ``_shape`` (``imageGeometry`` is the model's own).
+NW; 3-D, at :func:`ground_height`), ``_bbox`` (the ground bounds of the ``imageBBox``
+corners, clamped to OSML's grid where they lie outside it: OSML's feature ``bbox``; None where
+the model gave no ``imageBBox``) and ``_shape`` (``imageGeometry`` is the model's own).
 """
 
 from __future__ import annotations
@@ -104,6 +104,15 @@ def _cut(geometry: Any) -> Any:
     return lines[0] if len(lines) == 1 else shapely.MultiLineString(lines) if lines else geometry
 
 
+def ground_height(model: SensorModel) -> float:
+    """The height (metres) that OSML gives geolocated positions: an RPC's constant height (its
+    ``HEIGHT_OFF`` unless the request set one), else 0 (an affine geotransform has none; a DEM's
+    heights are not known here)."""
+    if model.kind == "RPC" and not getattr(model, "dem", None):
+        return float(getattr(model, "effective_height", 0.0))
+    return 0.0
+
+
 def _through(model: SensorModel) -> Callable[[np.ndarray], np.ndarray]:
     """A shapely ``transform`` function: pixel ``(x, y)`` rows → lon/lat rows."""
     def to_ground(xy: np.ndarray) -> np.ndarray:
@@ -171,7 +180,7 @@ def to_features(
             corners = corners.copy()
             corners[clamped] = np.stack([lon, lat], axis=-1).reshape(len(clamped), 4, 2)
         spans = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).tolist()
-        columns["_ground"] = gpd.GeoSeries(raw, crs=crs)
+        columns["_ground"] = gpd.GeoSeries(shapely.force_3d(raw, ground_height(model)), crs=crs)
         columns["_bbox"] = [box if given else None for box, given in zip(spans, bbox_given, strict=True)]
     else:
         columns["_ground"] = gpd.GeoSeries([None] * n, crs=crs)

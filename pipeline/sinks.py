@@ -135,12 +135,12 @@ def _drop_nulls(classes: list[Any]) -> list[Any]:
 
 def _osml_ground(ground: list[Any], geometry: np.ndarray) -> list[str | None]:
     """OSML's ``geometry`` texts: the shapes as geolocated (vertices in their own order) with
-    ``[lon, lat, 0.0]`` positions rounded to 6 decimals; null where the feature has no lon/lat."""
+    ``[lon, lat, height]`` positions rounded to 6 decimals; null where the feature has no lon/lat."""
     values = np.asarray(ground, dtype=object)
     if len(values) and isinstance(next((v for v in values if v is not None), None), bytes | bytearray):
         values = shapely.from_wkb(values)
     values[shapely.is_missing(np.asarray(geometry, dtype=object))] = None
-    values = shapely.force_3d(shapely.transform(values, _round), 0.0)
+    values = shapely.transform(shapely.force_3d(values, 0.0), _round, include_z=True)
     return list(shapely.to_geojson(values).tolist())
 
 

@@ -352,3 +352,13 @@ def test_parts_of_different_shapes_concatenate_into_one_output_parquet(found: An
     assert table["imageGeometry"].iloc[-1].equals(shapely.box(*boxes["imageBBox"].iloc[-1]))
     write_geojson(parts, tmp_path / "parts.geojson", "OSML")
     assert len(json.loads((tmp_path / "parts.geojson").read_text())["features"]) == len(found) + 5
+
+
+def test_osml_heights_follow_the_sensor_model() -> None:
+    from pipeline.geolocate import ground_height
+    from pipeline.io import PixelSensorModel, RPCSensorModel
+
+    assert ground_height(RPCSensorModel({"height_off": 1104.25})) == 1104.25  # OSML: HEIGHT_OFF
+    assert ground_height(RPCSensorModel({"height_off": 1104.25}, height=12.5)) == 12.5
+    affine = AffineSensorModel(tuple(from_origin(LON0, LAT0, STEP, STEP))[:6], CRS.from_epsg(4326).to_wkt())
+    assert ground_height(affine) == ground_height(PixelSensorModel()) == 0.0
