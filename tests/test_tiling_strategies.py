@@ -86,6 +86,17 @@ def test_grid_has_the_tiles_of_osml_centerpoint_results() -> None:
     assert sorted(map(tuple, np.concatenate(found).tolist())) == sorted(map(tuple, boxes.tolist()))
 
 
+def test_grid_has_the_tiles_of_osml_expected_results_file() -> None:
+    expected = Path(__file__).parent / "data" / "osml" / "centerpoint.small.tif.geojson"
+    if not expected.exists():
+        pytest.skip(f"{expected} is not here")
+    features = json.loads(expected.read_text())["features"]
+    boxes = [f["properties"]["imageBBox"] for f in features]
+    origins = {(round(x - 204.8), round(y - 204.8)) for x, y, *_ in boxes}
+    assert len(features) == len(origins) == 63
+    assert {(int(x), int(y)) for x, y in all_windows(vo_grid(3376, 2576))[:, :2]} == origins
+
+
 @pytest.mark.parametrize(("size", "x", "y"), [
     # smaller than a tile both ways: one clipped tile
     ((300, 200), ([0], [300]), ([0], [200])),
@@ -275,3 +286,24 @@ def test_queue_worker_gives_unnamed_requests_osml_tiling(scene, queues, tmp_path
         strategies[job] = summary["images"][0]["tiling"]["strategy"]
     assert strategies == {"unnamed": VARIABLE_OVERLAP, "named": FIXED_STRIDE}
 
+
+
+def test_roi_grid_covers_the_rois_rounded_bounds_as_osml(tmp_path) -> None:
+    import shapely
+
+    from pipeline.io import describe, sensor_model
+
+    path, _ = _scene(tmp_path / "roi.tif", 902, 695, 256, 48, 10_000)
+    model = sensor_model(describe(str(path)))
+    xs, ys = np.array([100.3, 700.2, 700.2, 100.3]), np.array([150.6, 150.6, 650.4, 650.4])
+    roi = shapely.Polygon(np.column_stack(model.pixel_to_lonlat(xs, ys))).wkt
+    wire = {**_wire(path, regionOfInterest=roi), "imageProcessorTileSize": 256,
+            "imageProcessorTileOverlap": 48}
+    fixed = plan_image(ImageRequest.parse(wire), str(path)).grid
+    assert fixed.bounds is None and fixed.x.origins[0] == 0  # the whole image, ROI chunks only
+    grid = plan_image(ImageRequest.parse({**wire, "tilingStrategy": VARIABLE_OVERLAP}), str(path)).grid
+    # bounds (100, 151) + (600, 500); 600 spreads at 48 + 72 / 2 = 84 (stride 172), 500 at
+    # 48 + 172 / 2 = 134 (stride 122)
+    assert grid.bounds == (100, 151, 700, 651)
+    assert (grid.x.origins.tolist(), grid.x.ends.tolist()) == ([100, 272, 444], [356, 528, 700])
+    assert (grid.y.origins.tolist(), grid.y.ends.tolist()) == ([151, 273, 395], [407, 529, 651])
