@@ -43,7 +43,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +52,6 @@ from pipeline.detections import Detections
 DEFAULT_CHUNK_TARGET = 4096
 FIXED_STRIDE = "FIXED_STRIDE"
 VARIABLE_OVERLAP = "VARIABLE_OVERLAP"
-Strategy = Literal["FIXED_STRIDE", "VARIABLE_OVERLAP"]
 STRATEGIES: tuple[str, ...] = (FIXED_STRIDE, VARIABLE_OVERLAP)
 #: OSML Model Runner's default ``REGION_SIZE`` (pixels a side)
 OSML_REGION_SIZE = 10240
@@ -153,11 +152,10 @@ def chunk_count(n_tiles: int, per_chunk: int) -> int:
 
 @dataclass(frozen=True)
 class Axis:
-    """One axis of a grid: tile ``origins`` and ``ends`` (sorted), and the axis ``length``."""
+    """One axis of a grid: tile ``origins`` and ``ends`` (sorted)."""
 
     origins: np.ndarray
     ends: np.ndarray
-    length: int
 
     @property
     def count(self) -> int:
@@ -217,7 +215,7 @@ class TileGrid:
             origins = [start + variable_overlap_origins(n, self.tile_size, self.overlap, whole,
                                                         self.region_size) for start, n in lengths]
         return tuple(  # type: ignore[return-value]
-            Axis(o, np.minimum(o + self.tile_size, start + n), n)
+            Axis(o, np.minimum(o + self.tile_size, start + n))
             for o, (start, n) in zip(origins, lengths, strict=True)
         )
 
