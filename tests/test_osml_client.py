@@ -3,7 +3,8 @@
 ``osml-model-runner-test`` 2.1.0 (with the boto3 1.28 it pins) runs in its own venv
 (``.osmlclientenv``, ``make osml-client``) as a subprocess. Around it, everything OSML's test
 environment has, on 127.0.0.1: a moto server process with the queues ``ImageRequestQueue`` and
-``ImageStatusQueue`` (subscribed to the SNS topic ``ImageStatusTopic`` the worker publishes to),
+``ImageStatusQueue`` (subscribed to the SNS topic ``ImageStatusTopic`` the worker publishes to;
+one per request, named by OSML's ``SQS_IMAGE_STATUS_QUEUE``),
 the results bucket ``mr-bucket-sink-<ACCOUNT>``, the stream ``mr-stream-sink-<ACCOUNT>`` and
 the image bucket; ``model-runner serve-model --model centerpoint`` as the SageMaker endpoint
 ``centerpoint`` (``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``) and as the HTTP model
@@ -187,11 +188,7 @@ def osml(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     sqs, sns, s3, kinesis = (session.client(name, endpoint_url=moto_endpoint)
                              for name in ("sqs", "sns", "s3", "kinesis"))
     requests_url = sqs.create_queue(QueueName="ImageRequestQueue")["QueueUrl"]
-    status_url = sqs.create_queue(QueueName="ImageStatusQueue")["QueueUrl"]
-    status_arn = sqs.get_queue_attributes(QueueUrl=status_url,
-                                          AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     topic = sns.create_topic(Name="ImageStatusTopic")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=status_arn)  # SNS envelopes, as OSML's
     for bucket in (IMAGE_BUCKET, RESULTS_BUCKET):
         s3.create_bucket(Bucket=bucket)
     kinesis.create_stream(StreamName=STREAM, ShardCount=1)
@@ -217,7 +214,7 @@ def osml(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         client_env = {**env, "ACCOUNT": ACCOUNT, "REGION": REGION, "TARGET_MODEL": "centerpoint",
                       "TARGET_IMAGE": f"s3://{IMAGE_BUCKET}/small.tif", "TEST_TIMEOUT_MINUTES": "2",
                       "HTTP_CENTER_POINT_MODEL_URL": f"{model_url}/invocations"}
-        yield SimpleNamespace(env=client_env, sqs=sqs, status_url=status_url, logs=logs,
+        yield SimpleNamespace(env=client_env, sqs=sqs, sns=sns, topic=topic, logs=logs,
                               worker=worker, model_url=model_url)
     finally:
         for process in (worker, model):
@@ -231,12 +228,16 @@ def osml(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def run_osml_client(osml: SimpleNamespace, endpoint: str, endpoint_type: str) -> tuple[dict[str, Any], str]:
     """OSML's client for one request: what each check answered, and the client's log."""
-    # OSML's monitor reads one status message per 5 s poll and never deletes any: start each
-    # request with an empty status queue, as a fresh OSML test environment has
-    osml.sqs.purge_queue(QueueUrl=osml.status_url)
+    # OSML's monitor reads one status message per 5 s poll and never deletes any: each request
+    # gets an empty status queue subscribed to the topic, as a fresh OSML test environment has
+    name = f"ImageStatusQueue-{endpoint_type}"
+    url = osml.sqs.create_queue(QueueName=name)["QueueUrl"]
+    arn = osml.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    osml.sns.subscribe(TopicArn=osml.topic, Protocol="sqs", Endpoint=arn)  # SNS envelopes, as OSML's
     process = subprocess.run(  # noqa: S603 - fixed argv
         [str(CLIENT_PYTHON), "-c", DRIVER, endpoint, endpoint_type, str(EXPECTED)],
-        cwd=ROOT, env=osml.env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env={**osml.env, "SQS_IMAGE_STATUS_QUEUE": name}, capture_output=True, text=True,
+        timeout=300)
     assert process.returncode == 0, process.stderr[-3000:]
     (osml.logs.parent / f"client-{endpoint_type}.log").write_text(process.stderr)  # kept for a look
     report = json.loads(process.stdout.strip().splitlines()[-1])
