@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from graphs.tile_job import TileRequest, parse_tiles, run_tile_job
+from pipeline.models.builtin import centerpoint_polygon
 from pipeline.request import RequestError
 from tests.conftest import shared_file
 
@@ -140,18 +141,23 @@ def test_centerpoint_features_sit_at_the_tile_centres(server, tmp_path, dask_cli
     assert result.status == "SUCCESS" and result.summary["tiles"] == len(server.ids) == 6
     features = gpd.read_parquet(tmp_path / "tiles.parquet")
     assert sorted(features["tile"]) == server.ids
+    # OSML centerpoint's hexagon (its geometry) lies to the lower right of the tile's centre
+    hexagon = np.array(centerpoint_polygon(256, 256))
+    (left, top), (right, bottom) = hexagon.min(axis=0), hexagon.max(axis=0)
     for row in features.itertuples():
         z, x, y = map(int, row.tile.split("/"))
-        # the centre of tile (x, y, z) is the upper-left corner of its child (2x+1, 2y+1, z+1)
-        centre = mercantile.ul(2 * x + 1, 2 * y + 1, z + 1)
+        # Web Mercator metres are linear in the tile's pixels
+        x0, y0, x1, y1 = mercantile.xy_bounds(x, y, z)
+        centre = mercantile.lnglat(x0 + (left + right) / 2 / 256 * (x1 - x0),
+                                   y1 - (top + bottom) / 2 / 256 * (y1 - y0))
         assert row.center_longitude == pytest.approx(centre.lng, abs=1e-9)
         assert row.center_latitude == pytest.approx(centre.lat, abs=1e-9)
         west, south, east, north = mercantile.bounds(x, y, z)
-        box = row.geometry.bounds  # ±10% of the tile around its centre, in lon
-        assert box[0] == pytest.approx(west + 0.4 * (east - west), abs=1e-9)
-        assert box[2] == pytest.approx(west + 0.6 * (east - west), abs=1e-9)
+        box = row.geometry.bounds  # the hexagon's columns, in lon
+        assert box[0] == pytest.approx(west + left / 256 * (east - west), abs=1e-9)
+        assert box[2] == pytest.approx(west + right / 256 * (east - west), abs=1e-9)
         assert south < box[1] < box[3] < north
-        assert row.imageBBox.tolist() == [102.4, 102.4, 153.6, 153.6]
+        assert row.imageBBox.tolist() == [102.4, 102.4, 153.6, 153.6]  # the tile's centre ± 10%
         assert row.image_url == server.url.format(z=z, x=x, y=y)
     collection = json.loads((tmp_path / "tiles.geojson").read_text())
     assert len(collection["features"]) == 6
