@@ -132,10 +132,10 @@ def _global_merge(request: ImageRequest, client, chunk_target: int) -> Detection
       "algorithm": {"algorithmType": "SOFT_NMS", "sigma": 0.2, "skipBoxThreshold": 0.3}}],
 ])
 def test_streaming_merge_equals_one_global_merge(tmp_path, dask_client, post) -> None:
-    # flood: 40 random overlapping boxes per tile, up to 60 px, so suppression chains cross
+    # flood: 40 random overlapping 52 px boxes per 256 px tile, so suppression chains cross
     # chunk borders; the streamed result must be the global merge, box for box and score
     request = _request("synthetic://1500x1300?spacing=0", tmp_path, "flood",
-                       {"count": 40, "maxSize": 60, "seed": 5}, post)
+                       {"count": 40, "seed": 5}, post)
     reference = _global_merge(request, dask_client, 400)
     result = run_job(request, dask_client, chunk_target=400, collect_features=True)
     image = result.summary["images"][0]
