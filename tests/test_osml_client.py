@@ -228,6 +228,7 @@ def osml(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def run_osml_client(osml: SimpleNamespace, endpoint: str, endpoint_type: str) -> tuple[dict[str, Any], str]:
     """OSML's client for one request: what each check answered, and the client's log."""
+    assert osml.worker.poll() is None, f"the worker exited: {osml.logs.read_text()[-2000:]}"
     # OSML's monitor reads one status message per 5 s poll and never deletes any: each request
     # gets an empty status queue subscribed to the topic, as a fresh OSML test environment has
     name = f"ImageStatusQueue-{endpoint_type}"
