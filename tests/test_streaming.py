@@ -213,8 +213,9 @@ def test_a_worker_job_of_a_million_features_streams(aws, tmp_path, monkeypatch) 
         "outputs": [{"type": "S3", "bucket": bucket, "prefix": "out"},
                     {"type": "KINESIS", "stream": stream, "batchSize": 1000, "featureForm": "RFC7946"}],
         "imageProcessor": {"name": "tests.test_streaming:grid_boxes", "type": "PYTHON"},
-        "imageProcessorTileSize": 512,
+        "imageProcessorTileSize": 384,  # at most 96² boxes a tile (a tile keeps 10,000)
         "imageProcessorTileOverlap": 32,
+        "tilingStrategy": "FIXED_STRIDE",  # tiles that reach every edge (the truth is exact)
     }))
     monkeypatch.setenv("MODEL_RUNNER_ALLOWED_SOURCES", str(tmp_path))
     monkeypatch.setenv("MODEL_RUNNER_ALLOWED_OUTPUTS", "s3://* kinesis://*")
@@ -231,13 +232,16 @@ def test_a_worker_job_of_a_million_features_streams(aws, tmp_path, monkeypatch) 
             process.kill()
         peaks = rss.stop()
     seconds = time.monotonic() - began
-    assert process.returncode == 0 and "1 succeeded" in out, err[-3000:]
-    n = (SIDE // PITCH) ** 2
-    assert _parquet_rows(bucket, "out/million.parquet", tmp_path) == n
-    assert _geojson_features(bucket, "out/million.geojson") == n
-    assert _stream_features(stream)[1] == n
     total = sum(peaks.values())
     print(f"1M features: {seconds:.0f} s; peak RSS {total / 2**20:.0f} MiB over {len(peaks)} processes "
           f"({', '.join(f'{v / 2**20:.0f}' for v in peaks.values())} MiB)")
+    assert process.returncode == 0 and "1 succeeded" in out, err[-3000:]
+    n = (SIDE // PITCH) ** 2
+    summary = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key="out/million.summary.json")
+                         ["Body"].read())
+    assert summary["features"] == n, summary["images"][0]["detections"]
+    assert _parquet_rows(bucket, "out/million.parquet", tmp_path) == n
+    assert _geojson_features(bucket, "out/million.geojson") == n
+    assert _stream_features(stream)[1] == n
     assert len(peaks) >= 2  # the worker process and its Dask worker(s)
     assert total < 2 * 2**30, peaks
