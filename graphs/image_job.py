@@ -226,22 +226,25 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
     from pipeline.io import in_s3
 
     if client is not None and in_s3(url) and not aws.has_credentials():
-        return client.submit(plan_image, request, url, chunk_target, pure=False).result()
+        options = read_options(url, request.image_read_role)  # this process's endpoint and region
+        return client.submit(plan_image, request, url, chunk_target, options, pure=False).result()
     return plan_image(request, url, chunk_target)
 
 
-def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
+def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET,
+               read_with: dict[str, str] | None = None) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
 
     Resolves, once per image: the read options (endpoint, region, ``imageReadRole``), the
     sensor model (with ``elevation``), the range adjustment (DRA statistics; the sample read
-    also proves the pixels readable) and the region of interest's chunks.
+    also proves the pixels readable) and the region of interest's chunks. ``read_with``: read
+    options resolved elsewhere (by a client that plans on a worker).
     """
     if synthetic.is_synthetic(url):
         info = _describe(url)
         options: dict[str, str] = {}
     else:
-        options = read_options(url, request.image_read_role)
+        options = read_with if read_with is not None else read_options(url, request.image_read_role)
         info = describe(url, options)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")

@@ -170,6 +170,11 @@ def credentials(owner: Any) -> Any:
     return None if found is _NONE else found
 
 
+def has_credentials() -> bool:
+    """Whether this process has AWS credentials of its own (its default chain finds some)."""
+    return credentials(session()) is not None
+
+
 _renewed: dict[int, float] = {}
 
 
@@ -274,14 +279,14 @@ def gdal_endpoint_options(url: str | None) -> dict[str, str]:
 def gdal_s3_options(role_arn: str | None = None) -> GdalOptions:
     """Non-secret GDAL options to read ``/vsis3/`` with the user's AWS settings: region and
     endpoint, and (:data:`SIGNER_OPTION`, :data:`STS_OPTION`) where the reading process
-    gets its credentials. ``role_arn`` is assumed here once, so that a role this process cannot
-    assume fails in one line before any task runs."""
+    gets its credentials. ``role_arn`` is assumed here once (if this process has credentials to
+    assume it with), so that a role that cannot be assumed fails in one line before any task."""
     options = GdalOptions(AWS_REGION=region(), **gdal_endpoint_options(endpoint_url("s3")))
     options[SIGNER_OPTION] = role_arn or "default"
     sts = endpoint_url("sts")
     if role_arn and sts:
         options[STS_OPTION] = sts
-    if role_arn:
+    if role_arn and has_credentials():
         session(role_arn, purpose="image-read", region_name=options["AWS_REGION"], sts_url=sts)
     return options
 

@@ -56,6 +56,12 @@ BASE_OPTIONS = {**GDAL_SAFE_OPTIONS, **GDAL_RETRY_OPTIONS,
                 "GDAL_MAX_RAW_BLOCK_CACHE_SIZE": str(RAW_BLOCK_PREFETCH_BYTES),
                 "GDAL_NUM_THREADS": "2"}
 
+#: options of reads over the network: one GDAL thread. With two, GTiff fetches a window's blocks
+#: through a background ``AdviseRead`` whose failure (a 403 of expired credentials, a 5xx after
+#: GDAL's retries) is only printed, and the read returns zeros without an error (measured with
+#: GDAL 3.10.3; one thread fetches the same merged ranges in as many requests and raises)
+REMOTE_OPTIONS = {"GDAL_NUM_THREADS": "1"}
+
 _SEGMENT = re.compile(r"^NITF_IM:(\d+):(.+)$", re.IGNORECASE)
 
 
@@ -81,6 +87,11 @@ def gdal_path(url: str) -> str:
     return url
 
 
+def in_s3(url: str) -> bool:
+    """Whether ``url`` (or the image segment it names) is read from S3."""
+    return split_segment(url)[1].startswith(("s3://", "/vsis3/"))
+
+
 def read_options(url: str, role: str | None = None) -> dict[str, str]:
     """The GDAL options to read ``url`` with (picklable, nothing secret: they travel in tasks).
 
@@ -92,8 +103,11 @@ def read_options(url: str, role: str | None = None) -> dict[str, str]:
     from pipeline import aws
 
     options = aws.GdalOptions(BASE_OPTIONS)
-    source = split_segment(url)[1]
-    if source.startswith(("s3://", "/vsis3/")):
+    path = split_segment(gdal_path(url))[1]
+    if path.startswith(("/vsis3/", "/vsicurl/", "/vsigs/", "/vsiaz/", "/vsioss/", "/vsiswift/")) or \
+            "://" in path:
+        options.update(REMOTE_OPTIONS)
+    if in_s3(url):
         try:
             options.update(aws.gdal_s3_options(role))
         except aws.AwsError as exc:

@@ -8,6 +8,8 @@ As AWS does, it can also reject expired and anonymous requests: ``proxy.expire_t
 answers 403 ``ExpiredToken`` to any request signed with an STS session token that passed
 through the proxy (in an ``AssumeRole`` answer) more than 4 seconds earlier;
 ``proxy.reject_unsigned = True`` answers 403 ``AccessDenied`` to requests without a signature.
+:func:`proxy_process` runs one in its own process (for GDAL reads from the test process), in
+front of several upstreams (moto for S3 and STS, a model server for ``/endpoints/``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import json
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,8 +68,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
     def _error(self, status: int, code: str, message: str) -> None:
-        """An AWS-style error: XML (S3, STS) or JSON (``json_errors``, e.g. SageMaker runtime)."""
-        if self.server.json_errors:
+        """An AWS-style error: XML (S3, STS) or JSON (a ``json`` route, e.g. SageMaker runtime)."""
+        if self.server.route(self.path)[2]:
             error = json.dumps({"__type": code, "message": message}).encode()
             kind = "application/x-amz-json-1.1"
         else:
@@ -94,8 +99,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return True
         return False
 
+    def _control(self, body: bytes) -> None:
+        """``/__proxy/<what>``: the API of :class:`ProxyProcess` (JSON in, JSON out)."""
+        what = urlsplit(self.path).path.rsplit("/", 1)[-1]
+        answer = self.server.control(what, json.loads(body) if body else {})
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _handle(self) -> None:
         body = self._body()
+        if self.path.startswith("/__proxy/"):
+            self._control(body)
+            return
         if self._refused():
             return
         fault = self.server.take(self.command, self.path)
@@ -109,8 +128,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             code = fault.code or CODES.get(fault.status, "InternalError")
             self._error(fault.status, code, "injected fault")
             return
-        upstream = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port,
-                                              timeout=60)
+        host, port, _ = self.server.route(self.path)
+        upstream = http.client.HTTPConnection(host, port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Content-Length"] = str(len(body))
         try:
@@ -120,7 +139,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
         self.server.record(self.command, self.path, response.status)
-        if response.status == 200 and self.server.max_token_age is not None:
+        if response.status == 200:
             for token in _SESSION_TOKEN.findall(data):  # an STS answer: the session starts now
                 self.server.issued(token.decode())
         self.send_response(response.status)
@@ -138,26 +157,52 @@ class ProxyHandler(BaseHTTPRequestHandler):
 class FaultProxy(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, upstream: str, *, json_errors: bool = False):
+    def __init__(self, upstream: str, *, json_errors: bool = False, routes: dict[str, str] | None = None):
+        """``routes``: path prefix → another upstream (``json:`` before its URL: JSON errors)."""
         super().__init__(("127.0.0.1", 0), ProxyHandler)
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.routes: list[tuple[str, str, int, bool]] = [(prefix, *self._split(url)) for prefix, url in
+                                                         (routes or {}).items()]
+        self.routes.append(("/", self.upstream_host, self.upstream_port, json_errors))
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str, int | str]] = []
         self._lock = threading.Lock()
-        self.json_errors = json_errors
         self.reject_unsigned = False
         self.max_token_age: float | None = None
         self.tokens: dict[str, float] = {}  #: STS session token → when it was issued
         self.expired_tokens: list[str] = []  #: STS tokens some request was refused for
         self.token_uses: dict[str, int] = {}  #: requests forwarded per STS token
 
-    def expire_tokens(self, seconds: float | None, tokens: dict[str, float] | None = None) -> None:
-        """Refuse STS session tokens older than ``seconds`` (None: never); ``tokens`` shares
-        the record of issued tokens with another proxy (one in front of STS, one elsewhere)."""
+    @staticmethod
+    def _split(url: str) -> tuple[str, int, bool]:
+        json_errors = url.startswith("json:")
+        parts = urlsplit(url.removeprefix("json:"))
+        return parts.hostname or "127.0.0.1", parts.port or 80, json_errors
+
+    def route(self, path: str) -> tuple[str, int, bool]:
+        """(host, port, JSON errors) of the upstream that serves ``path``."""
+        return next((h, p, j) for prefix, h, p, j in self.routes if path.startswith(prefix))
+
+    def expire_tokens(self, seconds: float | None) -> None:
+        """Refuse STS session tokens older than ``seconds`` (None: never)."""
         self.max_token_age = seconds
-        if tokens is not None:
-            self.tokens = tokens
+
+    def control(self, what: str, data: dict[str, Any]) -> Any:
+        """The remote API (see :class:`ProxyProcess`)."""
+        if what == "inject":
+            self.inject(data["method"], data["path"], data.get("status", 503), data.get("times", 1),
+                        data.get("code"))
+        elif what == "settings":
+            if "max_token_age" in data:
+                self.expire_tokens(data["max_token_age"])
+            if "reject_unsigned" in data:
+                self.reject_unsigned = bool(data["reject_unsigned"])
+        elif what == "clear":
+            self.clear()
+        with self._lock:
+            return {"log": self.log, "tokens": list(self.tokens), "expired_tokens": self.expired_tokens,
+                    "token_uses": self.token_uses}
 
     def issued(self, token: str) -> None:
         with self._lock:
@@ -207,6 +252,54 @@ class FaultProxy(ThreadingHTTPServer):
             return [o for m, p, o in self.log if m == method and re.search(path, p)]
 
 
+class ProxyProcess:
+    """A :class:`FaultProxy` in its own process (GDAL calls that hold the GIL while they wait on
+    HTTP, such as ``overviews()`` on ``/vsis3/``, deadlock against a server thread of their own
+    process), driven through its ``/__proxy/`` API."""
+
+    def __init__(self, url: str, process: subprocess.Popen[str]):
+        self.url = url
+        self.process = process
+
+    def _call(self, what: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        import requests
+
+        answer = requests.post(f"{self.url}/__proxy/{what}", json=data or {}, timeout=10)
+        answer.raise_for_status()
+        return dict(answer.json())
+
+    def inject(self, method: str | None, path: str, status: int | None = 503, times: int | None = 1,
+               code: str | None = None) -> None:
+        self._call("inject", {"method": method, "path": path, "status": status, "times": times, "code": code})
+
+    def expire_tokens(self, seconds: float | None) -> None:
+        self._call("settings", {"max_token_age": seconds})
+
+    def reject_unsigned(self, reject: bool = True) -> None:
+        self._call("settings", {"reject_unsigned": reject})
+
+    def state(self) -> dict[str, Any]:
+        return self._call("state")
+
+    def outcomes(self, method: str, path: str) -> list[int | str]:
+        return [o for m, p, o in self.state()["log"] if m == method and re.search(path, p)]
+
+
+@contextmanager
+def proxy_process(upstream: str, routes: dict[str, str] | None = None) -> Iterator[ProxyProcess]:
+    """A :class:`ProxyProcess` in front of ``upstream`` (and ``routes``, see :class:`FaultProxy`)."""
+    argv = [sys.executable, "-m", "tests.fault_proxy", upstream]
+    argv += [f"{prefix}={url}" for prefix, url in (routes or {}).items()]
+    root = str(Path(__file__).resolve().parents[1])
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=root)  # noqa: S603
+    try:
+        assert process.stdout is not None
+        yield ProxyProcess(process.stdout.readline().strip(), process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @contextmanager
 def fault_proxy(upstream: str, *, json_errors: bool = False) -> Iterator[FaultProxy]:
     proxy = FaultProxy(upstream, json_errors=json_errors)
@@ -217,3 +310,9 @@ def fault_proxy(upstream: str, *, json_errors: bool = False) -> Iterator[FaultPr
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+if __name__ == "__main__":  # python -m tests.fault_proxy UPSTREAM [PREFIX=URL ...]: prints its URL
+    server = FaultProxy(sys.argv[1], routes=dict(arg.split("=", 1) for arg in sys.argv[2:]))
+    print(server.url, flush=True)
+    server.serve_forever()
