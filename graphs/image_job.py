@@ -218,6 +218,23 @@ def image_urls(request: ImageRequest) -> list[str]:
     return urls
 
 
+def task_url(url: str) -> Any:
+    """``url`` as chunk tasks carry it. A URL with a secret in it (a presigned query, user info)
+    is scattered to the workers once, and the tasks hold only its key (Dask hands them the
+    value): it is never in the scheduler's task specs or in a pickle of the graph."""
+    from pipeline.redact import public_url
+
+    if public_url(url) == url:
+        return url
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:  # no cluster: a graph that is only looked at
+        return url
+    return client.scatter(url, hash=False, broadcast=True)
+
+
 def plan_where_readable(client: Any, request: ImageRequest, url: str,
                         chunk_target: int = DEFAULT_CHUNK_TARGET) -> ImagePlan:
     """:func:`plan_image` in this process, or on a worker when ``url`` is in S3 and this process
@@ -364,13 +381,13 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     info = plan.info
     adjustment = plan.range_adjustment
     stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
-    name = f"detect-{plan.url.rsplit('/', 1)[-1]}"
+    name = f"detect-{plan.url.split('?', 1)[0].rsplit('/', 1)[-1]}"  # never a presigned query
     roi_wkt = plan.roi.wkt if plan.roi is not None else None
     source: WindowSource
     if synthetic.is_synthetic(plan.url):
         source = synthetic.SyntheticSource(plan.url)
     else:
-        source = RasterSource(plan.url, (info.bands, info.height, info.width), np.dtype(info.dtype),
+        source = RasterSource(task_url(plan.url), (info.bands, info.height, info.width), np.dtype(info.dtype),
                               GdalOptions(plan.read_options))
     layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
     token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)

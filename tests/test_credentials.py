@@ -264,27 +264,37 @@ def _scheduler_specs(dask_scheduler=None) -> bytes:  # noqa: ANN001 - run_on_sch
 
 def test_no_secret_in_the_scheduler_or_the_graph(proxies, scene, moto_endpoint, dask_client,
                                                  tmp_path) -> None:
-    """While a job with an imageReadRole and a model assumedRole runs, no task on the scheduler
-    and no pickle of the job's graph holds the client's keys, the roles' credentials (the
-    client's sessions or the workers'), or the workers' keys."""
+    """While a job with an imageReadRole and a model assumedRole runs on an S3 image and on a
+    presigned URL, no task on the scheduler and no pickle of the job's graph holds the client's
+    keys, the roles' credentials (the client's sessions or the workers'), the workers' keys or
+    the presigned URL's signature and key id."""
     import cloudpickle
 
     from graphs.image_job import chunk_results, model_spec, plan_image, prepare_model
 
+    proxy, _ = proxies
     url = _bucket(moto_endpoint, scene, "graph-secrets")
+    from botocore.config import Config
+
+    signer = boto3.client("s3", endpoint_url=proxy.url, config=Config(signature_version="s3v4"))
+    presigned = signer.generate_presigned_url(
+        "get_object", Params={"Bucket": "graph-secrets", "Key": "scene.tif"}, ExpiresIn=600)
+    query = dict(part.split("=", 1) for part in presigned.split("?", 1)[1].split("&"))
     request = _request(url, tmp_path)
     spec = prepare_model(dask_client, model_spec(request))
-    plan = plan_image(request, url, 160)
-    results = chunk_results(plan, request, spec)
-    futures = dask_client.compute(list(results.to_delayed().ravel()))
-    dask_client.gather(futures)  # the workers have assumed both roles by now
+    plans = [plan_image(request, url, 160), plan_image(request, presigned, 160)]
+    results = [chunk_results(plan, request, spec) for plan in plans]
+    futures = dask_client.compute([d for r in results for d in r.to_delayed().ravel()])
+    found = dask_client.gather(futures)  # the workers have assumed both roles by now
+    assert len(found) == 2 * results[0].npartitions
     dumped = dask_client.run_on_scheduler(_scheduler_specs)
-    graph = cloudpickle.dumps(dict(results.__dask_graph__())) + pickle.dumps(spec) + pickle.dumps(plan)
-    secrets = {*CLIENT_KEYS.values(), *_sessions_secrets(), *WORKER_CREDENTIALS.values()}
+    graph = b"".join(cloudpickle.dumps(dict(r.__dask_graph__())) for r in results) + pickle.dumps(spec)
+    secrets = {*CLIENT_KEYS.values(), *_sessions_secrets(), *WORKER_CREDENTIALS.values(),
+               query["X-Amz-Signature"], query["X-Amz-Credential"]}
     for worker_secrets in dask_client.run(_sessions_secrets).values():
         secrets.update(worker_secrets)
-    secrets.discard("us-east-1")
-    assert len(secrets) >= 2 + 6 + 2  # client keys, two roles here, worker keys (and theirs)
+    secrets = {s for s in secrets if len(s) >= 8} - {"us-east-1"}  # other tests' "k"/"s" keys
+    assert len(secrets) >= 2 + 6 + 2 + 2  # client keys, two roles here, worker keys, presigned
     assert len(dumped) > 1000 and b"detect" in dumped and READ_ROLE.encode() in dumped
     for secret in secrets:
         assert secret.encode() not in dumped, "a secret in the scheduler's tasks"
