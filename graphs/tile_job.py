@@ -173,28 +173,18 @@ def _session(retries: int) -> Any:
 
 class S3Settings(dict[str, str]):
     """boto3 client arguments for ``s3://`` tiles, resolved in the client (Dask workers may
-    have started before the AWS settings were made); ``repr`` hides the secrets."""
-
-    def __repr__(self) -> str:
-        shown = {k: "***" if "secret" in k or "token" in k else v for k, v in self.items()}
-        return f"S3Settings({shown!r})"
+    have started before the AWS settings were made): endpoint and region, nothing secret (each
+    worker signs with its own credentials, :func:`pipeline.aws.session`)."""
 
 
 def s3_settings() -> S3Settings:
-    """The caller's AWS endpoint, region and credentials for S3, as client arguments."""
+    """The caller's AWS endpoint and region for S3, as client arguments."""
     from pipeline import aws
 
     settings = S3Settings(region_name=aws.region())
     endpoint = aws.endpoint_url("s3")
     if endpoint:
         settings["endpoint_url"] = endpoint
-    found = aws.session().get_credentials()
-    if found is not None:
-        frozen = found.get_frozen_credentials()
-        settings.update(aws_access_key_id=frozen.access_key,
-                        aws_secret_access_key=frozen.secret_key)
-        if frozen.token:
-            settings["aws_session_token"] = frozen.token
     return settings
 
 
@@ -202,9 +192,11 @@ def _s3_client(settings: S3Settings) -> Any:
     clients: dict[str, Any] = _local.__dict__.setdefault("s3", {})
     key = json.dumps(settings, sort_keys=True)
     if key not in clients:
-        import boto3
+        from pipeline import aws
 
-        clients[key] = boto3.session.Session().client("s3", **settings)
+        owner = aws.session(region_name=settings.get("region_name"))
+        clients[key] = owner.client("s3", **settings)
+        aws.retry_expired_once(clients[key], aws.credentials(owner))
     return clients[key]
 
 
