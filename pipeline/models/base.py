@@ -35,8 +35,9 @@ class ModelSpec:
     tile_format: str = "NITF"  # imageProcessorTileFormat (OSML default)
     tile_compression: str = "NONE"
     assumed_role: str | None = None
-    #: settings resolved in the client (endpoint URLs, region, concurrency cap, assumed-role
-    #: credentials) so that workers need not see the client's environment; never logged
+    #: settings resolved in the client (endpoint URLs, region, concurrency cap; never
+    #: credentials: each worker signs with its own) so that workers need not see the client's
+    #: environment; never logged
     options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
