@@ -5,7 +5,8 @@
 * :class:`ImageRequest` — a job (``ImageRequest(...)``, ``.parse(dict)``, ``.from_file(path)``).
 * :func:`run` — run a job on a Dask cluster; returns a :class:`graphs.JobResult` with
   ``.features`` (a GeoDataFrame), ``.summary``, ``.plot()``, ``.plot_summary()`` and ``.explore()``.
-* :func:`detect` — run a model eagerly on a small window and get a GeoDataFrame back.
+* :func:`detect` — run a model eagerly on a small window and get a GeoDataFrame back, or
+  lazily on any chunked ``(band, y, x)`` DataArray (see :mod:`graphs.array_job`).
 * :func:`image_job` and :func:`lazy_features` — the lazy Dask collections of a job, to
   ``persist``, ``visualize`` or combine with your own graphs.
 
@@ -143,7 +144,7 @@ def as_model_spec(model: ModelLike, parameters: dict[str, Any] | None = None) ->
 
 
 def detect(
-    url: str,
+    url: Any,
     model: ModelLike = "bright-objects",
     window: tuple[int, int, int, int] | None = None,
     *,
@@ -154,10 +155,20 @@ def detect(
     range_adjustment: str = "NONE",
     distillation: DistillationAlgorithm | None = DEFAULT_DISTILLATION,
     elevation: dict[str, Any] | None = None,
-) -> gpd.GeoDataFrame:
+    compute: bool = False,
+    image_url: str | None = None,
+) -> Any:
     """Run ``model`` eagerly, in this process, on ``window`` ``(x0, y0, x1, y1)`` (full-image
     pixels; default: the whole image, for small images) of ``url``; return the geolocated
     features (columns as in a job's output).
+
+    ``url`` may instead be a lazily chunked ``(band, y, x)`` ``xarray.DataArray`` (clipped,
+    reprojected, a band ratio, a STAC mosaic, ...): the result is then a ``dask.delayed``
+    GeoDataFrame (``compute=True``: the GeoDataFrame) built by :func:`graphs.array_job.array_job`,
+    with the same tiles, ownership rule and merge as a URL job; its features are in lon/lat
+    where the array has rioxarray's CRS and transform, else in pixels. ``image_url`` names the
+    source in the features (default: the array's name); ``window`` and ``elevation`` are for
+    URLs only.
 
     Tiling, the ownership rule and the merge are a job's, with the window's edges as image
     edges (objects cut by them come back cut). ``model`` is a built-in name, a
@@ -167,6 +178,15 @@ def detect(
     """
     spec = as_model_spec(model, parameters)
     check_model(spec)
+    if not isinstance(url, (str, Path)):
+        from graphs.array_job import array_job
+
+        if window is not None or elevation is not None:
+            raise ValueError("detect on a DataArray takes no window or elevation: slice or clip the array")
+        lazy = array_job(url, spec, tile_size=tile_size, overlap=overlap, tiling=tiling,
+                         range_adjustment=range_adjustment, algorithm=distillation, image_url=image_url)
+        return lazy.compute() if compute else lazy
+    url = str(url)
     info = describe(url)
     x0, y0, x1, y1 = window or (0, 0, info.width, info.height)
     x0, y0 = max(0, int(x0)), max(0, int(y0))
