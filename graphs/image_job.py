@@ -203,9 +203,12 @@ def _describe(url: str) -> ImageInfo:
 
 
 def image_urls(request: ImageRequest) -> list[str]:
-    """The request's images, a multi-segment NITF expanded to one image per segment."""
+    """The request's images: STAC Items and ``stacSearch`` expanded to their assets
+    (:func:`pipeline.stac.expand_request`), a multi-segment NITF to one image per segment."""
+    from pipeline.stac import expand_request
+
     urls: list[str] = []
-    for url in request.image_urls:
+    for url in expand_request(request).image_urls:
         if synthetic.is_synthetic(url) or not url.lower().endswith((".ntf", ".nitf", ".nsf")):
             urls.append(url)
             continue
@@ -218,20 +221,22 @@ def image_urls(request: ImageRequest) -> list[str]:
     return urls
 
 
-def task_url(url: str) -> Any:
+def task_url(url: str, client: Any = None) -> Any:
     """``url`` as chunk tasks carry it. A URL with a secret in it (a presigned query, user info)
-    is scattered to the workers once, and the tasks hold only its key (Dask hands them the
-    value): it is never in the scheduler's task specs or in a pickle of the graph."""
+    is scattered to the workers of ``client`` (default: the current client) once, and the tasks
+    hold only its key (Dask hands them the value): it is never in the scheduler's task specs or
+    in a pickle of the graph."""
     from pipeline.redact import public_url
 
     if public_url(url) == url:
         return url
-    from distributed import get_client
+    if client is None:
+        from distributed import get_client
 
-    try:
-        client = get_client()
-    except ValueError:  # no cluster: a graph that is only looked at
-        return url
+        try:
+            client = get_client()
+        except ValueError:  # no cluster: a graph that is only looked at
+            return url
     return client.scatter(url, hash=False, broadcast=True)
 
 
@@ -367,7 +372,7 @@ def _read_chunk_task(layout: np.ndarray, source: WindowSource, model: ChunkModel
     return _detect_pixels_task(pixels, model, block_info)
 
 
-def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da.Array:
+def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec, client: Any = None) -> da.Array:
     """Lazy ``(chunks_y, chunks_x)`` object array of :class:`ChunkResult` for one image.
 
     Each chunk holds a whole number of tile strides plus a halo of ``overlap`` pixels on the
@@ -376,6 +381,7 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     ``synthetic://`` image: no pixels move between workers, a task holds one window at a time,
     and a chunk outside the regionOfInterest costs no read. A model pinned by Dask resources
     (a GPU) splits each chunk into a read task that any worker runs and a pinned model task.
+    ``client``: the cluster the tasks will run on (see :func:`task_url`; default: the current).
     """
     grid = plan.grid
     info = plan.info
@@ -387,8 +393,8 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec) -> da
     if synthetic.is_synthetic(plan.url):
         source = synthetic.SyntheticSource(plan.url)
     else:
-        source = RasterSource(task_url(plan.url), (info.bands, info.height, info.width), np.dtype(info.dtype),
-                              GdalOptions(plan.read_options))
+        source = RasterSource(task_url(plan.url, client), (info.bands, info.height, info.width),
+                              np.dtype(info.dtype), GdalOptions(plan.read_options))
     layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
     token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)
     model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi)
@@ -681,7 +687,7 @@ def run_job(
         with outcome.timer.stage("plan"):
             try:
                 outcome.plan = plan_where_readable(client, request, outcome.url, chunk_target)
-                results = chunk_results(outcome.plan, request, spec)
+                results = chunk_results(outcome.plan, request, spec, client)
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
                 reason = str(exc) if isinstance(exc, ImageError) else _one_line_error(exc)
                 outcome.status, outcome.reason = ev.FAILED, reason

@@ -283,7 +283,7 @@ def test_no_secret_in_the_scheduler_or_the_graph(proxies, scene, moto_endpoint, 
     request = _request(url, tmp_path)
     spec = prepare_model(dask_client, model_spec(request))
     plans = [plan_image(request, url, 160), plan_image(request, presigned, 160)]
-    results = [chunk_results(plan, request, spec) for plan in plans]
+    results = [chunk_results(plan, request, spec, dask_client) for plan in plans]
     futures = dask_client.compute([d for r in results for d in r.to_delayed().ravel()])
     found = dask_client.gather(futures)  # the workers have assumed both roles by now
     assert len(found) == 2 * results[0].npartitions
