@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from pipeline.segmentation.contract import SegmentationOptions
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 1024
@@ -191,13 +193,44 @@ class Elevation(_Strict):
         return self
 
 
+class StacSearch(_Strict):
+    """Our extension ``stacSearch``: images found by a STAC search, expanded at planning
+    (:mod:`pipeline.stac`). ``url`` is a STAC API root (searched at ``/search``), ``catalog`` a
+    static catalog's ``catalog.json`` (walked and filtered here); ``assetKey`` picks each
+    Item's asset (default: its first image asset with the ``data`` role)."""
+
+    url: str | None = None
+    catalog: str | None = None
+    collections: list[str] | None = None
+    ids: list[str] | None = None
+    bbox: list[float] | None = None
+    datetime: str | None = None
+    query: dict[str, Any] | None = None
+    asset_key: str | None = None
+    max_items: int = Field(default=100, gt=0, le=10_000)
+
+    @field_validator("bbox")
+    @classmethod
+    def _four_numbers(cls, bbox: list[float] | None) -> list[float] | None:
+        if bbox is not None and (len(bbox) != 4 or bbox[0] > bbox[2] or bbox[1] > bbox[3]):
+            raise ValueError("must be [west, south, east, north]")
+        return bbox
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StacSearch:
+        if (self.url is None) == (self.catalog is None):
+            raise ValueError("give exactly one of url (a STAC API) or catalog (a static catalog.json)")
+        return self
+
+
 class ImageRequest(StrictDocument):
     """One job: run ``imageProcessor`` over every image of ``imageUrls``."""
 
     job_id: str = Field(min_length=1)
     job_name: str | None = None
     job_arn: str | None = None
-    image_urls: list[str] = Field(min_length=1)
+    #: image URLs; a ``.json`` URL is a STAC Item (or ItemCollection), expanded to its asset
+    image_urls: list[str]
     image_read_role: str | None = None
     outputs: list[Output] = Field(default_factory=list)
     output_bucket: str | None = None
@@ -219,10 +252,16 @@ class ImageRequest(StrictDocument):
     #: (OSML 2.x's grid) on the queue worker, ``FIXED_STRIDE`` on the CLI and Python API
     tiling_strategy: Literal["FIXED_STRIDE", "VARIABLE_OVERLAP"] | None = None
     elevation: Elevation | None = None
+    #: our extension: run the model as a segmenter (see ``pipeline.segmentation``)
+    segmentation: SegmentationOptions | None = None
     feature_properties: list[dict[str, Any]] = Field(default_factory=list)
     post_processing: list[PostProcessingStep] = Field(
         default_factory=lambda: [PostProcessingStep()]
     )
+    #: our extension: more images from a STAC search (see :class:`StacSearch`)
+    stac_search: StacSearch | None = None
+    #: set by :func:`pipeline.stac.expand_request`: ``{image url: its STAC Item's href}``
+    stac_sources: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     _normalise_enums = field_validator(
         "tile_format", "tile_compression", "range_adjustment", "tiling_strategy", mode="before"
@@ -267,6 +306,8 @@ class ImageRequest(StrictDocument):
 
     @model_validator(mode="after")
     def _check(self) -> ImageRequest:
+        if not self.image_urls and self.stac_search is None:
+            raise ValueError("imageUrls: at least one image URL is required (or a stacSearch)")
         if self.tile_overlap >= self.tile_size:
             raise ValueError(
                 f"imageProcessorTileOverlap ({self.tile_overlap}) must be smaller than "

@@ -1,0 +1,139 @@
+"""Polygon output: class regions → polygons, dissolved across chunk seams, geolocated.
+
+Per chunk and polygon class, the 4-connected regions of the chunk's class raster become one
+polygon each (``rasterio.features.shapes``, holes included), with the sum of the class's
+probability over the region and its pixel count. A region whose bounds reach an edge of its
+chunk that is not an image edge may continue in the neighbouring chunk: those are *seam*
+regions, and per class they are dissolved (``shapely.coverage_union_all`` of regions that only
+share edges) into whole regions, each one polygon, their sums and counts added. Then the
+optional simplification (pixels) and minimum area (m²), and the features: class, score = the
+mean probability inside, ``area_m2`` (geodesic, WGS84, of the geolocated polygon) in
+``modelProperties``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import shapely
+from affine import Affine
+from rasterio import features
+from scipy import ndimage
+
+from pipeline.detections import Detections, model_extras
+from pipeline.io import SensorModel
+
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass
+class Regions:
+    """Polygons (full-image pixels) of one class, with probability sums and pixel counts."""
+
+    class_index: np.ndarray
+    polygons: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    seam: np.ndarray  # True: may continue in a neighbouring chunk
+
+    @classmethod
+    def empty(cls) -> Regions:
+        return cls(np.empty(0, np.int64), np.empty(0, object), np.empty(0), np.empty(0, np.int64),
+                   np.empty(0, bool))
+
+    @classmethod
+    def concat(cls, parts: list[Regions]) -> Regions:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("class_index", "polygons", "sums", "counts", "seam")))
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    def select(self, keep: np.ndarray) -> Regions:
+        return Regions(self.class_index[keep], self.polygons[keep], self.sums[keep], self.counts[keep],
+                       self.seam[keep])
+
+
+def chunk_regions(classes: np.ndarray, scores: np.ndarray, bounds: tuple[int, int, int, int],
+                  image_size: tuple[int, int], polygon_classes: list[int]) -> Regions:
+    """The regions of ``polygon_classes`` in one chunk's class raster (``bounds`` in the image)."""
+    x0, y0, x1, y1 = bounds
+    width, height = image_size
+    transform = Affine.translation(x0, y0)
+    parts = []
+    for k in polygon_classes:
+        labels, count = ndimage.label(classes == k, structure=FOUR_CONNECTED)
+        if not count:
+            continue
+        flat = labels.ravel()
+        sums = np.bincount(flat, weights=scores[k].ravel(), minlength=count + 1)[1:]
+        counts = np.bincount(flat, minlength=count + 1)[1:]
+        polygons = np.empty(count, dtype=object)
+        for geometry, label in features.shapes(labels.astype(np.int32), mask=labels > 0,
+                                               connectivity=4, transform=transform):
+            polygons[int(label) - 1] = shapely.geometry.shape(geometry)
+        box = shapely.bounds(polygons)
+        seam = (((box[:, 0] <= x0) & (x0 > 0)) | ((box[:, 1] <= y0) & (y0 > 0))
+                | ((box[:, 2] >= x1) & (x1 < width)) | ((box[:, 3] >= y1) & (y1 < height)))
+        parts.append(Regions(np.full(count, k), polygons, sums, counts, seam))
+    return Regions.concat(parts)
+
+
+def dissolve(regions: Regions) -> Regions:
+    """Seam regions of each class united into whole regions (sums and counts added)."""
+    whole = regions.select(~regions.seam)
+    seams = regions.select(regions.seam)
+    merged = [whole]
+    for k in np.unique(seams.class_index):
+        group = seams.select(seams.class_index == k)
+        united = shapely.get_parts(shapely.union_all(group.polygons, grid_size=1.0))
+        # each seam region lies in exactly one united region: the one holding a point inside it
+        index = shapely.STRtree(united).query(shapely.point_on_surface(group.polygons),
+                                              predicate="intersects")
+        owner = np.full(len(group), -1)
+        owner[index[0]] = index[1]
+        sums = np.bincount(owner, weights=group.sums, minlength=len(united))
+        counts = np.bincount(owner, weights=group.counts, minlength=len(united)).astype(np.int64)
+        merged.append(Regions(np.full(len(united), k), united, sums, counts, np.zeros(len(united), bool)))
+    return Regions.concat(merged)
+
+
+def ground_area(polygons: np.ndarray, model: SensorModel) -> np.ndarray:
+    """Geodesic areas (m², WGS84) of pixel polygons geolocated through ``model`` (NaN where the
+    image is not georeferenced)."""
+    if not model.georeferenced:
+        return np.full(len(polygons), np.nan)
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+
+    def through(xy: np.ndarray) -> np.ndarray:
+        lon, lat = model.pixel_to_lonlat(xy[:, 0], xy[:, 1])
+        return np.column_stack([lon, lat])
+
+    ground = shapely.transform(polygons, through)
+    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in ground])
+
+
+def to_detections(regions: Regions, class_names: tuple[str, ...], model: SensorModel,
+                  simplify: float = 0.0, min_area: float = 0.0) -> Detections:
+    """The regions as detections: their polygons as shapes (pixels), bounds as boxes, class
+    name, mean probability as score, ``area_m2`` (pixels² where not georeferenced)."""
+    polygons = regions.polygons
+    if simplify > 0 and len(polygons):
+        polygons = shapely.simplify(polygons, simplify, preserve_topology=True)
+    area = ground_area(polygons, model)
+    if not model.georeferenced:
+        area = shapely.area(polygons)
+    keep = area >= min_area
+    polygons, area = polygons[keep], area[keep]
+    regions = regions.select(keep)
+    scores = regions.sums / np.maximum(regions.counts, 1)
+    extras: list[Any] = [model_extras(properties={"area_m2": float(a), "pixels": int(n)})
+                         for a, n in zip(area, regions.counts, strict=True)]
+    names = np.array([class_names[k] for k in regions.class_index], dtype=object)
+    return Detections(shapely.bounds(polygons).reshape(-1, 4), scores, names, list(polygons), extras)

@@ -1,0 +1,132 @@
+"""Raster output: each chunk task writes its window as a tiled GeoTIFF *part*; one task then
+mosaics the parts (a VRT) into a Cloud-Optimized GeoTIFF with GDAL's COG driver.
+
+The COG is in the image's grid: its CRS and geotransform, or its RPCs (RPC images) or GCPs.
+Band 1 is the class id (with a colour table; class names in the band's metadata as
+``CLASS_NAMES`` (JSON) and ``CLASS_<id>=<name>``, and as the band's category names in the
+sidecar-free VRT); optional bands 2.. are each class's score (uint8, 0..255 for 0..1, same
+dtype as band 1). Internal 512-pixel tiles, DEFLATE, overviews by ``MODE`` resampling (a class
+id is never averaged). Written to a temporary name beside the final one and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import rasterio.shutil
+from rasterio.rpc import RPC
+
+from pipeline.io import ImageInfo
+
+BLOCK = 512
+#: a distinct colour per class (class 0, the background, is transparent black)
+PALETTE = [(0, 0, 0, 0), (31, 119, 180, 255), (255, 127, 14, 255), (44, 160, 44, 255),
+           (214, 39, 40, 255), (148, 103, 189, 255), (140, 86, 75, 255), (227, 119, 194, 255),
+           (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255)]
+
+
+def band_data(classes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
+    """The bands of a part: class ids, then (given ``scores``) each class's score as 0..255."""
+    if scores is None:
+        return classes[None]
+    quantised = np.rint(np.clip(scores, 0.0, 1.0) * 255).astype(classes.dtype)
+    return np.concatenate([classes[None], quantised])
+
+
+def write_part(directory: str | Path, chunk: tuple[int, int], bands: np.ndarray) -> str:
+    """Write one chunk's bands as ``part-<row>-<col>.tif`` (tiled, DEFLATE; atomic rename)."""
+    path = Path(directory) / f"part-{chunk[0]:05d}-{chunk[1]:05d}.tif"
+    staged = path.with_suffix(".partial.tif")
+    count, height, width = bands.shape
+    tiled = height >= 16 and width >= 16
+    profile: dict[str, Any] = {"driver": "GTiff", "width": width, "height": height, "count": count,
+                               "dtype": bands.dtype.name, "compress": "DEFLATE", "tiled": tiled}
+    if tiled:
+        profile.update(blockxsize=min(BLOCK, 16 * (width // 16)), blockysize=min(BLOCK, 16 * (height // 16)))
+    with rasterio.Env(GDAL_NUM_THREADS="1"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # parts: pixels only
+        with rasterio.open(staged, "w", **profile) as dst:
+            dst.write(bands)
+    os.replace(staged, path)
+    return str(path)
+
+
+def _geo_xml(info: ImageInfo) -> str:
+    """The VRT elements that put the mosaic in the image's grid and CRS (or RPCs/GCPs)."""
+    parts = []
+    if info.crs and info.transform:
+        a, b, c, d, e, f = info.transform
+        parts.append(f"<SRS>{escape(info.crs)}</SRS>")
+        parts.append(f"<GeoTransform>{c!r}, {a!r}, {b!r}, {f!r}, {d!r}, {e!r}</GeoTransform>")
+    if info.rpcs:
+        items = "".join(f'<MDI key="{k}">{escape(str(v))}</MDI>'
+                        for k, v in RPC(**info.rpcs).to_gdal().items())
+        parts.append(f'<Metadata domain="RPC">{items}</Metadata>')
+    if info.gcps and not info.transform:
+        gcps = "".join(f'<GCP Id="{i}" Pixel="{col!r}" Line="{row!r}" X="{x!r}" Y="{y!r}" Z="{z!r}"/>'
+                       for i, (row, col, x, y, z) in enumerate(info.gcps))
+        parts.append(f"<GCPList Projection=\"{escape(info.gcp_crs or '')}\">{gcps}</GCPList>")
+    return "".join(parts)
+
+
+def mosaic_vrt(parts: list[tuple[tuple[int, int, int, int], str]], info: ImageInfo, count: int,
+               dtype: str, class_names: tuple[str, ...], path: str | Path) -> str:
+    """A VRT of the parts (each at its ``(x0, y0, x1, y1)``) in the image's grid."""
+    gdal_type = {"uint8": "Byte", "uint16": "UInt16"}[dtype]
+    names = json.dumps(list(class_names))
+    bands = []
+    for band in range(1, count + 1):
+        sources = "".join(
+            f"<SimpleSource><SourceFilename relativeToVRT=\"0\">{escape(part)}</SourceFilename>"
+            f"<SourceBand>{band}</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{x1 - x0}" ySize="{y1 - y0}"/>'
+            f'<DstRect xOff="{x0}" yOff="{y0}" xSize="{x1 - x0}" ySize="{y1 - y0}"/></SimpleSource>'
+            for (x0, y0, x1, y1), part in parts)
+        if band == 1:
+            meta = (f'<MDI key="CLASS_NAMES">{escape(names)}</MDI>'
+                    + "".join(f'<MDI key="CLASS_{k}">{escape(n)}</MDI>' for k, n in enumerate(class_names)))
+            extra = (f"<Description>class</Description><Metadata>{meta}</Metadata>"
+                     "<ColorInterp>Palette</ColorInterp><ColorTable>"
+                     + "".join('<Entry c1="{}" c2="{}" c3="{}" c4="{}"/>'.format(*PALETTE[k % len(PALETTE)])
+                               for k in range(len(class_names))) + "</ColorTable>"
+                     "<CategoryNames>" + "".join(f"<Category>{escape(n)}</Category>" for n in class_names)
+                     + "</CategoryNames>")
+        else:
+            name = class_names[band - 2]
+            extra = (f"<Description>score:{escape(name)}</Description>"
+                     f'<Metadata><MDI key="CLASS">{escape(name)}</MDI><MDI key="SCALE">255</MDI></Metadata>')
+        bands.append(f'<VRTRasterBand dataType="{gdal_type}" band="{band}">{extra}{sources}</VRTRasterBand>')
+    text = (f'<VRTDataset rasterXSize="{info.width}" rasterYSize="{info.height}">{_geo_xml(info)}'
+            f'<Metadata><MDI key="SEGMENTATION_CLASSES">{escape(names)}</MDI></Metadata>'
+            + "".join(bands) + "</VRTDataset>")
+    Path(path).write_text(text)
+    return str(path)
+
+
+def write_cog(parts: list[tuple[tuple[int, int, int, int], str]], info: ImageInfo, count: int,
+              dtype: str, class_names: tuple[str, ...], destination: str | Path) -> str:
+    """Mosaic the parts into a COG at ``destination`` (a local path; temporary name, then
+    renamed). GDAL streams the mosaic block by block: no whole-image array."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    vrt = destination.with_suffix(".partial.vrt")
+    staged = destination.with_suffix(".partial.tif")
+    mosaic_vrt(parts, info, count, dtype, class_names, vrt)
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=256, GDAL_NUM_THREADS="ALL_CPUS"):
+            rasterio.shutil.copy(str(vrt), str(staged), driver="COG", BLOCKSIZE=BLOCK,
+                                 COMPRESS="DEFLATE", OVERVIEW_RESAMPLING="MODE", BIGTIFF="IF_SAFER")
+        os.replace(staged, destination)
+    finally:
+        for leftover in (vrt, staged, staged.with_suffix(".tif.aux.xml")):
+            if leftover.exists():
+                leftover.unlink()
+    return str(destination)

@@ -1,0 +1,153 @@
+"""Stitching: one chunk's tiles → class scores and class ids over the chunk's own pixels.
+
+A chunk of the :class:`~pipeline.tiling.TileGrid` owns the pixels of
+:meth:`~pipeline.tiling.TileGrid.chunk_bounds` (the chunks partition the image). Its task reads
+those pixels plus the halo that the tiles covering them reach into, runs the model on every
+tile that covers one of its pixels (the tiles along a seam run in both chunks: a seam costs a
+tile row, not a data exchange) and stitches:
+
+- ``BLEND``: each pixel's scores are the weighted mean of the scores of every tile covering it,
+  with the weight ``w(i, j) = a(i) a(j)``, ``a(i) = min(1, (min(i, T - 1 - i) + 1) / (O + 1))``:
+  1 in the tile's middle, falling linearly over the last ``O`` pixels towards each edge (never
+  0), so a tile's edge, where its model saw the least context, counts least;
+- ``CORE``: each pixel's scores are those of the one tile whose ownership core (the ownership
+  rule's cores: from the middle of one overlap to the middle of the next) holds its centre.
+
+Class ids are the argmax of the stitched scores (the lowest class on a tie). The tiles covering
+a pixel and the order in which they are summed (row-major) do not depend on the chunks, so the
+result is the same, bit for bit, for any chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.models import ModelSpec
+from pipeline.segmentation.contract import BLEND, as_scores
+from pipeline.segmentation.models import load_segmenter
+from pipeline.tiling import Axis, TileGrid, cut_tiles, to_uint8
+
+
+def axis_weight(length: int, overlap: int) -> np.ndarray:
+    """The blending weight along one tile axis of ``length`` pixels (see the module)."""
+    i = np.arange(length)
+    return np.minimum(1.0, (np.minimum(i, length - 1 - i) + 1) / (overlap + 1)).astype(np.float32)
+
+
+def _axis_tiles(axis: Axis, low: int, high: int, mode: str) -> np.ndarray:
+    """Indices of the tiles along ``axis`` that give pixels ``low .. high - 1`` their value."""
+    start, end = axis.origins.astype(np.float64), axis.ends.astype(np.float64)
+    if mode != BLEND:  # the pixels whose centre is in the tile's core
+        core_start, core_end = axis.core(axis.origins)
+        start = np.maximum(start, np.ceil(core_start - 0.5))
+        end = np.minimum(end, np.ceil(core_end - 0.5))
+    return np.flatnonzero(np.maximum(start, low) < np.minimum(end, high))
+
+
+def covering_tiles(grid: TileGrid, bounds: tuple[int, int, int, int], mode: str) -> np.ndarray:
+    """Tile windows ``(x0, y0, x1, y1)`` that give the pixels of ``bounds`` their value, row by row."""
+    x0, y0, x1, y1 = bounds
+    ix = _axis_tiles(grid.x, x0, x1, mode)
+    iy = _axis_tiles(grid.y, y0, y1, mode)
+    gx, gy = (v.ravel() for v in np.meshgrid(ix, iy))
+    return np.stack([grid.x.origins[gx], grid.y.origins[gy], grid.x.ends[gx], grid.y.ends[gy]],
+                    axis=1).astype(np.int64).reshape(-1, 4)
+
+
+def read_window(windows: np.ndarray, bounds: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The pixels a chunk task reads: its bounds and every covering tile (the halo)."""
+    if not len(windows):
+        return bounds
+    return (min(bounds[0], int(windows[:, 0].min())), min(bounds[1], int(windows[:, 1].min())),
+            max(bounds[2], int(windows[:, 2].max())), max(bounds[3], int(windows[:, 3].max())))
+
+
+@dataclass
+class Stitched:
+    """One chunk's stitched answer over its ``bounds``: ``classes`` (``h × w``) and
+    ``scores`` (``K × h × w`` float32, 0..1), and its tile tally."""
+
+    bounds: tuple[int, int, int, int]
+    classes: np.ndarray
+    scores: np.ndarray
+    class_names: tuple[str, ...]
+    tiles: int = 0
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    model_seconds: float = 0.0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _core_span(start: float, end: float) -> tuple[float, float]:
+    """Pixels whose centre lies in ``[start, end)``: ``ceil(start - 0.5) .. ceil(end - 0.5)``."""
+    low = -math.inf if math.isinf(start) else math.ceil(start - 0.5)
+    high = math.inf if math.isinf(end) else math.ceil(end - 0.5)
+    return low, high
+
+
+def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int, int, int, int],
+                 grid: TileGrid, spec: ModelSpec, mode: str = BLEND, range_adjustment: str = "NONE",
+                 bits: int | None = None) -> Stitched:
+    """Segment and stitch the pixels of ``bounds``; ``pixels`` (``bands × h × w`` from
+    full-image ``origin``) hold :func:`read_window` of them."""
+    segmenter = load_segmenter(spec)
+    names = tuple(segmenter.class_names)
+    k = len(names)
+    bx0, by0, bx1, by1 = bounds
+    h, w = by1 - by0, bx1 - bx0
+    windows = covering_tiles(grid, bounds, mode)
+    result = Stitched(bounds, np.zeros((h, w), np.uint8), np.zeros((k, h, w), np.float32), names,
+                      tiles=len(windows))
+    scores = result.scores
+    total = np.zeros((h, w), np.float32) if mode == BLEND else None
+    weight = np.outer(axis_weight(grid.tile_size, grid.overlap), axis_weight(grid.tile_size, grid.overlap))
+    cores = grid.cores(windows) if len(windows) else np.empty((0, 4))
+    batch_size = spec.batch_size or segmenter.batch_size
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        tiles = to_uint8(cut_tiles(pixels, origin, batch, grid.tile_size), range_adjustment, bits)
+        began = time.perf_counter()
+        try:
+            answers: list[Any] = list(segmenter.segment(tiles, batch[:, :2]))
+        except Exception as exc:  # noqa: BLE001 - the batch's tiles fail with it
+            answers = [exc] * len(batch)
+        result.model_seconds += time.perf_counter() - began
+        for window, core, answer in zip(batch, cores[start:start + batch_size], answers, strict=True):
+            tx0, ty0, tx1, ty1 = (int(v) for v in window)
+            try:
+                if isinstance(answer, BaseException):
+                    raise answer
+                tile_scores = as_scores(answer, k, grid.tile_size, grid.tile_size)
+            except Exception as exc:  # noqa: BLE001 - one failed tile
+                result.failed_tiles.append({"window": [tx0, ty0, tx1, ty1], "reason": _one_line(exc)})
+                continue
+            if mode == BLEND:
+                x0, y0, x1, y1 = max(tx0, bx0), max(ty0, by0), min(tx1, bx1), min(ty1, by1)
+            else:
+                cx0, cx1 = _core_span(core[0], core[2])
+                cy0, cy1 = _core_span(core[1], core[3])
+                x0, y0 = int(max(tx0, bx0, cx0)), int(max(ty0, by0, cy0))
+                x1, y1 = int(min(tx1, bx1, cx1)), int(min(ty1, by1, cy1))
+            if x1 <= x0 or y1 <= y0:
+                continue
+            src = (slice(None), slice(y0 - ty0, y1 - ty0), slice(x0 - tx0, x1 - tx0))
+            dst = (slice(None), slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+            if total is None:
+                scores[dst] = tile_scores[src]
+            else:
+                part = weight[src[1:]]
+                scores[dst] += tile_scores[src] * part
+                total[dst[1:]] += part
+    if total is not None:
+        np.divide(scores, total, out=scores, where=total > 0)
+    classes = scores.argmax(axis=0) if k else np.zeros((h, w), np.int64)
+    result.classes = classes.astype(np.uint8 if k <= 256 else np.uint16)
+    return result
