@@ -115,50 +115,24 @@ def read_options(url: str, role: str | None = None) -> dict[str, str]:
     return options
 
 
-def _s3_credentials(options: dict[str, str]) -> Any:
-    """This process's current (frozen) credentials for reads under ``options``; None for an
-    image outside S3 or a process without any credentials (it then reads unsigned)."""
-    from pipeline import aws
-
-    owner = aws.read_session(options)
-    found = aws.credentials(owner) if owner is not None else None
-    return found.get_frozen_credentials() if found is not None else None
-
-
-class _StaticSession:
-    """Just enough of a boto3 session for rasterio's ``AWSSession``: the credentials that
-    :func:`_s3_credentials` has just read from the (refreshing) provider, so that GDAL and the
-    dataset cache (:func:`_dataset_key`) see the same ones."""
-
-    def __init__(self, frozen: Any, region: str | None):
-        self.region_name = region
-        self._frozen = frozen
-
-    def get_credentials(self) -> _StaticSession:
-        return self
-
-    def get_frozen_credentials(self) -> Any:
-        return self._frozen
-
-
 def rasterio_env(options: dict[str, str]) -> Any:
-    """``rasterio.Env`` for GDAL ``options``: an S3 read signs with this process's current
-    credentials (through an ``AWSSession``: rasterio refuses them as plain config options), or
-    unsigned (``AWS_NO_SIGN_REQUEST``) when this process has none at all."""
+    """``rasterio.Env`` for GDAL ``options``. An S3 read signs with this process's credentials:
+    rasterio's ``AWSSession`` over its boto3 session (:func:`pipeline.aws.read_session`), whose
+    refreshable credentials are read afresh each time an ``Env`` is entered; it reads unsigned
+    (``AWS_NO_SIGN_REQUEST``) only when this process has no credentials at all."""
     from rasterio.session import AWSSession
 
     from pipeline import aws
 
     config = dict(options)
-    s3 = config.pop(aws.SIGNER_OPTION, None) is not None
+    config.pop(aws.SIGNER_OPTION, None)
     config.pop(aws.STS_OPTION, None)
-    if not s3:
+    owner = aws.read_session(options)
+    if owner is None:
         return rasterio.Env(**config)
-    frozen = _s3_credentials(options)
-    if frozen is None:
+    if aws.credentials(owner) is None:
         return rasterio.Env(AWS_NO_SIGN_REQUEST="YES", **config)
-    static = _StaticSession(frozen, config.get("AWS_REGION"))
-    return rasterio.Env(session=AWSSession(session=static, endpoint_url=config.get("AWS_S3_ENDPOINT")),
+    return rasterio.Env(session=AWSSession(session=owner, endpoint_url=config.get("AWS_S3_ENDPOINT")),
                         **config)
 
 
