@@ -71,8 +71,9 @@ def concurrency_parameter(spec: ModelSpec) -> int | None:
 
 def aws_options(spec: ModelSpec, service_env: str) -> dict[str, Any]:
     """Endpoint URLs and region from the client's settings (nothing secret: they travel in
-    tasks). An ``assumedRole`` is assumed here once, so that a role that cannot be assumed fails
-    in one line before any task runs; each worker assumes it again itself (:func:`aws_session`)."""
+    tasks). An ``assumedRole`` is assumed here once (if this process has credentials), so that a
+    role that cannot be assumed fails in one line before any task runs; each worker assumes it
+    again itself (:func:`aws_session`)."""
     from pipeline import aws
 
     options: dict[str, Any] = {
@@ -80,7 +81,7 @@ def aws_options(spec: ModelSpec, service_env: str) -> dict[str, Any]:
         "region": aws.region(),
         "stsUrl": aws.endpoint_url("sts"),
     }
-    if spec.assumed_role:
+    if spec.assumed_role and aws.has_credentials():  # else only the workers can assume it
         try:
             aws_session(with_options(spec, **options))
         except aws.AwsError as exc:
