@@ -255,6 +255,20 @@ def _sessions_secrets() -> list[str]:
     return found
 
 
+def _role_secrets() -> tuple[int, list[str]]:
+    """(how many roles this process has assumed, their secrets that its log redaction would
+    not mask)."""
+    from pipeline.redact import redact
+
+    roles, unmasked = 0, []
+    for (role, *_), owner in list(aws._sessions.items()):
+        if role:
+            roles += 1
+            frozen = owner.get_credentials().get_frozen_credentials()
+            unmasked += [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v in redact(v)]
+    return roles, unmasked
+
+
 def _scheduler_specs(dask_scheduler=None) -> bytes:  # noqa: ANN001 - run_on_scheduler injects it
     """Every task the scheduler knows, its run_spec pickled."""
     import cloudpickle
@@ -293,6 +307,9 @@ def test_no_secret_in_the_scheduler_or_the_graph(proxies, scene, moto_endpoint, 
                query["X-Amz-Signature"], query["X-Amz-Credential"]}
     for worker_secrets in dask_client.run(_sessions_secrets).values():
         secrets.update(worker_secrets)
+    # each worker assumed the roles itself and registered their secrets for redaction there
+    assert sum(roles for roles, _ in dask_client.run(_role_secrets).values()) >= 2
+    assert all(unmasked == [] for _, unmasked in [*dask_client.run(_role_secrets).values(), _role_secrets()])
     secrets = {s for s in secrets if len(s) >= 8} - {"us-east-1"}  # other tests' "k"/"s" keys
     assert len(secrets) >= 2 + 6 + 2 + 2  # client keys, two roles here, worker keys, presigned
     assert len(dumped) > 1000 and b"detect" in dumped and READ_ROLE.encode() in dumped
