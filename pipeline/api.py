@@ -95,17 +95,21 @@ def run(
         request = request.with_output_dir(output_dir)
     if tiling is not None:
         request = ImageRequest.parse({**request.to_wire(), "tilingStrategy": tiling})
-    try:
-        check_model(model_spec(request))
-    except ModelError as exc:
-        raise RequestError(f"invalid request: imageProcessor: {exc}") from None
+    if request.segmentation is not None:  # a segmentation job (pipeline.segmentation)
+        from graphs.segment_job import run_segmentation as run_job  # type: ignore[assignment]
+    else:
+        try:
+            check_model(model_spec(request))
+        except ModelError as exc:
+            raise RequestError(f"invalid request: imageProcessor: {exc}") from None
     bar = _progress_bar if progress else None
     if client is not None:
         result = run_job(request, client, progress=bar)
     else:
         with connect("local", workers) as local:
             result = run_job(request, local, progress=bar)
-    write_summary_charts(request, result)
+    if request.segmentation is None:
+        write_summary_charts(request, result)
     return result
 
 

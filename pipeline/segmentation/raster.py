@@ -2,7 +2,7 @@
 mosaics the parts (a VRT) into a Cloud-Optimized GeoTIFF with GDAL's COG driver.
 
 The COG is in the image's grid: its CRS and geotransform, or its RPCs (RPC images) or GCPs.
-Band 1 is the class id (with a colour table; class names in the band's metadata as
+Band 1 is the class id (with a colour table where it is the only band; class names in the band's metadata as
 ``CLASS_NAMES`` (JSON) and ``CLASS_<id>=<name>``, and as the band's category names in the
 sidecar-free VRT); optional bands 2.. are each class's score (uint8, 0..255 for 0..1, same
 dtype as band 1). Internal 512-pixel tiles, DEFLATE, overviews by ``MODE`` resampling (a class
