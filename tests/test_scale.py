@@ -166,7 +166,9 @@ def test_vectorised_nms_equals_the_sequential_greedy_pass(monkeypatch) -> None:
         above = iou > threshold
         table = merge._neighbours(len(boxes), i[above], j[above], iou[above])
         suppressed, keep = np.zeros(len(boxes), dtype=bool), []
-        for k in np.lexsort((np.arange(len(scores)), -scores)).tolist():
+        # descending score, equal scores by the box (xmin, ymin, xmax, ymax), then by index
+        by_box = (np.arange(len(scores)), *boxes[:, ::-1].T, -scores)
+        for k in np.lexsort(by_box).tolist():
             if not suppressed[k]:
                 keep.append(k)
                 for other, _ in table[k]:
