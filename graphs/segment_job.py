@@ -227,7 +227,10 @@ def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: Mo
                    polygon_classes, str(part_dir) if part_dir else None)
     chunks = [(r, c) for r in range(grid.chunks_y) for c in range(grid.chunks_x)]
     futures = [client.submit(segment_chunk, job, r, c, pure=False) for r, c in chunks]
-    bar = progress(len(chunks)) if progress else None
+    bar = None
+    if progress:
+        bar = progress(sum(len(covering_tiles(grid, grid.chunk_bounds(r, c), options.stitch))
+                           for r, c in chunks))
     parts: list[tuple[tuple[int, int, int, int], str]] = []
     regions: list[Regions] = []
     for future in as_completed(futures):
@@ -239,7 +242,7 @@ def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: Mo
             parts.append((chunk.bounds, chunk.part))
         regions.append(chunk.regions)
         if bar is not None:
-            bar.update(1)
+            bar.update(chunk.tiles)
     if bar is not None:
         bar.close()
     outcome.seconds["chunks"] = time.perf_counter() - began
@@ -284,3 +287,28 @@ def _publish(cog: Path, name: str, outputs: list[Any]) -> list[str]:
             upload(aws.client("s3", output.role), cog, output.bucket, key)
             written.append(f"s3://{output.bucket}/{key}")
     return written
+
+
+def cli_run(request: ImageRequest, cluster: str, workers: int | None, chunk_target: int | None,
+            progress: bool) -> int:
+    """``model-runner run --segment`` (or a request with ``segmentation``): run, print where the
+    outputs went, return the exit status."""
+    import sys
+
+    from graphs.cluster import ClusterError, connect
+    from pipeline.cli import EXIT_FAILED, EXIT_OK, UsageError, _progress
+
+    if request.segmentation is None:
+        request = request.model_copy(update={"segmentation": SegmentationOptions()})
+    try:
+        with connect(cluster, workers) as client:
+            result = run_segmentation(request, client, progress=_progress(progress),
+                                      chunk_target=chunk_target or DEFAULT_CHUNK_TARGET)
+    except (ClusterError, ModelError) as exc:
+        raise UsageError(str(exc)) from None
+    for image in result.images:
+        line = f"{image.url}: {image.status}, {image.tiles} tiles, {image.polygons} polygons"
+        print(line + (f" ({image.reason})" if image.reason else ""), file=sys.stderr)
+    for output in result.outputs:
+        print(f"  {output}")
+    return EXIT_OK if result.status == "SUCCESS" else EXIT_FAILED

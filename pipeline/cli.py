@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quicklook", default=None, metavar="PNG",
                      help="write an overview of the first image with the detections drawn")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--segment", action="store_true",
+                     help="run the model as a segmenter (the request's segmentation options, or "
+                     "the defaults): a class COG per image and class polygons")
 
     demo = commands.add_parser(
         "demo", help="generate a scene with planted objects and run a job on it",
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models/NAME:predict and DescribeEndpoint, to test a pipeline before deploying. "
         "It can misbehave on purpose for tests.")
     serve.add_argument("--model", default="centerpoint",
-                       choices=["null", "centerpoint", "flood", "bright-objects"])
+                       choices=["null", "centerpoint", "flood", "bright-objects", "threshold", "vegetation"])
     serve.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="interface (127.0.0.1)")
     serve.add_argument("--latency", type=float, default=0.0, help="seconds per tile")
@@ -245,6 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         request = request.model_copy(update={"tiling_strategy": args.tiling})
     if not request.all_outputs:
         raise UsageError("the request has no outputs: add one or pass --output-dir DIR")
+    if args.segment or request.segmentation is not None:
+        from graphs.segment_job import cli_run
+
+        return cli_run(request, args.cluster, args.workers, args.chunk_size, not args.no_progress)
     try:
         from graphs.image_job import model_spec
         from pipeline.models import check_model

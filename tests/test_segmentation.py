@@ -186,15 +186,15 @@ def tile_constant(**_: Any) -> Any:
 def independent_blend(pixels: np.ndarray, grid: TileGrid) -> np.ndarray:
     """Class-1 probability by summing every tile of the grid over the whole (small) image."""
     spec_model = tile_constant()
-    T, O = grid.tile_size, grid.overlap
-    ramp = np.array([min(1.0, (min(i, T - 1 - i) + 1) / (O + 1)) for i in range(T)])
+    size, overlap = grid.tile_size, grid.overlap
+    ramp = np.array([min(1.0, (min(i, size - 1 - i) + 1) / (overlap + 1)) for i in range(size)])
     weight = np.outer(ramp, ramp)
     acc = np.zeros(pixels.shape[1:])
     total = np.zeros(pixels.shape[1:])
     for y in grid.y.origins:
         for x in grid.x.origins:
-            tile = np.zeros((T, T, 1), np.uint8)
-            part = pixels[0, y:y + T, x:x + T]
+            tile = np.zeros((size, size, 1), np.uint8)
+            part = pixels[0, y:y + size, x:x + size]
             tile[:part.shape[0], :part.shape[1], 0] = part
             p = spec_model(tile[None], np.array([[x, y]]))[0][1]
             h, w = part.shape

@@ -39,7 +39,7 @@ MAX_REQUEST_BYTES = 256 * 2**20  # a chunked request body larger than this is re
 
 log = logging.getLogger(__name__)
 
-SERVED_MODELS = ("null", "centerpoint", "flood", "bright-objects")
+SERVED_MODELS = ("null", "centerpoint", "flood", "bright-objects", "threshold", "vegetation")
 
 
 @dataclass
@@ -78,8 +78,12 @@ class ModelServer(ThreadingHTTPServer):
                  parameters: dict[str, Any] | None = None, behaviour: Behaviour | None = None):
         super().__init__(address, Handler)
         self.model_name = model
-        self.adapter = create_builtin(ModelSpec("BUILTIN", model, dict(parameters or {})),
-                                      random_ids=True)
+        from pipeline.segmentation.models import BUILTIN_SEGMENTERS, builtin
+
+        spec = ModelSpec("BUILTIN", model, dict(parameters or {}))
+        #: a built-in segmenter answers an encoded array (pipeline.segmentation.contract)
+        self.segmenter = builtin(spec) if model in BUILTIN_SEGMENTERS else None
+        self.adapter: Any = None if self.segmenter else create_builtin(spec, random_ids=True)
         self.behaviour = behaviour or Behaviour()
         self.stats = Stats()
         self.class_ids: dict[str, int] = {}
@@ -256,6 +260,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.server.marked(tile, behaviour.malformed_marker) or self.server.roll(behaviour.malformed_rate):
             self._reply(200, b'{"type": "FeatureCollection", "feat', content_type="application/json")
+            return
+        if self.server.segmenter is not None:  # the array type that Accept names (NPY by default)
+            from pipeline.segmentation.contract import CONTENT_TYPES, NPY_TYPE, encode_array
+
+            accept = self.headers.get("Accept", NPY_TYPE)
+            kind = accept if accept in CONTENT_TYPES else NPY_TYPE
+            answer = self.server.segmenter.segment(tile[None], np.zeros((1, 2), dtype=np.int64))[0]
+            self._reply(200, encode_array(answer, kind), content_type=kind)
             return
         self._reply(200, self.server.answer(tile))
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.models.base import ModelError, ModelSpec
-from pipeline.segmentation.contract import Segmenter, decode_array
+from pipeline.segmentation.contract import NPY_TYPE, Segmenter, decode_array
 
 
 def _value(tile: np.ndarray) -> np.ndarray:
@@ -148,9 +148,9 @@ class PythonSegmenter(Segmenter):
 
 
 class HttpSegmenter(Segmenter):
-    """``HTTP_ENDPOINT``: POST each encoded tile (``imageProcessorTileFormat``) to the URL;
-    the answer is an encoded array (see :mod:`~pipeline.segmentation.contract`). Class names
-    from ``classNames``."""
+    """``HTTP_ENDPOINT``: POST each encoded tile (``imageProcessorTileFormat``) to the URL
+    (``Accept: application/x-npy`` unless the parameters set ``Accept``); the answer is an
+    encoded array (see :mod:`~pipeline.segmentation.contract`). Class names from ``classNames``."""
 
     batch_size = 4
 
@@ -169,7 +169,7 @@ class HttpSegmenter(Segmenter):
         from pipeline.models.http import http_error
 
         body = encode_tile(tile, self.spec.tile_format, self.spec.tile_compression)
-        headers = {"Content-Type": CONTENT_TYPES[self.spec.tile_format],
+        headers = {"Content-Type": CONTENT_TYPES[self.spec.tile_format], "Accept": NPY_TYPE,
                    **{k: str(v) for k, v in self.spec.model_parameters.items()}}
         try:
             response = self.session.post(self.spec.name, data=body, headers=headers, timeout=self.timeout)

@@ -1,0 +1,265 @@
+"""Segmentation models: the contract, encoded answers, the built-in segmenters on real imagery,
+the HTTP target behind serve-model, and jobs over an RPC NITF, a SpaceNet GeoTIFF and S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import rasterio.shutil
+import shapely
+from affine import Affine
+from pyproj import Transformer
+from rasterio.transform import RPCTransformer
+from rio_cogeo.cogeo import cog_validate
+
+import pipeline
+from graphs.segment_job import run_segmentation
+from pipeline.models import ModelError, ModelSpec
+from pipeline.models.server import start_server
+from pipeline.request import ImageRequest
+from pipeline.segmentation.contract import (
+    NPY_TYPE,
+    PNG_TYPE,
+    TIFF_TYPE,
+    as_scores,
+    decode_array,
+    encode_array,
+)
+from pipeline.segmentation.models import load_segmenter, threshold_answer
+from tests.conftest import shared_file
+
+matplotlib.use("Agg")
+
+
+def job(url: str, out: str | Path | None = None, name: str = "threshold", job_id: str = "seg",
+        parameters: dict[str, Any] | None = None, outputs: list[dict[str, Any]] | None = None,
+        **segmentation: Any) -> ImageRequest:
+    if outputs is None:
+        outputs = [{"type": "LOCAL", "path": str(out)}]
+    return ImageRequest.parse({
+        "jobId": job_id, "imageUrls": [url], "imageProcessor": {"name": name, "type": "BUILTIN"},
+        "imageProcessorParameters": parameters or {}, "imageProcessorTileSize": 256,
+        "imageProcessorTileOverlap": 32, "segmentation": segmentation, "outputs": outputs,
+    })
+
+
+# ---------------------------------------------------------------- the contract
+def test_answers_become_scores_and_bad_answers_fail_in_one_line() -> None:
+    ids = np.array([[0, 1], [2, 1]], dtype=np.uint16)
+    scores = as_scores(ids, 3, 2, 2)
+    assert scores.dtype == np.float32 and scores.shape == (3, 2, 2)
+    np.testing.assert_array_equal(scores.argmax(axis=0), ids)
+    np.testing.assert_allclose(as_scores(np.full((2, 2, 2), 51, np.uint8), 2, 2, 2), 0.2)
+    for bad, message in [(np.zeros((3, 3), np.uint8), "shape"), (np.full((2, 2), 5, np.uint8), "class id 5"),
+                         (np.zeros((2, 2), np.float32), "integers"), (np.zeros((4, 2, 2)), "scores of shape"),
+                         (np.zeros((2, 2, 2), np.int32), "float or uint8"), (np.zeros(4, np.uint8), "1-D")]:
+        with pytest.raises(ModelError, match=message) as caught:
+            as_scores(bad, 3 if bad.ndim == 2 else 2, 2, 2)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("content_type", [NPY_TYPE, PNG_TYPE, TIFF_TYPE])
+def test_encoded_answers_round_trip(content_type: str) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3, size=(37, 53), dtype=np.uint8)
+    scores = rng.integers(0, 256, size=(3, 37, 53), dtype=np.uint8)
+    for answer in (ids, scores):
+        decoded = decode_array(encode_array(answer, content_type), content_type)
+        np.testing.assert_array_equal(decoded, answer)
+    floats = rng.random((2, 8, 8), dtype=np.float32)
+    if content_type != PNG_TYPE:
+        np.testing.assert_array_equal(decode_array(encode_array(floats, content_type), content_type), floats)
+    with pytest.raises(ModelError, match="content type 'text/plain'"):
+        decode_array(b"x", "text/plain")
+    with pytest.raises(ModelError, match="malformed segmentation answer"):
+        decode_array(b"not an array", content_type)
+
+
+# ---------------------------------------------------------------- built-ins on real imagery
+def test_vegetation_on_neon_trees() -> None:
+    """Excess green finds the NEON tree crowns: most pixels of the 61 crown boxes, few outside."""
+    url = str(shared_file("geotiff/neon_OSBS_029.tif"))
+    trees = pd.read_csv(shared_file("truth/neon_OSBS_029_trees.csv"))
+    classes = pipeline.segment(url, "vegetation", tile_size=128, overlap=32)
+    assert classes.attrs["class_names"] == ["background", "vegetation"]
+    assert classes.shape == (400, 400)
+    with rasterio.open(url) as src:  # coordinates: pixel centres in the image's CRS
+        assert classes.x.values[0] == pytest.approx(src.transform.c + 0.05)
+        assert classes.y.values[0] == pytest.approx(src.transform.f - 0.05)
+    crowns = np.zeros((400, 400), bool)
+    for tree in trees.itertuples():
+        crowns[int(tree.ymin):int(tree.ymax), int(tree.xmin):int(tree.xmax)] = True
+    vegetation = classes.values == 1
+    assert vegetation[crowns].mean() > 0.6
+    assert vegetation[~crowns].mean() < 0.3
+    window = pipeline.segment(url, "vegetation", (100, 50, 300, 250), tile_size=128, overlap=32)
+    np.testing.assert_array_equal(window.values[60:140, 60:140], classes.values[110:190, 160:240])
+    assert window.plot() is not None  # DataArray.plot draws the class raster
+
+
+def test_vegetation_needs_rgb_or_nir_and_ndvi_on_multispectral() -> None:
+    pan = str(shared_file("geotiff/spacenet_atlanta_sample.tif"))
+    with pytest.raises(ModelError, match="vegetation needs an RGB tile or nirBand") as caught:
+        pipeline.segment(pan, "vegetation", (0, 0, 200, 200))
+    assert "\n" not in str(caught.value)
+    mul = str(shared_file("geotiff/geocal_mul8_rpc.tif"))  # WorldView-2 bands: red 5, NIR1 7
+    ndvi = pipeline.segment(mul, "vegetation", parameters={"redBand": 5, "nirBand": 7},
+                            tile_size=64, overlap=16)
+    with rasterio.open(mul) as src:
+        red, nir = src.read(5).astype(float), src.read(7).astype(float)
+    assert ndvi.shape == red.shape and set(np.unique(ndvi.values)) <= {0, 1}
+    # vegetated pixels are those with the higher raw NDVI
+    raw = (nir - red) / np.maximum(nir + red, 1)
+    if (ndvi.values == 1).any() and (ndvi.values == 0).any():
+        assert raw[ndvi.values == 1].mean() > raw[ndvi.values == 0].mean()
+
+
+def test_spacenet_polygons_geolocated_through_the_affine(tmp_path: Path, dask_client: Any) -> None:
+    url = str(shared_file("geotiff/spacenet_atlanta_sample.tif"))
+    result = run_segmentation(job(url, tmp_path, parameters={"threshold": 200}, minArea=20),
+                              dask_client, chunk_target=512)
+    assert result.status == "SUCCESS", result.summary
+    with rasterio.open(result.images[0].rasters[0]) as cog, rasterio.open(url) as src:
+        assert cog.transform == Affine(0.5, 0.0, 733601.0, 0.0, -0.5, 3725139.0)
+        assert cog.crs == src.crs
+        # DRA (the image is 11-bit): bright means above the stretch's 200/255
+        assert 0 < cog.read(1).mean() < 0.5
+    features = result.features
+    assert len(features) > 5
+    to_lonlat = Transformer.from_crs(32616, 4326, always_xy=True)
+    for geometry, pixels, props in zip(features.geometry, features["imageGeometry"],
+                                       features["modelProperties"], strict=True):
+        ring = np.asarray(pixels["coordinates"][0], dtype=float)
+        lon, lat = to_lonlat.transform(733601.0 + 0.5 * ring[:, 0], 3725139.0 - 0.5 * ring[:, 1])
+        ground = np.asarray(shapely.get_coordinates(shapely.get_exterior_ring(geometry)))
+        assert np.abs(np.sort(ground[:, 0]) - np.sort(lon)).max() < 1e-9
+        assert np.abs(np.sort(ground[:, 1]) - np.sort(lat)).max() < 1e-9
+        area = json.loads(props)["area_m2"]
+        assert area >= 20
+        assert area == pytest.approx(shapely.geometry.shape(pixels).area * 0.25, rel=0.01)
+
+
+def test_rpc_nitf_raster_carries_rpcs_and_polygons_follow_the_rpc(tmp_path: Path, dask_client: Any) -> None:
+    source = shared_file("geotiff/s2p_pleiades_rpc_01.tif")
+    nitf = tmp_path / "pleiades.ntf"
+    rasterio.shutil.copy(str(source), str(nitf), driver="NITF", BLOCKXSIZE=256, BLOCKYSIZE=256)
+    Path(f"{nitf}.aux.xml").unlink(missing_ok=True)  # the RPC00B TRE alone (rounded offsets)
+    result = run_segmentation(job(str(nitf), tmp_path / "out", parameters={"threshold": 220}, minArea=50),
+                              dask_client, chunk_target=512)
+    assert result.status == "SUCCESS", result.summary
+    with rasterio.open(nitf) as src:
+        rpcs = src.rpcs
+    cog = result.images[0].rasters[0]
+    assert cog_validate(cog)[0]
+    with rasterio.open(cog) as out:
+        assert out.rpcs is not None and out.crs is None
+        for key in ("line_off", "samp_off", "lat_off", "long_off", "height_off"):
+            assert getattr(out.rpcs, key) == pytest.approx(getattr(rpcs, key))
+        assert out.rpcs.line_num_coeff == pytest.approx(rpcs.line_num_coeff)
+    features = result.features
+    assert len(features)
+    with RPCTransformer(rpcs, RPC_HEIGHT=rpcs.height_off) as rpc:  # independently: GDAL's RPC
+        for geometry, pixels in zip(features.geometry[:20], features["imageGeometry"][:20], strict=True):
+            ring = np.asarray(pixels["coordinates"][0], dtype=float)
+            lon, lat = rpc.xy(ring[:, 1], ring[:, 0], offset="ul")
+            ground = np.asarray(shapely.get_coordinates(shapely.get_exterior_ring(geometry)))
+            assert np.abs(np.sort(ground[:, 0]) - np.sort(lon)).max() < 1e-7
+            assert np.abs(np.sort(ground[:, 1]) - np.sort(lat)).max() < 1e-7
+
+
+# ---------------------------------------------------------------- HTTP endpoint (serve-model)
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    yy, xx = np.mgrid[0:700, 0:900] + 0.5
+    disc = (xx - 300) ** 2 + (yy - 350) ** 2 < 120**2
+    truth = disc | ((xx > 500) & (xx < 850) & (np.abs(yy - 200) < 30))
+    path = tmp_path_factory.mktemp("http") / "planted.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=900, height=700, count=3, dtype="uint8",
+                       crs="EPSG:4326", transform=Affine(1e-5, 0, 10.0, 0, -1e-5, 50.0)) as dst:
+        dst.write(np.repeat(np.where(truth, 250, 20).astype(np.uint8)[None], 3, axis=0))
+    return path, truth.astype(np.uint8)
+
+
+@pytest.mark.parametrize("accept", [NPY_TYPE, PNG_TYPE, TIFF_TYPE])
+def test_http_segmenter_behind_serve_model(planted: tuple[Path, np.ndarray], accept: str) -> None:
+    server = start_server("threshold")
+    try:
+        spec = ModelSpec("HTTP_ENDPOINT", f"{server.url}/invocations",
+                         {"classNames": "background,bright", "Accept": accept}, tile_format="PNG")
+        segmenter = load_segmenter(spec)
+        tiles = np.stack([np.full((64, 64, 3), v, np.uint8) for v in (10, 200)])
+        tiles[0, :10, :10] = 255
+        answers = segmenter.segment(tiles, np.zeros((2, 2), np.int64))
+        for tile, answer in zip(tiles, answers, strict=True):
+            np.testing.assert_array_equal(answer, threshold_answer(tile))
+        classes = pipeline.segment(str(planted[0]), spec, tile_size=256, overlap=32)
+        np.testing.assert_array_equal(classes.values, planted[1])
+    finally:
+        server.shutdown()
+
+
+def test_http_job_matches_in_process(planted: tuple[Path, np.ndarray], tmp_path: Path,
+                                     dask_client: Any) -> None:
+    server = start_server("threshold")
+    try:
+        request = ImageRequest.parse({
+            **job(str(planted[0]), tmp_path).to_wire(),
+            "imageProcessor": {"name": f"{server.url}/invocations", "type": "HTTP_ENDPOINT"},
+            "imageProcessorParameters": {"classNames": ["background", "bright"]},
+            "imageProcessorTileFormat": "PNG",
+        })
+        result = run_segmentation(request, dask_client, chunk_target=448)
+    finally:
+        server.shutdown()
+    assert result.status == "SUCCESS", result.summary
+    with rasterio.open(result.images[0].rasters[0]) as cog:
+        np.testing.assert_array_equal(cog.read(1), planted[1])
+    assert len(result.features) == 2
+
+
+def test_unknown_segmenter_and_polygon_class_fail_in_one_line(planted: tuple[Path, np.ndarray],
+                                                                tmp_path: Path, dask_client: Any) -> None:
+    with pytest.raises(ModelError, match="unknown BUILTIN segmenter 'bright-objects'"):
+        run_segmentation(job(str(planted[0]), tmp_path, name="bright-objects"), dask_client)
+    with pytest.raises(ModelError, match="polygonClasses: roads not among"):
+        run_segmentation(job(str(planted[0]), tmp_path, polygonClasses=["roads"]), dask_client)
+
+
+# ---------------------------------------------------------------- S3 in and out (moto)
+def test_s3_cog_in_and_out(planted: tuple[Path, np.ndarray], aws: str, dask_client: Any,
+                           tmp_path: Path) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="seg-in")
+    s3.create_bucket(Bucket="seg-out")
+    cog_in = tmp_path / "scene.tif"
+    rasterio.shutil.copy(str(planted[0]), str(cog_in), driver="COG", BLOCKSIZE=256)
+    s3.upload_file(str(cog_in), "seg-in", "scene.tif")
+    request = job("s3://seg-in/scene.tif", outputs=[{"type": "S3", "bucket": "seg-out", "prefix": "runs"}],
+                  job_id="s3seg", stitch="CORE")
+    result = run_segmentation(request, dask_client, chunk_target=448)
+    assert result.status == "SUCCESS", result.summary
+    assert result.images[0].rasters == ["s3://seg-out/runs/s3seg.scene.classes.tif"]
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="seg-out")["Contents"])
+    assert keys == ["runs/s3seg.geojson", "runs/s3seg.parquet", "runs/s3seg.scene.classes.tif"]
+    local = tmp_path / "back.tif"
+    s3.download_file("seg-out", "runs/s3seg.scene.classes.tif", str(local))
+    assert cog_validate(str(local))[0]
+    with rasterio.open(local) as out:
+        assert out.transform == Affine(1e-5, 0, 10.0, 0, -1e-5, 50.0) and out.crs.to_epsg() == 4326
+        np.testing.assert_array_equal(out.read(1), planted[1])
+    collection = json.loads(s3.get_object(Bucket="seg-out", Key="runs/s3seg.geojson")["Body"].read())
+    disc = [f for f in collection["features"] if f["properties"]["imageBBox"][0] < 300]
+    assert len(collection["features"]) == 2 and len(disc) == 1
+    # the disc's ground centroid is the affine image of its pixel centre (300, 350)
+    centroid = shapely.geometry.shape(disc[0]["geometry"]).centroid
+    assert centroid.x == pytest.approx(10.0 + 300 * 1e-5, abs=2e-8)
+    assert centroid.y == pytest.approx(50.0 - 350 * 1e-5, abs=2e-8)
