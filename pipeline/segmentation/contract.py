@@ -65,6 +65,8 @@ class Segmenter(ABC):
     batch_size: int = 16
     #: the class names, background first
     class_names: tuple[str, ...] = ("background", "foreground")
+    #: True: tiles may come as read-only views of the chunk, batches split at tile rows
+    tile_views: bool = False
 
     @abstractmethod
     def segment(self, tiles: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:

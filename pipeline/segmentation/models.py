@@ -24,16 +24,15 @@ from pipeline.models.base import ModelError, ModelSpec
 from pipeline.segmentation.contract import NPY_TYPE, Segmenter, decode_array
 
 
-def _value(tile: np.ndarray) -> np.ndarray:
-    """Band 1 of a 1- or 2-band ``H × W × C`` tile, else the mean of bands 1-3 (float32)."""
-    if tile.shape[2] < 3:
-        return tile[..., 0].astype(np.float32)
-    return tile[..., :3].astype(np.float32).mean(axis=2)
-
-
 def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = False) -> np.ndarray:
     """Class ids (``H × W`` uint8, 1 = bright) or uint8 scores (``2 × H × W``)."""
-    bright = _value(tile) >= threshold
+    if tile.shape[2] < 3:
+        bright = tile[..., 0] >= threshold
+    else:  # the mean of bands 1-3 >= threshold, as an exact integer sum
+        total = tile[..., 0].astype(np.uint16)
+        total += tile[..., 1]
+        total += tile[..., 2]
+        bright = total >= 3 * threshold
     if not scores:
         return bright.astype(np.uint8)
     return np.stack([~bright, bright]).astype(np.uint8) * np.uint8(255)
@@ -74,6 +73,8 @@ def vegetation_answer(tile: np.ndarray, threshold: float | None = None, softness
 
 class FunctionSegmenter(Segmenter):
     """A per-tile function as a segmenter."""
+
+    tile_views = True  # each tile read on its own, never written
 
     def __init__(self, per_tile: Callable[[np.ndarray], np.ndarray], class_names: tuple[str, ...]):
         self._per_tile = per_tile

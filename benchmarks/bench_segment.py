@@ -1,0 +1,117 @@
+"""Segmentation job throughput and memory.
+
+1. ``throughput``: a segmentation job (``threshold``, a trivial per-pixel model; BLEND
+   stitching, the class COG and the polygons written) over a ``--size``² 3-band COG against a
+   raw windowed read+decode of the same chunk windows (halos included) by a pool of
+   ``--workers`` threads; medians of ``--repeat`` alternating runs, after one warm-up job.
+2. ``memory``: peak RSS of the client plus every cluster process for segmentation jobs over
+   ``synthetic://`` images of ``--sizes`` (default 10k² and 40k²; one bright square per 256 px
+   cell, so tens of thousands of polygons at 40k²).
+
+Run: ``.venv/bin/python benchmarks/bench_segment.py [--size 8192] [--sizes 10240,40960]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def segmentation_request(url: str, out: Path, job_id: str, tile: int, overlap: int) -> object:
+    from pipeline.request import ImageRequest
+
+    return ImageRequest.parse({
+        "jobId": job_id, "imageUrls": [url], "outputs": [{"type": "LOCAL", "path": str(out)}],
+        "imageProcessor": {"name": "threshold", "type": "BUILTIN"},
+        "imageProcessorTileSize": tile, "imageProcessorTileOverlap": overlap,
+        "segmentation": {"stitch": "BLEND"},
+    })
+
+
+def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: int) -> None:
+    from benchmarks.bench_scale import PeakRSS
+    from benchmarks.bench_throughput import raw_read, write_cog
+    from graphs.cluster import connect
+    from graphs.image_job import plan_image
+    from graphs.segment_job import run_segmentation
+    from pipeline.io import cap_block_cache
+    from pipeline.segmentation.stitch import covering_tiles, read_window
+
+    cap_block_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_cog(Path(tmp) / "scene.tif", size)
+        request = segmentation_request(str(path), Path(tmp) / "out", "bench", tile, overlap)
+        grid = plan_image(request, str(path)).grid  # type: ignore[arg-type]
+        windows = []
+        for r in range(grid.chunks_y):
+            for c in range(grid.chunks_x):
+                bounds = grid.chunk_bounds(r, c)
+                windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
+        raw: list[float] = []
+        job: list[float] = []
+        with PeakRSS() as rss, connect("local", workers) as client:
+            run_segmentation(request, client)  # type: ignore[arg-type]  # warm up
+            for _ in range(repeat):
+                raw.append(raw_read(path, windows, workers))
+                began = time.perf_counter()
+                result = run_segmentation(request, client)  # type: ignore[arg-type]
+                job.append(time.perf_counter() - began)
+                assert result.status == "SUCCESS", result.summary
+        seconds = result.images[0].seconds
+        chunks = grid.chunks_x * grid.chunks_y
+        print(f"throughput {size}x{size}x3 COG, tiles {tile}/{overlap}, {chunks} chunks, {workers} workers"
+              f": job {statistics.median(job):.2f} s (chunks {seconds['chunks']:.2f} s, "
+              f"COG {seconds['raster']:.2f} s), raw windowed read {statistics.median(raw):.2f} s: "
+              f"ratio {statistics.median(raw) / statistics.median(job):.2f} (goal >= 0.7); "
+              f"peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
+
+
+def bench_memory(sizes: list[int], workers: int) -> None:
+    from benchmarks.bench_scale import PeakRSS
+    from graphs.cluster import connect
+    from graphs.segment_job import run_segmentation
+
+    peaks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sizes:
+            request = segmentation_request(f"synthetic://{side}x{side}", Path(tmp) / "out",
+                                           f"mem-{side}", 1024, 50)
+            with PeakRSS() as rss, connect("local", workers) as client:
+                began = time.perf_counter()
+                result = run_segmentation(request, client)  # type: ignore[arg-type]
+                seconds = time.perf_counter() - began
+            assert result.status == "SUCCESS", result.summary
+            peaks.append(rss.peak / 2**30)
+            print(f"memory {side}x{side}: {seconds:.1f} s, {len(result.features)} polygons, peak RSS of "
+                  f"client + cluster processes {peaks[-1]:.2f} GiB", flush=True)
+    print(f"peak RSS {' / '.join(f'{p:.2f}' for p in peaks)} GiB; largest/smallest "
+          f"{max(peaks) / min(peaks):.2f} (goal: < 2 GB at 40k², ratio < 1.3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--sizes", default="10240,40960")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--overlap", type=int, default=50)
+    parser.add_argument("--only", choices=["throughput", "memory"], default=None)
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}")
+    if args.only in (None, "throughput"):
+        bench_throughput(args.size, args.workers, args.repeat, args.tile, args.overlap)
+    if args.only in (None, "memory"):
+        bench_memory([int(s) for s in args.sizes.split(",")], args.workers)
+
+
+if __name__ == "__main__":
+    main()
