@@ -38,7 +38,7 @@ from pipeline.geolocate import empty_features, to_features
 from pipeline.io import ImageError, RasterSource, gdal_error_line
 from pipeline.models import ModelError, ModelSpec
 from pipeline.request import ImageRequest, SegmentationOptions
-from pipeline.segmentation.models import check_segmenter
+from pipeline.segmentation.models import check_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
 from pipeline.segmentation.raster import band_data, write_cog, write_part
 from pipeline.segmentation.stitch import covering_tiles, read_window, stitch_chunk
@@ -179,7 +179,7 @@ def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = 
     """Run a segmentation job (``request.segmentation``) on ``client`` and write its outputs:
     a COG per image and the polygons as features to each LOCAL/S3 output."""
     options = request.segmentation or SegmentationOptions()
-    spec = model_spec(request)
+    spec = resolve_segmenter(model_spec(request))
     class_names = check_segmenter(spec)
     polygon_classes = polygon_indices(options, class_names)
     outputs = [o for o in request.all_outputs if o.type in ("LOCAL", "S3")]

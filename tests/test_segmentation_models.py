@@ -224,6 +224,26 @@ def test_http_job_matches_in_process(planted: tuple[Path, np.ndarray], tmp_path:
     assert len(result.features) == 2
 
 
+def test_sagemaker_job_behind_serve_model(planted: tuple[Path, np.ndarray], tmp_path: Path, aws: str,
+                                          monkeypatch: pytest.MonkeyPatch, dask_client: Any) -> None:
+    server = start_server("threshold")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
+    try:
+        request = ImageRequest.parse({
+            **job(str(planted[0]), tmp_path).to_wire(),
+            "imageProcessor": {"name": "segmenter", "type": "SM_ENDPOINT"},
+            "imageProcessorParameters": {"classNames": ["background", "bright"], "Accept": TIFF_TYPE},
+            "imageProcessorTileFormat": "GTIFF",
+        })
+        result = run_segmentation(request, dask_client, chunk_target=448)
+        assert server.stats.tiles > 0
+    finally:
+        server.shutdown()
+    assert result.status == "SUCCESS", result.summary
+    with rasterio.open(result.images[0].rasters[0]) as cog:
+        np.testing.assert_array_equal(cog.read(1), planted[1])
+
+
 def test_unknown_segmenter_and_polygon_class_fail_in_one_line(planted: tuple[Path, np.ndarray],
                                                                 tmp_path: Path, dask_client: Any) -> None:
     with pytest.raises(ModelError, match="unknown BUILTIN segmenter 'bright-objects'"):

@@ -266,7 +266,8 @@ class Handler(BaseHTTPRequestHandler):
 
             accept = self.headers.get("Accept", NPY_TYPE)
             kind = accept if accept in CONTENT_TYPES else NPY_TYPE
-            answer = self.server.segmenter.segment(tile[None], np.zeros((1, 2), dtype=np.int64))[0]
+            segmenter, origin = self.server.segmenter, np.zeros((1, 2), dtype=np.int64)
+            answer = self.server._run([tile], lambda t: segmenter.segment(t[None], origin)[0])[0]
             self._reply(200, encode_array(answer, kind), content_type=kind)
             return
         self._reply(200, self.server.answer(tile))

@@ -1,4 +1,5 @@
-"""Segmentation targets: built-in rule-based segmenters, ``PYTHON`` and ``HTTP_ENDPOINT``.
+"""Segmentation targets: built-in rule-based segmenters, ``PYTHON``, ``HTTP_ENDPOINT`` and
+``SM_ENDPOINT``.
 
 Built-ins (``imageProcessor.type`` ``BUILTIN``, parameters from ``imageProcessorParameters``):
 
@@ -188,11 +189,56 @@ class HttpSegmenter(Segmenter):
         self.session.close()
 
 
+class SageMakerSegmenter(HttpSegmenter):
+    """``SM_ENDPOINT``: ``invoke_endpoint`` with each encoded tile (``ContentType`` from
+    ``imageProcessorTileFormat``, ``Accept`` default ``application/x-npy``); the answer's
+    ``ContentType`` says how its body is encoded. Class names from ``classNames``."""
+
+    def __init__(self, spec: ModelSpec):
+        from pipeline.models.endpoint import aws_session
+        from pipeline.models.sagemaker import PASS_THROUGH
+
+        self.spec = spec
+        self.class_names = _class_names(spec, None)
+        self.extra = {k: str(v) for k, v in spec.parameters.items() if k in PASS_THROUGH}
+        self.extra.setdefault("Accept", NPY_TYPE)
+        url = spec.options.get("endpointUrl") or None
+        self.client = aws_session(spec).client("sagemaker-runtime", endpoint_url=url)
+
+    def _one(self, tile: np.ndarray) -> np.ndarray:
+        import botocore.exceptions
+
+        from pipeline.models.encoding import CONTENT_TYPES, encode_tile
+        from pipeline.models.endpoint import classify_boto_error
+
+        body = encode_tile(tile, self.spec.tile_format, self.spec.tile_compression)
+        params = {"ContentType": CONTENT_TYPES[self.spec.tile_format], **self.extra}
+        try:
+            answer = self.client.invoke_endpoint(EndpointName=self.spec.name, Body=body, **params)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise classify_boto_error(exc, f"SageMaker endpoint {self.spec.name}") from None
+        return decode_array(answer["Body"].read(), answer.get("ContentType", ""))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 SEGMENTERS: dict[str, Callable[[ModelSpec], Segmenter]] = {
     "BUILTIN": builtin,
     "PYTHON": PythonSegmenter,
     "HTTP_ENDPOINT": HttpSegmenter,
+    "SM_ENDPOINT": SageMakerSegmenter,
 }
+
+
+def resolve_segmenter(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with what workers need from the client's settings (a SageMaker endpoint's
+    runtime URL and region; nothing secret)."""
+    if spec.type.upper() != "SM_ENDPOINT":
+        return spec
+    from pipeline.models.endpoint import aws_options, with_options
+
+    return with_options(spec, **aws_options(spec, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"))
 _cache: dict[str, Segmenter] = {}
 _lock = threading.Lock()
 
