@@ -154,10 +154,10 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
     return result
 
 
-def argmax(scores: np.ndarray, dtype: type) -> np.ndarray:
+def argmax(scores: np.ndarray, dtype: type[np.unsignedinteger[Any]]) -> np.ndarray:
     """``scores.argmax(axis=0)`` (the lowest class on a tie), plane by plane: a strided
     reduction over the first axis is several times slower."""
-    ids = np.zeros(scores.shape[1:], dtype)
+    ids: np.ndarray = np.zeros(scores.shape[1:], dtype)
     if not len(scores):
         return ids
     best = scores[0].copy()
