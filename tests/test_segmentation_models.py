@@ -283,3 +283,34 @@ def test_s3_cog_in_and_out(planted: tuple[Path, np.ndarray], aws: str, dask_clie
     centroid = shapely.geometry.shape(disc[0]["geometry"]).centroid
     assert centroid.x == pytest.approx(10.0 + 300 * 1e-5, abs=2e-8)
     assert centroid.y == pytest.approx(50.0 - 350 * 1e-5, abs=2e-8)
+
+
+# ---------------------------------------------------------------- the PP-OCRv4 probability map
+def test_text_probability_as_segmentation(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'dask-model-runner[onnx]'")
+    pytest.importorskip("rapidocr_onnxruntime", reason="needs the onnx extra")
+    from PIL import Image, ImageDraw, ImageFont
+
+    source = shared_file("geotiff/neon_OSBS_029.tif")
+    with rasterio.open(source) as src:
+        profile = src.profile
+        image = Image.fromarray(src.read().transpose(1, 2, 0))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=28)
+    truth = []
+    for x, y, text in [(20, 30, "RUNWAY 27"), (180, 200, "HANGAR B"), (60, 330, "GATE 14")]:
+        draw.text((x, y), text, font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        truth.append(draw.textbbox((x, y), text, font=font, stroke_width=2))
+    path = tmp_path / "labelled.tif"
+    profile.update(nodata=None)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.asarray(image).transpose(2, 0, 1))
+    spec = ModelSpec("PYTHON", "pipeline.segmentation.text:TextSegmenter", {"threads": 1})
+    classes = pipeline.segment(str(path), spec, tile_size=256, overlap=64)
+    assert classes.attrs["class_names"] == ["background", "text"]
+    text = classes.values == 1
+    inside = np.zeros(text.shape, bool)
+    for x0, y0, x1, y1 in truth:
+        inside[y0:y1, x0:x1] = True
+        assert text[y0:y1, x0:x1].mean() > 0.2  # every label is found
+    assert text[~inside].mean() < 0.01  # and almost nothing else
