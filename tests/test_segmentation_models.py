@@ -314,3 +314,24 @@ def test_text_probability_as_segmentation(tmp_path: Path) -> None:
         inside[y0:y1, x0:x1] = True
         assert text[y0:y1, x0:x1].mean() > 0.2  # every label is found
     assert text[~inside].mean() < 0.01  # and almost nothing else
+
+
+# ---------------------------------------------------------------- pipeline.run and the CLI
+def test_pipeline_run_and_cli_run_segmentation(planted: tuple[Path, np.ndarray], tmp_path: Path,
+                                               dask_client: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    request = job(str(planted[0]), tmp_path / "api", job_id="api")
+    result = pipeline.run(request.to_wire(), dask_client)
+    assert result.status == "SUCCESS" and len(result.features) == 2
+    assert (tmp_path / "api" / "api.planted.classes.tif").exists()
+    wire = {**request.to_wire(), "jobId": "cli", "outputs": []}
+    del wire["segmentation"]  # --segment adds the default options
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(wire))
+    code = main(["run", str(path), "--segment", "--workers", "1", "--no-progress",
+                 "--output-dir", str(tmp_path / "cli"), "--chunk-size", "448"])
+    assert code == 0, capsys.readouterr().err
+    with rasterio.open(tmp_path / "cli" / "cli.planted.classes.tif") as cog:
+        np.testing.assert_array_equal(cog.read(1), planted[1])
+    assert "cli.planted.classes.tif" in capsys.readouterr().out
