@@ -1,0 +1,282 @@
+"""STAC in (Items and searches expanded to images, on disk, over HTTP and from a STAC API on
+127.0.0.1) and STAC out (an Item per image, a Collection per job, validated offline)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+import shapely
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import RasterBand, RasterExtension
+from rasterio.warp import transform_bounds
+
+import pipeline
+from pipeline.demo import match_truth, write_scene
+from pipeline.request import ImageRequest
+from pipeline.security import AccessDenied, AllowList
+from pipeline.stac import StacError, expand_request, item_array
+
+TILE, OVERLAP = 256, 48
+#: (item id, collection, x offset of the scene in metres, day, cloud cover)
+SCENES = [("a1", "alpha", 0.0, 1, 10), ("a2", "alpha", 5000.0, 2, 60), ("b1", "beta", 10000.0, 3, 5)]
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static, self-contained catalog: two collections, three scenes side by side (512², UTM),
+    each Item with a thumbnail asset listed before its COG, proj: and raster: metadata."""
+    root = tmp_path_factory.mktemp("stac")
+    catalog = pystac.Catalog("scenes", "test scenes")
+    collections = {name: pystac.Collection(name, name, pystac.Extent(
+        pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]),
+        pystac.TemporalExtent([[datetime(2026, 1, 1, tzinfo=UTC), None]])))
+        for name in ("alpha", "beta")}
+    for item_id, collection, dx, day, cloud in SCENES:
+        scene = write_scene(root / "data" / f"{item_id}.tif", size=512, count=8, tile_size=TILE,
+                            overlap=OVERLAP, seed=day)
+        with rasterio.open(scene.path, "r+") as dst:
+            dst.transform = rasterio.Affine(0.5, 0, 404_000.0 + dx, 0, -0.5, 3_286_000.0)
+            crs, transform, shape = dst.crs, dst.transform, dst.shape
+            bounds = transform_bounds(crs, "EPSG:4326", *dst.bounds)
+        np.save(root / "data" / f"{item_id}.truth.npy", scene.truth)
+        item = pystac.Item(item_id, shapely.geometry.mapping(shapely.box(*bounds)), list(bounds),
+                           datetime(2026, 3, day, 12, tzinfo=UTC), {"eo:cloud_cover": cloud})
+        item.add_asset("thumbnail", pystac.Asset(str(root / "data" / f"{item_id}.png"),
+                                                 media_type=pystac.MediaType.PNG, roles=["thumbnail"]))
+        item.add_asset("image", pystac.Asset(str(scene.path), media_type=pystac.MediaType.COG,
+                                             roles=["data"]))
+        proj = ProjectionExtension.ext(item.assets["image"], add_if_missing=True)
+        proj.code, proj.shape, proj.transform = crs.to_string(), list(shape), list(transform)[:6]
+        raster = RasterExtension.ext(item.assets["image"], add_if_missing=True)
+        raster.bands = [RasterBand.create(data_type="uint8", nodata=0) for _ in range(3)]
+        collections[collection].add_item(item)
+    for collection in collections.values():
+        catalog.add_child(collection)
+    catalog.normalize_hrefs(str(root / "catalog"))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return root
+
+
+def item_path(root: Path, item_id: str) -> Path:
+    collection = next(c for i, c, *_ in SCENES if i == item_id)
+    return root / "catalog" / collection / item_id / f"{item_id}.json"
+
+
+def image_path(root: Path, item_id: str) -> str:
+    return str((root / "data" / f"{item_id}.tif").resolve())
+
+
+def request(**extra: Any) -> ImageRequest:
+    return ImageRequest.parse({"jobId": "stac", "imageUrls": [], "imageProcessorTileSize": TILE,
+                               "imageProcessorTileOverlap": OVERLAP,
+                               "imageProcessor": {"name": "bright-objects", "type": "BUILTIN"}, **extra})
+
+
+#: a directory server with byte ranges (GDAL reads images by range), run as its own process:
+#: GDAL holds the GIL while it waits for a server thread of the same process
+RANGE_SERVER = """
+import functools, sys
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+class Files(SimpleHTTPRequestHandler):
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        if not self.headers.get("Range") or not path.is_file():
+            return super().do_GET()
+        data = path.read_bytes()
+        low, high = self.headers["Range"].split("=")[1].split("-")
+        first, last = int(low), min(int(high or len(data) - 1), len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+        self.send_header("Content-Length", str(last - first + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self.wfile.write(data[first : last + 1])
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=sys.argv[1]))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def http_root(catalog_dir: Path) -> Iterator[str]:
+    """The catalog directory served over HTTP on 127.0.0.1 (a process of its own)."""
+    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(catalog_dir)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stac_api(catalog_dir: Path) -> Iterator[str]:
+    """A tiny STAC API on 127.0.0.1: a landing page and ``POST /search`` that filters the
+    catalog's Items by ``collections`` and ``ids`` only (the Items on disk, hrefs absolute)."""
+    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))).make_asset_hrefs_absolute().to_dict()
+             for i, *_ in SCENES]
+    searches: list[dict[str, Any]] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/geo+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            root = f"http://127.0.0.1:{self.server.server_address[1]}"
+            self._send({"type": "Catalog", "id": "api", "description": "test API", "stac_version": "1.1.0",
+                        "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                                       "https://api.stacspec.org/v1.0.0/item-search"],
+                        "links": [{"rel": "self", "href": root + "/", "type": "application/json"},
+                                  {"rel": "root", "href": root + "/", "type": "application/json"},
+                                  {"rel": "search", "href": root + "/search", "method": "POST",
+                                   "type": "application/geo+json"}]})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            searches.append(body)
+            found = [i for i in items
+                     if ("collections" not in body or i["collection"] in body["collections"])
+                     and ("ids" not in body or i["id"] in body["ids"])]
+            self._send({"type": "FeatureCollection", "features": found, "links": []})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.searches = searches  # type: ignore[attr-defined]
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+# ---------------------------------------------------------------------------- STAC in
+def test_item_files_expand_to_their_data_asset(catalog_dir: Path) -> None:
+    urls = [str(item_path(catalog_dir, "a2")), image_path(catalog_dir, "a1"),
+            str(item_path(catalog_dir, "b1"))]
+    expanded = expand_request(request(imageUrls=urls))
+    assert expanded.image_urls == [image_path(catalog_dir, "a2"), image_path(catalog_dir, "a1"),
+                                   image_path(catalog_dir, "b1")]  # the COG, not the thumbnail
+    assert expanded.stac_sources == {image_path(catalog_dir, "a2"): str(item_path(catalog_dir, "a2")),
+                                     image_path(catalog_dir, "b1"): str(item_path(catalog_dir, "b1"))}
+    plain = request(imageUrls=[image_path(catalog_dir, "a1")])
+    assert expand_request(plain) is plain
+
+
+@pytest.mark.parametrize(("search", "expected"), [
+    ({}, ["a1", "a2", "b1"]),
+    ({"collections": ["alpha"]}, ["a1", "a2"]),
+    ({"ids": ["b1"]}, ["b1"]),
+    ({"datetime": "2026-03-02/.."}, ["a2", "b1"]),
+    ({"datetime": "2026-03-01"}, ["a1"]),
+    ({"query": {"eo:cloud_cover": {"lt": 20}}}, ["a1", "b1"]),
+    ({"collections": ["alpha"], "maxItems": 1}, ["a1"]),
+])
+def test_static_catalog_search_on_disk_and_over_http(catalog_dir: Path, http_root: str,
+                                                     search: dict[str, Any], expected: list[str]) -> None:
+    local = expand_request(request(stacSearch={"catalog": str(catalog_dir / "catalog" / "catalog.json"),
+                                               **search}))
+    assert sorted(local.image_urls) == [image_path(catalog_dir, i) for i in expected]
+    served = expand_request(request(stacSearch={"catalog": f"{http_root}/catalog/catalog.json", **search}))
+    assert sorted(served.image_urls) == [f"{http_root}/data/{i}.tif" for i in expected]
+
+
+def test_bbox_search_against_the_scenes_footprints(catalog_dir: Path) -> None:
+    """A bbox around the middle scene's centre (lon/lat from rasterio, not from the Items)."""
+    with rasterio.open(image_path(catalog_dir, "a2")) as src:
+        west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    cx, cy = (west + east) / 2, (south + north) / 2
+    found = expand_request(request(stacSearch={"catalog": str(catalog_dir / "catalog" / "catalog.json"),
+                                               "bbox": [cx - 1e-4, cy - 1e-4, cx + 1e-4, cy + 1e-4]}))
+    assert found.image_urls == [image_path(catalog_dir, "a2")]
+
+
+def test_stac_api_search_and_asset_key(catalog_dir: Path, stac_api: str) -> None:
+    found = expand_request(request(stacSearch={"url": stac_api, "collections": ["alpha"]}))
+    assert sorted(found.image_urls) == [image_path(catalog_dir, "a1"), image_path(catalog_dir, "a2")]
+    thumbs = expand_request(request(stacSearch={"url": stac_api, "ids": ["b1"], "assetKey": "thumbnail"}))
+    assert thumbs.image_urls == [str((catalog_dir / "data" / "b1.png").resolve())]
+    with pytest.raises(StacError, match="no asset 'nope'"):
+        expand_request(request(stacSearch={"url": stac_api, "assetKey": "nope"}))
+    with pytest.raises(StacError, match="found no STAC Items"):
+        expand_request(request(stacSearch={"url": stac_api, "ids": ["zzz"]}))
+
+
+def test_expansion_checks_every_stac_url_and_href_against_the_allow_list(catalog_dir: Path,
+                                                                        http_root: str) -> None:
+    catalog = f"{http_root}/catalog/catalog.json"
+    with pytest.raises(AccessDenied, match="stacSearch.catalog"):
+        expand_request(request(stacSearch={"catalog": catalog}), AllowList.from_strings(["s3://*"]))
+    # the catalog may be read, its assets may not: the worker's check of the expanded hrefs refuses
+    only_catalog = AllowList.from_strings([f"{http_root}/catalog"])
+    expanded = expand_request(request(stacSearch={"catalog": catalog}), only_catalog)
+    with pytest.raises(AccessDenied, match=r"imageUrls\[0\]"):
+        only_catalog.check_request(expanded)
+    AllowList.from_strings([http_root]).check_request(expanded)
+
+
+def test_not_a_stac_item_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"type": "Catalog", "id": "x"}))
+    with pytest.raises(StacError, match="not a STAC Item"):
+        expand_request(request(imageUrls=[str(path)]))
+
+
+def test_job_on_a_stac_item_and_a_search(catalog_dir: Path, http_root: str, dask_client: Any) -> None:
+    """A job over an Item file and one over a search of the served catalog: the features are
+    each scene's planted truth, and name the asset they came from."""
+    result = pipeline.run(request(imageUrls=[str(item_path(catalog_dir, "a1"))]), client=dask_client)
+    truth = np.load(catalog_dir / "data" / "a1.truth.npy")
+    boxes = np.array(result.features["imageBBox"].tolist())
+    assert match_truth(boxes, truth) == (len(truth), 0, 0)
+    assert set(result.features["image_url"]) == {image_path(catalog_dir, "a1")}
+    served = pipeline.run(request(stacSearch={"catalog": f"{http_root}/catalog/catalog.json",
+                                              "collections": ["beta"]}), client=dask_client)
+    truth = np.load(catalog_dir / "data" / "b1.truth.npy")
+    assert match_truth(np.array(served.features["imageBBox"].tolist()), truth) == (len(truth), 0, 0)
+    assert set(served.features["image_url"]) == {f"{http_root}/data/b1.tif"}
+
+
+def test_item_array_uses_proj_and_raster_metadata(catalog_dir: Path, tmp_path: Path) -> None:
+    """An asset file without georeferencing gets the Item's proj: CRS and transform."""
+    item = pystac.Item.from_file(str(item_path(catalog_dir, "b1")))
+    bare = tmp_path / "bare.tif"
+    with rasterio.open(image_path(catalog_dir, "b1")) as src:
+        profile = {**src.profile, "crs": None, "transform": rasterio.Affine.identity()}
+        with rasterio.open(bare, "w", **profile) as dst:
+            dst.write(src.read())
+    item.assets["image"].href = str(bare)
+    array = item_array(item, chunks=256)
+    assert array.rio.crs.to_epsg() == 32617
+    assert tuple(array.rio.transform())[:6] == (0.5, 0.0, 414_000.0, 0.0, -0.5, 3_286_000.0)
+    assert array.rio.nodata == 0
+    found = pipeline.detect(array, tile_size=TILE, overlap=OVERLAP, compute=True)
+    truth = np.load(catalog_dir / "data" / "b1.truth.npy")
+    assert match_truth(np.array(found["imageBBox"].tolist()), truth) == (len(truth), 0, 0)
+    assert found.crs.to_epsg() == 4326
+    shutil.rmtree(tmp_path, ignore_errors=True)
