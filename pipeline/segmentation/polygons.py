@@ -66,15 +66,15 @@ def chunk_regions(classes: np.ndarray, scores: np.ndarray, bounds: tuple[int, in
     transform = Affine.translation(x0, y0)
     parts = []
     for k in polygon_classes:
-        labels, count = ndimage.label(classes == k, structure=FOUR_CONNECTED)
+        mask = classes == k
+        labels, count = ndimage.label(mask, structure=FOUR_CONNECTED)
         if not count:
             continue
-        flat = labels.ravel()
-        sums = np.bincount(flat, weights=scores[k].ravel(), minlength=count + 1)[1:]
-        counts = np.bincount(flat, minlength=count + 1)[1:]
+        inside = labels[mask]  # the class's pixels only: sparse classes cost little
+        sums = np.bincount(inside, weights=scores[k][mask], minlength=count + 1)[1:]
+        counts = np.bincount(inside, minlength=count + 1)[1:]
         polygons = np.empty(count, dtype=object)
-        for geometry, label in features.shapes(labels.astype(np.int32), mask=labels > 0,
-                                               connectivity=4, transform=transform):
+        for geometry, label in features.shapes(labels, mask=mask, connectivity=4, transform=transform):
             polygons[int(label) - 1] = shapely.geometry.shape(geometry)
         box = shapely.bounds(polygons)
         seam = (((box[:, 0] <= x0) & (x0 > 0)) | ((box[:, 1] <= y0) & (y0 > 0))
