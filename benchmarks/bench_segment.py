@@ -72,6 +72,8 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
               f"COG {seconds['raster']:.2f} s), raw windowed read {statistics.median(raw):.2f} s: "
               f"ratio {statistics.median(raw) / statistics.median(job):.2f} (goal >= 0.7); "
               f"peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
+        print("  worker seconds of the last job: " + ", ".join(
+            f"{k[7:]} {v:.2f}" for k, v in seconds.items() if k.startswith("worker_")), flush=True)
 
 
 def bench_memory(sizes: list[int], workers: int) -> None:

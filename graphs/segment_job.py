@@ -241,6 +241,8 @@ def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: Mo
         if chunk.part is not None:
             parts.append((chunk.bounds, chunk.part))
         regions.append(chunk.regions)
+        for stage, seconds in chunk.seconds.items():  # the chunk tasks' own time, by stage
+            outcome.seconds[f"worker_{stage}"] = outcome.seconds.get(f"worker_{stage}", 0.0) + seconds
         if bar is not None:
             bar.update(chunk.tiles)
     if bar is not None:
