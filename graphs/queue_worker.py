@@ -312,11 +312,17 @@ class QueueWorker:
             return None
         if request.tiling_strategy is None:  # an unchanged OSML request gets OSML's grid
             request = request.model_copy(update={"tiling_strategy": QUEUE_TILING})
+        from pipeline.stac import StacError, expand_request
+
         try:
-            self.allow.check_request(request)
+            request = expand_request(request, self.allow)  # STAC documents are checked as read
+            self.allow.check_request(request)  # and every image href they gave, here
             self.allow.check_request_redirects(request)  # GDAL would follow them unchecked
         except AccessDenied as exc:
             self._poison(message, f"refused: {exc}")
+            return None
+        except StacError as exc:
+            self._poison(message, f"invalid request: {exc}")
             return None
         return request
 

@@ -115,6 +115,8 @@ class LocalOutput(_Strict):
     path: str
     formats: tuple[Format, ...] = DEFAULT_FORMATS
     feature_form: FeatureForm | None = None
+    #: our extension: also write a STAC Item per image and a Collection (``pipeline.stac``)
+    stac: bool = False
 
     _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
     _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
@@ -129,6 +131,8 @@ class S3Output(_Strict):
     formats: tuple[Format, ...] = DEFAULT_FORMATS
     role: str | None = None
     feature_form: FeatureForm | None = None
+    #: our extension: also write a STAC Item per image and a Collection (``pipeline.stac``)
+    stac: bool = False
 
     _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
     _normalise_formats = field_validator("formats", mode="before")(_lower_formats)

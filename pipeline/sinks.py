@@ -407,10 +407,12 @@ class LocalSink(Sink):
     """``LOCAL`` output: ``<path>/<jobId>.<suffix>``, atomically by rename."""
 
     def __init__(self, path: str | Path, formats: tuple[str, ...] = ("geojson", "parquet"),
-                 form: str = "RFC7946"):
+                 form: str = "RFC7946", stac: bool = False):
         self.directory = Path(path)
         self.formats = formats
         self.form = form  # of the GeoJSON file
+        self.stac = stac  # also STAC Items and a Collection beside the summary
+        self.stac_files: list[str] = []  # what the last write_summary wrote of them
 
     def _publish(self, name: str, write: Callable[[Path], object]) -> str:
         final = self.directory / name
@@ -438,7 +440,18 @@ class LocalSink(Sink):
         from pipeline.redact import redact_obj
 
         text = json.dumps(redact_obj(summary), indent=2, default=_json_default)  # no secrets
-        return self._publish(f"{job_id}.summary.json", lambda p: p.write_text(text))
+        written = self._publish(f"{job_id}.summary.json", lambda p: p.write_text(text))
+        self.stac_files = self.write_stac(job_id, summary)
+        return written
+
+    def write_stac(self, job_id: str, summary: dict[str, Any]) -> list[str]:
+        """With ``stac``: a STAC Item per image and a Collection (:mod:`pipeline.stac`)."""
+        if not self.stac:
+            return []
+        from pipeline.redact import redact_obj
+        from pipeline.stac import write_job_stac
+
+        return write_job_stac(self.directory, job_id, redact_obj(summary), tuple(self.formats))
 
     def describe(self) -> str:
         return str(self.directory)
@@ -448,7 +461,7 @@ SINKS: dict[str, str] = {"LOCAL": "pipeline.sinks:local_sink"}
 
 
 def local_sink(output: Any, form: str = "RFC7946") -> Sink:
-    return LocalSink(output.path, tuple(output.formats), form)
+    return LocalSink(output.path, tuple(output.formats), form, getattr(output, "stac", False))
 
 
 def make_sink(output: Any, form: str | None = None) -> Sink:
@@ -565,8 +578,9 @@ class S3Sink(Sink):
     """
 
     def __init__(self, bucket: str, prefix: str = "", formats: tuple[str, ...] = ("geojson", "parquet"),
-                 role: str | None = None, form: str = "RFC7946"):
+                 role: str | None = None, form: str = "RFC7946", stac: bool = False):
         self.form = form  # of the GeoJSON file
+        self.stac = stac
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.formats = formats
@@ -594,7 +608,7 @@ class S3Sink(Sink):
 
     def _staged(self, write: Callable[[LocalSink], list[str]]) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="s3-out-") as directory:
-            return self._upload(write(LocalSink(directory, self.formats, self.form)))
+            return self._upload(write(LocalSink(directory, self.formats, self.form, self.stac)))
 
     def write_features(self, job_id: str, features: gpd.GeoDataFrame) -> list[str]:
         return self._staged(lambda local: local.write_features(job_id, features))
@@ -603,7 +617,7 @@ class S3Sink(Sink):
         return self._staged(lambda local: local.write_feature_parts(job_id, parts))
 
     def write_summary(self, job_id: str, summary: dict[str, Any]) -> str:
-        return self._staged(lambda local: [local.write_summary(job_id, summary)])[0]
+        return self._staged(lambda local: [local.write_summary(job_id, summary), *local.stac_files])[0]
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.key('')}"
@@ -633,7 +647,8 @@ def boto3_transfer_errors() -> type[Exception]:
 
 
 def s3_sink(output: Any, form: str = "RFC7946") -> Sink:
-    return S3Sink(output.bucket, output.prefix, tuple(output.formats), output.role, form)
+    return S3Sink(output.bucket, output.prefix, tuple(output.formats), output.role, form,
+                  getattr(output, "stac", False))
 
 
 SINKS["S3"] = "pipeline.sinks:s3_sink"

@@ -16,6 +16,7 @@ hrefs; :func:`item_array` opens one as a DataArray with the Item's ``proj:`` geo
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -202,13 +203,14 @@ def _compare(value: Any, op: str, target: Any) -> bool:
     return bool(comparisons[op])
 
 
-#: ``{image url: its STAC Item's href}`` of every expansion in this process (for STAC out)
-_SOURCES: dict[str, str] = {}
+#: ``{job id: {image url: its STAC Item's href}}`` of the last expansion of each job in this
+#: process: what the job's STAC output links to (``derived_from``)
+_SOURCES: dict[str, dict[str, str]] = {}
 
 
-def source_item(url: str) -> str | None:
-    """The href of the STAC Item that an expanded image URL came from, if any."""
-    return _SOURCES.get(url)
+def source_item(job_id: str, url: str) -> str | None:
+    """The href of the STAC Item that image ``url`` of job ``job_id`` came from, if any."""
+    return _SOURCES.get(job_id, {}).get(url)
 
 
 def expand_request(request: ImageRequest, allow: AllowList | None = None) -> ImageRequest:
@@ -216,6 +218,7 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
     (``stacSources`` maps each href to its Item); a request without STAC comes back as is.
     Raises :class:`StacError` (one line) or ``AccessDenied`` (a STAC URL not allowed)."""
     if request.stac_search is None and not any(is_stac_url(u) for u in request.image_urls):
+        _SOURCES[request.job_id] = dict(request.stac_sources)
         return request
     key = request.stac_search.asset_key if request.stac_search else None
     urls: list[str] = []
@@ -239,7 +242,7 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
             urls.append(href)
             sources[href] = str(item.get_self_href() or href)
     urls = list(dict.fromkeys(urls))  # an image found twice is processed once
-    _SOURCES.update(sources)
+    _SOURCES[request.job_id] = sources
     log.info("STAC: %d image(s) from %d STAC source(s)", len(urls), len(sources))
     return request.model_copy(update={"image_urls": urls, "stac_search": None, "stac_sources": sources})
 
@@ -278,6 +281,100 @@ def item_array(item: pystac.Item, key: str | None = None, chunks: int = 4096) ->
             values = array * np.array(scale)[:, None, None] + np.array(offset)[:, None, None]
             array = values.rio.write_crs(array.rio.crs) if array.rio.crs else values
     return array
+
+
+# ---------------------------------------------------------------------------- STAC out
+#: our properties on the Items and Collection a job writes (documented in the README)
+PREFIX = "dmr"
+MEDIA_TYPES = {"geojson": "application/geo+json", "parquet": "application/vnd.apache.parquet"}
+SUFFIXES = {"geojson": ".geojson", "parquet": ".parquet"}
+
+
+def job_stac(job_id: str, summary: dict[str, Any], formats: tuple[str, ...]) -> tuple[Any, list[Any]]:
+    """The STAC Collection of a finished job and one Item per image that did not fail.
+
+    Each Item's geometry is the image's processed footprint (``summary["images"][k]
+    ["footprint"]``, from :func:`pipeline.io.footprint`; null for an image without
+    georeferencing), its assets the job's feature files in ``formats`` (shared by the job's
+    images: select an image's features by ``image_url``) and summary, its ``derived_from`` link
+    the STAC Item the image came from (:func:`source_item`). Hrefs are relative: the files sit
+    beside each other (``<jobId>.collection.json``, ``<jobId>.<k>.item.json``)."""
+    import pystac
+    import shapely
+    from pystac.utils import str_to_datetime
+
+    from pipeline.redact import public_url
+
+    ended = str_to_datetime(summary["endTime"])
+    started = str_to_datetime(summary["startTime"])
+    assets = {fmt: pystac.Asset(f"./{job_id}{SUFFIXES[fmt]}", media_type=MEDIA_TYPES[fmt],
+                                roles=["data"], title=f"features ({fmt})") for fmt in formats}
+    assets["summary"] = pystac.Asset(f"./{job_id}.summary.json", media_type=pystac.MediaType.JSON,
+                                     roles=["metadata"], title="job summary")
+    items = []
+    for k, image in enumerate(summary.get("images", [])):
+        if image.get("status") == "FAILED":
+            continue
+        outline = image.get("footprint")
+        bbox = list(shapely.bounds(shapely.geometry.shape(outline))) if outline else None
+        detections = image.get("detections") or {}
+        item = pystac.Item(f"{job_id}-{k}", outline, bbox, ended, {
+            f"{PREFIX}:jobId": job_id,
+            f"{PREFIX}:imageUrl": public_url(str(image["url"])),
+            f"{PREFIX}:status": image.get("status"),
+            f"{PREFIX}:features": detections.get("afterMerge", 0),
+            f"{PREFIX}:classes": image.get("classes", {}),
+            f"{PREFIX}:model": summary.get("model", {}),
+            "start_datetime": started.isoformat(), "end_datetime": ended.isoformat(),
+        }, collection=job_id)
+        for key, asset in assets.items():
+            item.add_asset(key, asset.clone())
+        source = source_item(job_id, str(image["url"]))
+        if source is not None:
+            item.add_link(pystac.Link("derived_from", public_url(source), pystac.MediaType.JSON))
+        items.append(item)
+    boxes = [i.bbox for i in items if i.bbox] or [[-180.0, -90.0, 180.0, 90.0]]
+    union = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+             max(b[3] for b in boxes)]
+    collection = pystac.Collection(
+        job_id, f"Features found by job {job_id} ({summary.get('status')})",
+        pystac.Extent(pystac.SpatialExtent([union]), pystac.TemporalExtent([[started, ended]])),
+        license="other", extra_fields={f"{PREFIX}:status": summary.get("status"),
+                                       f"{PREFIX}:features": summary.get("features", 0)})
+    for key, asset in assets.items():
+        collection.add_asset(key, asset.clone())
+    return collection, items
+
+
+def write_job_stac(directory: str | Any, job_id: str, summary: dict[str, Any],
+                   formats: tuple[str, ...]) -> list[str]:
+    """Write :func:`job_stac` into ``directory`` (each file atomically); return the paths."""
+    import os
+    from pathlib import Path
+
+    import pystac
+
+    from pipeline.sinks import staged_file
+
+    directory = Path(directory)
+    collection, items = job_stac(job_id, summary, formats)
+    collection_name = f"{job_id}.collection.json"
+    documents: list[tuple[str, dict[str, Any]]] = []
+    for k, item in enumerate(items):
+        name = f"{job_id}.{k}.item.json"
+        item.add_link(pystac.Link("collection", f"./{collection_name}", pystac.MediaType.JSON))
+        item.add_link(pystac.Link("parent", f"./{collection_name}", pystac.MediaType.JSON))
+        collection.add_link(pystac.Link("item", f"./{name}", pystac.MediaType.GEOJSON))
+        documents.append((name, item.to_dict(include_self_link=False, transform_hrefs=False)))
+    documents.append((collection_name, collection.to_dict(include_self_link=False, transform_hrefs=False)))
+    written = []
+    for name, document in documents:
+        text = json.dumps(document, indent=2)
+        with staged_file(directory, ".json") as staged:
+            staged.write_text(text)
+            os.replace(staged, directory / name)
+        written.append(str(directory / name))
+    return written
 
 
 def _one_line(exc: BaseException) -> str:

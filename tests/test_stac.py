@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pystac
+import pystac.validation
 import pytest
 import rasterio
 import shapely
@@ -280,3 +281,79 @@ def test_item_array_uses_proj_and_raster_metadata(catalog_dir: Path, tmp_path: P
     assert match_truth(np.array(found["imageBBox"].tolist()), truth) == (len(truth), 0, 0)
     assert found.crs.to_epsg() == 4326
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- STAC out
+SCHEMAS = Path(__file__).parent / "data" / "stac-schemas"
+
+
+class OfflineValidator(pystac.validation.JsonSchemaSTACValidator):
+    """pystac's JSON-schema validator on the schemas vendored in ``tests/data/stac-schemas``
+    (each stored under its URI's path); any other schema is an error, never a download."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from jsonschema_specifications import REGISTRY
+
+        self.schema_cache = {f"https://{p.relative_to(SCHEMAS).as_posix()}": json.loads(p.read_text())
+                             for p in SCHEMAS.rglob("*.json")}
+        draft7 = "http://json-schema.org/draft-07/schema"
+        self.schema_cache[draft7] = REGISTRY[draft7].contents
+
+    def _get_schema(self, schema_uri: str) -> dict[str, Any]:
+        if schema_uri not in self.schema_cache:
+            raise pystac.validation.GetSchemaError(schema_uri, LookupError("not vendored"))
+        return self.schema_cache[schema_uri]
+
+
+@pytest.fixture
+def offline_validation() -> Iterator[None]:
+    pystac.validation.set_validator(OfflineValidator())
+    try:
+        yield
+    finally:
+        pystac.validation.set_validator(pystac.validation.JsonSchemaSTACValidator())
+
+
+def test_job_writes_valid_stac_items_and_collection(catalog_dir: Path, tmp_path: Path, dask_client: Any,
+                                                    offline_validation: None) -> None:
+    out = tmp_path / "out"
+    images = [str(item_path(catalog_dir, "a1")), image_path(catalog_dir, "b1")]
+    job = request(jobId="stacout", imageUrls=images,
+                  outputs=[{"type": "LOCAL", "path": str(out), "stac": True}])
+    result = pipeline.run(job, client=dask_client)
+    assert result.status == "SUCCESS"
+    collection = pystac.Collection.from_file(str(out / "stacout.collection.json"))
+    assert collection.validate()  # the schema URIs it was checked against
+    items = [pystac.Item.from_file(str(out / f"stacout.{k}.item.json")) for k in range(2)]
+    assert [link.get_absolute_href() for link in collection.get_links("item")] == [
+        str(out / f"stacout.{k}.item.json") for k in range(2)]
+    for item, item_id in zip(items, ["a1", "b1"], strict=True):
+        assert any("item-spec" in uri for uri in item.validate())
+        assert item.properties["dmr:imageUrl"] == image_path(catalog_dir, item_id)
+        truth = np.load(catalog_dir / "data" / f"{item_id}.truth.npy")
+        assert item.properties["dmr:features"] == len(truth)
+        # the geometry is the processed footprint: the image's bounds, through rasterio here
+        with rasterio.open(image_path(catalog_dir, item_id)) as src:
+            bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=64)
+        np.testing.assert_allclose(item.bbox, bounds, atol=1e-9)
+        assert shapely.geometry.shape(item.geometry).is_valid
+        for key, suffix in (("geojson", ".geojson"), ("parquet", ".parquet"), ("summary", ".summary.json")):
+            assert Path(item.assets[key].get_absolute_href()) == out / f"stacout{suffix}"
+            assert (out / f"stacout{suffix}").is_file()
+        assert item.assets["parquet"].media_type == "application/vnd.apache.parquet"
+        assert item.get_single_link("collection").get_absolute_href() == str(out / "stacout.collection.json")
+    # derived_from: the source Item for the STAC image, none for the plain URL
+    assert [link.get_absolute_href() for link in items[0].get_links("derived_from")] == [
+        str(item_path(catalog_dir, "a1"))]
+    assert items[1].get_links("derived_from") == []
+    with rasterio.open(image_path(catalog_dir, "a1")) as first, \
+            rasterio.open(image_path(catalog_dir, "b1")) as last:
+        west = transform_bounds(first.crs, "EPSG:4326", *first.bounds)[0]
+        east = transform_bounds(last.crs, "EPSG:4326", *last.bounds)[2]
+    spatial = collection.extent.spatial.bboxes[0]
+    assert spatial[0] == pytest.approx(west, abs=1e-9) and spatial[2] == pytest.approx(east, abs=1e-9)
+    broken = items[0].to_dict()
+    broken["geometry"] = {"type": "Polygon", "coordinates": "nope"}
+    with pytest.raises(pystac.errors.STACValidationError):
+        pystac.validation.validate_dict(broken)
