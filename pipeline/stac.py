@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -290,6 +291,28 @@ MEDIA_TYPES = {"geojson": "application/geo+json", "parquet": "application/vnd.ap
 SUFFIXES = {"geojson": ".geojson", "parquet": ".parquet"}
 
 
+def features_item(item_id: str, geometry: dict[str, Any] | None, assets: dict[str, Any],
+                  started: datetime, ended: datetime, *, sources: Sequence[str] = (),
+                  collection: str | None = None, properties: dict[str, Any] | None = None) -> Any:
+    """A STAC Item of features found in an image: ``geometry`` (GeoJSON, lon/lat; None for
+    pixel features) the processed footprint, ``assets`` ``{key: pystac.Asset}`` the feature
+    files, a ``derived_from`` link to each of ``sources`` (the images' own STAC Items)."""
+    import pystac
+    import shapely
+
+    from pipeline.redact import public_url
+
+    bbox = list(shapely.bounds(shapely.geometry.shape(geometry))) if geometry else None
+    item = pystac.Item(item_id, geometry, bbox, ended, {
+        **(properties or {}), "start_datetime": started.isoformat(), "end_datetime": ended.isoformat(),
+    }, collection=collection)
+    for key, asset in assets.items():
+        item.add_asset(key, asset.clone())
+    for source in sources:
+        item.add_link(pystac.Link("derived_from", public_url(source), pystac.MediaType.JSON))
+    return item
+
+
 def job_stac(job_id: str, summary: dict[str, Any], formats: tuple[str, ...]) -> tuple[Any, list[Any]]:
     """The STAC Collection of a finished job and one Item per image that did not fail.
 
@@ -300,7 +323,6 @@ def job_stac(job_id: str, summary: dict[str, Any], formats: tuple[str, ...]) -> 
     the STAC Item the image came from (:func:`source_item`). Hrefs are relative: the files sit
     beside each other (``<jobId>.collection.json``, ``<jobId>.<k>.item.json``)."""
     import pystac
-    import shapely
     from pystac.utils import str_to_datetime
 
     from pipeline.redact import public_url
@@ -315,24 +337,18 @@ def job_stac(job_id: str, summary: dict[str, Any], formats: tuple[str, ...]) -> 
     for k, image in enumerate(summary.get("images", [])):
         if image.get("status") == "FAILED":
             continue
-        outline = image.get("footprint")
-        bbox = list(shapely.bounds(shapely.geometry.shape(outline))) if outline else None
         detections = image.get("detections") or {}
-        item = pystac.Item(f"{job_id}-{k}", outline, bbox, ended, {
-            f"{PREFIX}:jobId": job_id,
-            f"{PREFIX}:imageUrl": public_url(str(image["url"])),
-            f"{PREFIX}:status": image.get("status"),
-            f"{PREFIX}:features": detections.get("afterMerge", 0),
-            f"{PREFIX}:classes": image.get("classes", {}),
-            f"{PREFIX}:model": summary.get("model", {}),
-            "start_datetime": started.isoformat(), "end_datetime": ended.isoformat(),
-        }, collection=job_id)
-        for key, asset in assets.items():
-            item.add_asset(key, asset.clone())
         source = source_item(job_id, str(image["url"]))
-        if source is not None:
-            item.add_link(pystac.Link("derived_from", public_url(source), pystac.MediaType.JSON))
-        items.append(item)
+        items.append(features_item(
+            f"{job_id}-{k}", image.get("footprint"), assets, started, ended,
+            sources=[source] if source else [], collection=job_id, properties={
+                f"{PREFIX}:jobId": job_id,
+                f"{PREFIX}:imageUrl": public_url(str(image["url"])),
+                f"{PREFIX}:status": image.get("status"),
+                f"{PREFIX}:features": detections.get("afterMerge", 0),
+                f"{PREFIX}:classes": image.get("classes", {}),
+                f"{PREFIX}:model": summary.get("model", {}),
+            }))
     boxes = [i.bbox for i in items if i.bbox] or [[-180.0, -90.0, 180.0, 90.0]]
     union = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
              max(b[3] for b in boxes)]
