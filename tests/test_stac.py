@@ -357,3 +357,55 @@ def test_job_writes_valid_stac_items_and_collection(catalog_dir: Path, tmp_path:
     broken["geometry"] = {"type": "Polygon", "coordinates": "nope"}
     with pytest.raises(pystac.errors.STACValidationError):
         pystac.validation.validate_dict(broken)
+
+
+def test_queue_worker_expands_stac_before_its_allow_list(aws: str, catalog_dir: Path, http_root: str,
+                                                         dask_client: Any) -> None:
+    """On the queue worker a STAC catalog off the allow-list, or one whose assets are off it, is
+    refused (poison, dead-lettered with the reason); an allowed one runs, and its S3 output with
+    ``stac: true`` holds the Items and the Collection beside the features."""
+    import uuid
+
+    import boto3
+
+    from graphs.queue_worker import QueueWorker, WorkerConfig
+
+    sqs, s3 = boto3.client("sqs"), boto3.client("s3")
+    tag = uuid.uuid4().hex[:8]
+    dlq = sqs.create_queue(QueueName=f"dlq-{tag}")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(QueueName=f"stac-{tag}", Attributes={"RedrivePolicy": json.dumps(
+        {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})})["QueueUrl"]
+    s3.create_bucket(Bucket=f"results-{tag}")
+    catalog = f"{http_root}/catalog/catalog.json"
+    base = {"imageUrls": [], "imageProcessor": {"name": "bright-objects", "type": "BUILTIN"},
+            "imageProcessorTileSize": TILE, "imageProcessorTileOverlap": OVERLAP,
+            "tilingStrategy": "FIXED_STRIDE",
+            "outputs": [{"type": "S3", "bucket": f"results-{tag}", "prefix": "jobs", "stac": True}]}
+    jobs = {"catalog-refused": {"stacSearch": {"catalog": "http://127.0.0.1:9/catalog.json"}},
+            "asset-refused": {"stacSearch": {"catalog": catalog, "ids": ["a1"], "assetKey": "thumbnail"}},
+            "not-stac": {"imageUrls": [f"{http_root}/catalog/alpha/collection.json"]},
+            "allowed": {"stacSearch": {"catalog": catalog, "ids": ["a2"]}}}
+    for job_id, fields in jobs.items():
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({**base, "jobId": job_id, **fields}))
+    # the catalog and the COGs are allowed, the thumbnails' folder is not
+    allow = AllowList.from_strings([f"{http_root}/catalog", f"{http_root}/data/a2.tif"],
+                                   [f"s3://results-{tag}/jobs"])
+    config = WorkerConfig(queue_url=queue, exit_when_idle=True, wait_seconds=0)
+    stats = QueueWorker(config, dask_client, allow=allow).run()
+    assert stats.received == 4 and stats.poison == 3
+    dead = {json.loads(m["Body"])["jobId"]: m["MessageAttributes"]["failure_reason"]["StringValue"]
+            for m in sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                         MessageAttributeNames=["All"]).get("Messages", [])}
+    assert "stacSearch.catalog: http://127.0.0.1:9/catalog.json is not on the allow-list" in \
+        dead["catalog-refused"]
+    assert f"imageUrls[0]: {http_root}/data/a1.png is not on the allow-list" in dead["asset-refused"]
+    assert "not a STAC Item" in dead["not-stac"]
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=f"results-{tag}")["Contents"])
+    assert {"jobs/allowed.0.item.json", "jobs/allowed.collection.json", "jobs/allowed.parquet"} <= set(keys)
+    item = json.loads(s3.get_object(Bucket=f"results-{tag}", Key="jobs/allowed.0.item.json")["Body"].read())
+    assert item["properties"]["dmr:imageUrl"] == f"{http_root}/data/a2.tif"
+    assert [link["href"] for link in item["links"] if link["rel"] == "derived_from"] == [
+        f"{http_root}/catalog/alpha/a2/a2.json"]
+    truth = np.load(catalog_dir / "data" / "a2.truth.npy")
+    assert item["properties"]["dmr:features"] == len(truth)
