@@ -100,8 +100,9 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
     model = time.perf_counter()
     outcome.tiles, outcome.failed_tiles = stitched.tiles, stitched.failed_tiles
     if job.part_dir is not None:
-        scores = stitched.scores if job.options.score_bands else None
-        outcome.part = write_part(job.part_dir, (row, col), band_data(stitched.classes, scores))
+        bands = band_data(stitched.classes, stitched.scores, job.options.score_bands,
+                          len(stitched.class_names))
+        outcome.part = write_part(job.part_dir, (row, col), bands)
     written = time.perf_counter()
     if job.options.polygons:
         outcome.regions = chunk_regions(stitched.classes, stitched.scores, bounds,

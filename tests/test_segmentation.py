@@ -80,11 +80,11 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     return path, truth
 
 
-def request(url: Path, out: Path, job: str, **segmentation: Any) -> ImageRequest:
+def request(url: Path, out: Path, job: str, answer: str = "scores", **segmentation: Any) -> ImageRequest:
     return ImageRequest.parse({
         "jobId": job, "imageUrls": [str(url)],
         "imageProcessor": {"name": "threshold", "type": "BUILTIN"},
-        "imageProcessorParameters": {"answer": "scores"},
+        "imageProcessorParameters": {"answer": answer},
         "imageProcessorTileSize": TILE, "imageProcessorTileOverlap": OVERLAP,
         "segmentation": segmentation, "outputs": [{"type": "LOCAL", "path": str(out)}],
     })
@@ -98,13 +98,13 @@ def pixel_polygons(features: Any) -> list[shapely.Geometry]:
     return [shapely.geometry.shape(g) for g in features["imageGeometry"]]
 
 
-@pytest.mark.parametrize("stitch", ["BLEND", "CORE"])
+@pytest.mark.parametrize(("stitch", "answer"), [("BLEND", "scores"), ("CORE", "ids"), ("CORE", "scores")])
 def test_planted_shapes_identical_across_chunk_sizes(scene: tuple[Path, np.ndarray], tmp_path: Path,
-                                                     dask_client: Any, stitch: str) -> None:
+                                                     dask_client: Any, stitch: str, answer: str) -> None:
     url, truth = scene
     rasters = []
     for target in (1024, 2048, 4096):
-        result = run_segmentation(request(url, tmp_path, f"{stitch}-{target}", stitch=stitch),
+        result = run_segmentation(request(url, tmp_path, f"{stitch}-{target}", answer, stitch=stitch),
                                   dask_client, chunk_target=target)
         assert result.status == "SUCCESS", result.summary
         grid = TileGrid(WIDTH, HEIGHT, TILE, OVERLAP, chunk_size(TILE, OVERLAP, target))

@@ -65,6 +65,21 @@ def test_answers_become_scores_and_bad_answers_fail_in_one_line() -> None:
         assert "\n" not in str(caught.value)
 
 
+def test_score_bands_of_class_ids_are_their_one_hot() -> None:
+    from pipeline.segmentation.contract import one_hot
+    from pipeline.segmentation.polygons import chunk_regions
+    from pipeline.segmentation.raster import band_data
+
+    classes = np.random.default_rng(1).integers(0, 3, size=(40, 50), dtype=np.uint8)
+    np.testing.assert_array_equal(band_data(classes, None, True, 3),
+                                  band_data(classes, one_hot(classes, 3), True, 3))
+    assert band_data(classes, None, False, 3).shape == (1, 40, 50)
+    lazy = chunk_regions(classes, None, (0, 0, 50, 40), (50, 40), [1, 2])
+    full = chunk_regions(classes, one_hot(classes, 3), (0, 0, 50, 40), (50, 40), [1, 2])
+    np.testing.assert_array_equal(lazy.sums, full.sums)
+    np.testing.assert_array_equal(lazy.sums, lazy.counts)
+
+
 @pytest.mark.parametrize("content_type", [NPY_TYPE, PNG_TYPE, TIFF_TYPE])
 def test_encoded_answers_round_trip(content_type: str) -> None:
     rng = np.random.default_rng(0)

@@ -77,18 +77,28 @@ class Segmenter(ABC):
         """Release connections or devices."""
 
 
+def checked_ids(answer: np.ndarray, n_classes: int, height: int, width: int) -> np.ndarray:
+    """A class-id answer (``H × W`` integers below ``n_classes``), checked."""
+    if answer.shape != (height, width):
+        raise ModelError(f"segmentation answer of shape {answer.shape}, expected {(height, width)}")
+    if not np.issubdtype(answer.dtype, np.integer):
+        raise ModelError(f"class ids must be integers, got {answer.dtype}")
+    if answer.size and (answer.min() < 0 or answer.max() >= n_classes):
+        raise ModelError(f"class id {int(answer.max())} is not one of the {n_classes} classes")
+    return answer
+
+
+def one_hot(ids: np.ndarray, n_classes: int) -> np.ndarray:
+    """``K × H × W`` float32: 1 where ``ids`` is the class, else 0."""
+    return (ids[None] == np.arange(n_classes, dtype=ids.dtype)[:, None, None]).astype(np.float32)
+
+
 def as_scores(answer: np.ndarray, n_classes: int, height: int, width: int) -> np.ndarray:
     """One tile's answer as ``K × H × W`` float32 probabilities (class ids become one-hot);
     raises a one-line :class:`ModelError` for an answer that breaks the contract."""
     answer = np.asarray(answer)
     if answer.ndim == 2:
-        if answer.shape != (height, width):
-            raise ModelError(f"segmentation answer of shape {answer.shape}, expected {(height, width)}")
-        if not np.issubdtype(answer.dtype, np.integer):
-            raise ModelError(f"class ids must be integers, got {answer.dtype}")
-        if answer.size and (answer.min() < 0 or answer.max() >= n_classes):
-            raise ModelError(f"class id {int(answer.max())} is not one of the {n_classes} classes")
-        return (answer[None] == np.arange(n_classes, dtype=answer.dtype)[:, None, None]).astype(np.float32)
+        return one_hot(checked_ids(answer, n_classes, height, width), n_classes)
     if answer.ndim == 3:
         if answer.shape != (n_classes, height, width):
             raise ModelError(f"segmentation scores of shape {answer.shape}, expected "

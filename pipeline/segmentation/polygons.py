@@ -58,9 +58,10 @@ class Regions:
                        self.seam[keep])
 
 
-def chunk_regions(classes: np.ndarray, scores: np.ndarray, bounds: tuple[int, int, int, int],
+def chunk_regions(classes: np.ndarray, scores: np.ndarray | None, bounds: tuple[int, int, int, int],
                   image_size: tuple[int, int], polygon_classes: list[int]) -> Regions:
-    """The regions of ``polygon_classes`` in one chunk's class raster (``bounds`` in the image)."""
+    """The regions of ``polygon_classes`` in one chunk's class raster (``bounds`` in the image;
+    ``scores`` None: the one-hot of ``classes``)."""
     x0, y0, x1, y1 = bounds
     width, height = image_size
     transform = Affine.translation(x0, y0)
@@ -71,8 +72,9 @@ def chunk_regions(classes: np.ndarray, scores: np.ndarray, bounds: tuple[int, in
         if not count:
             continue
         inside = labels[mask]  # the class's pixels only: sparse classes cost little
-        sums = np.bincount(inside, weights=scores[k][mask], minlength=count + 1)[1:]
         counts = np.bincount(inside, minlength=count + 1)[1:]
+        sums = (counts.astype(np.float64) if scores is None  # one-hot: probability 1 inside
+                else np.bincount(inside, weights=scores[k][mask], minlength=count + 1)[1:])
         polygons = np.empty(count, dtype=object)
         for geometry, label in features.shapes(labels, mask=mask, connectivity=4, transform=transform):
             polygons[int(label) - 1] = shapely.geometry.shape(geometry)

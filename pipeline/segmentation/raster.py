@@ -33,22 +33,28 @@ PALETTE = [(0, 0, 0, 0), (31, 119, 180, 255), (255, 127, 14, 255), (44, 160, 44,
            (127, 127, 127, 255), (188, 189, 34, 255), (23, 190, 207, 255)]
 
 
-def band_data(classes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
-    """The bands of a part: class ids, then (given ``scores``) each class's score as 0..255."""
-    if scores is None:
+def band_data(classes: np.ndarray, scores: np.ndarray | None, score_bands: bool,
+              n_classes: int) -> np.ndarray:
+    """The bands of a part: class ids, then (``score_bands``) each class's score as 0..255
+    (``scores`` None: the one-hot of ``classes``)."""
+    if not score_bands:
         return classes[None]
+    if scores is None:
+        ids = np.arange(n_classes, dtype=classes.dtype)[:, None, None]
+        return np.concatenate([classes[None], (classes[None] == ids).astype(classes.dtype) * 255])
     quantised = np.rint(np.clip(scores, 0.0, 1.0) * 255).astype(classes.dtype)
     return np.concatenate([classes[None], quantised])
 
 
 def write_part(directory: str | Path, chunk: tuple[int, int], bands: np.ndarray) -> str:
-    """Write one chunk's bands as ``part-<row>-<col>.tif`` (tiled, DEFLATE; atomic rename)."""
+    """Write one chunk's bands as ``part-<row>-<col>.tif`` (tiled, fast DEFLATE; atomic rename)."""
     path = Path(directory) / f"part-{chunk[0]:05d}-{chunk[1]:05d}.tif"
     staged = path.with_suffix(".partial.tif")
     count, height, width = bands.shape
     tiled = height >= 16 and width >= 16
     profile: dict[str, Any] = {"driver": "GTiff", "width": width, "height": height, "count": count,
-                               "dtype": bands.dtype.name, "compress": "DEFLATE", "tiled": tiled}
+                               "dtype": bands.dtype.name, "compress": "DEFLATE", "zlevel": 1,
+                               "tiled": tiled}
     if tiled:
         profile.update(blockxsize=min(BLOCK, 16 * (width // 16)), blockysize=min(BLOCK, 16 * (height // 16)))
     with rasterio.Env(GDAL_NUM_THREADS="1"), warnings.catch_warnings():
@@ -123,7 +129,8 @@ def write_cog(parts: list[tuple[tuple[int, int, int, int], str]], info: ImageInf
     try:
         with rasterio.Env(GDAL_CACHEMAX=256, GDAL_NUM_THREADS="ALL_CPUS"):
             rasterio.shutil.copy(str(vrt), str(staged), driver="COG", BLOCKSIZE=BLOCK,
-                                 COMPRESS="DEFLATE", OVERVIEW_RESAMPLING="MODE", BIGTIFF="IF_SAFER")
+                                 COMPRESS="DEFLATE", OVERVIEW_RESAMPLING="MODE", BIGTIFF="IF_SAFER",
+                                 NUM_THREADS="ALL_CPUS")
         os.replace(staged, destination)
     finally:
         for leftover in (vrt, staged, staged.with_suffix(".tif.aux.xml")):

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.infer import batches
 from pipeline.models import ModelSpec
-from pipeline.segmentation.contract import BLEND, as_scores
+from pipeline.segmentation.contract import BLEND, as_scores, checked_ids, one_hot
 from pipeline.segmentation.models import load_segmenter
 from pipeline.tiling import Axis, TileGrid, cut_tiles, to_uint8
 
@@ -71,11 +71,12 @@ def read_window(windows: np.ndarray, bounds: tuple[int, int, int, int]) -> tuple
 @dataclass
 class Stitched:
     """One chunk's stitched answer over its ``bounds``: ``classes`` (``h × w``) and
-    ``scores`` (``K × h × w`` float32, 0..1), and its tile tally."""
+    ``scores`` (``K × h × w`` float32, 0..1; None: the one-hot of ``classes``, where every tile
+    answered class ids and each pixel came from one tile), and its tile tally."""
 
     bounds: tuple[int, int, int, int]
     classes: np.ndarray
-    scores: np.ndarray
+    scores: np.ndarray | None
     class_names: tuple[str, ...]
     tiles: int = 0
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
@@ -105,9 +106,11 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
     bx0, by0, bx1, by1 = bounds
     h, w = by1 - by0, bx1 - bx0
     windows = covering_tiles(grid, bounds, mode)
-    result = Stitched(bounds, np.zeros((h, w), np.uint8), np.zeros((k, h, w), np.float32), names,
-                      tiles=len(windows))
-    scores = result.scores
+    dtype = np.uint8 if k <= 256 else np.uint16
+    classes = np.zeros((h, w), dtype)
+    # CORE with class-id answers copies the ids: no scores unless a tile answers scores
+    scores: np.ndarray | None = np.zeros((k, h, w), np.float32) if mode == BLEND else None
+    result = Stitched(bounds, classes, scores, names, tiles=len(windows))
     total = np.zeros((h, w), np.float32) if mode == BLEND else None
     weight = np.outer(axis_weight(grid.tile_size, grid.overlap), axis_weight(grid.tile_size, grid.overlap))
     cores = grid.cores(windows) if len(windows) else np.empty((0, 4))
@@ -127,7 +130,11 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
             try:
                 if isinstance(answer, BaseException):
                     raise answer
-                tile_scores = as_scores(answer, k, grid.tile_size, grid.tile_size)
+                answer = np.asarray(answer)
+                if scores is None and answer.ndim == 2:
+                    tile_ids, tile_scores = checked_ids(answer, k, grid.tile_size, grid.tile_size), None
+                else:
+                    tile_ids, tile_scores = None, as_scores(answer, k, grid.tile_size, grid.tile_size)
             except Exception as exc:  # noqa: BLE001 - one failed tile
                 result.failed_tiles.append({"window": [tx0, ty0, tx1, ty1], "reason": _one_line(exc)})
                 continue
@@ -142,15 +149,23 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
                 continue
             src = (slice(None), slice(y0 - ty0, y1 - ty0), slice(x0 - tx0, x1 - tx0))
             dst = (slice(None), slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+            if tile_ids is not None:
+                classes[dst[1:]] = tile_ids[src[1:]]
+                continue
+            assert tile_scores is not None
+            if scores is None:  # CORE: the first tile that answers scores; ids so far one-hot
+                scores = one_hot(classes, k)
             if total is None:
                 scores[dst] = tile_scores[src]
             else:
                 part = weight[src[1:]]
                 scores[dst] += tile_scores[src] * part
                 total[dst[1:]] += part
-    if total is not None:
+    if total is not None and scores is not None:
         np.divide(scores, total, out=scores, where=total > 0)
-    result.classes = argmax(scores, np.uint8 if k <= 256 else np.uint16)
+    if scores is not None:
+        result.classes = argmax(scores, dtype)
+    result.scores = scores
     return result
 
 
