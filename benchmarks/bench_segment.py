@@ -1,9 +1,10 @@
 """Segmentation job throughput and memory.
 
-1. ``throughput``: a segmentation job (``threshold``, a trivial per-pixel model; BLEND
-   stitching, the class COG and the polygons written) over a ``--size``² 3-band COG against a
-   raw windowed read+decode of the same chunk windows (halos included) by a pool of
-   ``--workers`` threads; medians of ``--repeat`` alternating runs, after one warm-up job.
+1. ``throughput``: segmentation jobs (``threshold``, a trivial per-pixel model) over a
+   ``--size``² 3-band COG of real pixels against a raw windowed read+decode of the same chunk
+   windows (halos included) by a pool of ``--workers`` threads: BLEND stitching with the class
+   COG and the polygons written, and CORE stitching with the COG alone (:data:`VARIANTS`);
+   medians of ``--repeat`` alternating runs, after one warm-up job.
 2. ``memory``: peak RSS of the client plus every cluster process for segmentation jobs over
    ``synthetic://`` images of ``--sizes`` (default 10k² and 40k²; one bright square per 256 px
    cell, so tens of thousands of polygons at 40k²).
@@ -25,14 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def segmentation_request(url: str, out: Path, job_id: str, tile: int, overlap: int) -> object:
+#: the job variants timed against the same raw read: (label, segmentation options)
+VARIANTS = [("BLEND, COG + polygons", {"stitch": "BLEND"}),
+            ("CORE, COG only", {"stitch": "CORE", "polygons": False})]
+
+
+def segmentation_request(url: str, out: Path, job_id: str, tile: int, overlap: int,
+                         options: dict[str, object] | None = None) -> object:
     from pipeline.request import ImageRequest
 
     return ImageRequest.parse({
         "jobId": job_id, "imageUrls": [url], "outputs": [{"type": "LOCAL", "path": str(out)}],
         "imageProcessor": {"name": "threshold", "type": "BUILTIN"},
         "imageProcessorTileSize": tile, "imageProcessorTileOverlap": overlap,
-        "segmentation": {"stitch": "BLEND"},
+        "segmentation": options or {"stitch": "BLEND"},
     })
 
 
@@ -48,32 +55,38 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
     cap_block_cache()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_cog(Path(tmp) / "scene.tif", size)
-        request = segmentation_request(str(path), Path(tmp) / "out", "bench", tile, overlap)
-        grid = plan_image(request, str(path)).grid  # type: ignore[arg-type]
+        requests = [segmentation_request(str(path), Path(tmp) / "out", f"bench{k}", tile, overlap, options)
+                    for k, (_, options) in enumerate(VARIANTS)]
+        grid = plan_image(requests[0], str(path)).grid  # type: ignore[arg-type]
         windows = []
         for r in range(grid.chunks_y):
             for c in range(grid.chunks_x):
                 bounds = grid.chunk_bounds(r, c)
                 windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
         raw: list[float] = []
-        job: list[float] = []
+        jobs: list[list[float]] = [[] for _ in VARIANTS]
+        last = []
         with PeakRSS() as rss, connect("local", workers) as client:
-            run_segmentation(request, client)  # type: ignore[arg-type]  # warm up
+            run_segmentation(requests[0], client)  # type: ignore[arg-type]  # warm up
             for _ in range(repeat):
                 raw.append(raw_read(path, windows, workers))
-                began = time.perf_counter()
-                result = run_segmentation(request, client)  # type: ignore[arg-type]
-                job.append(time.perf_counter() - began)
-                assert result.status == "SUCCESS", result.summary
-        seconds = result.images[0].seconds
+                last = []
+                for times, request in zip(jobs, requests, strict=True):
+                    began = time.perf_counter()
+                    result = run_segmentation(request, client)  # type: ignore[arg-type]
+                    times.append(time.perf_counter() - began)
+                    assert result.status == "SUCCESS", result.summary
+                    last.append(result)
         chunks = grid.chunks_x * grid.chunks_y
-        print(f"throughput {size}x{size}x3 COG, tiles {tile}/{overlap}, {chunks} chunks, {workers} workers"
-              f": job {statistics.median(job):.2f} s (chunks {seconds['chunks']:.2f} s, "
-              f"COG {seconds['raster']:.2f} s), raw windowed read {statistics.median(raw):.2f} s: "
-              f"ratio {statistics.median(raw) / statistics.median(job):.2f} (goal >= 0.7); "
-              f"peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
-        print("  worker seconds of the last job: " + ", ".join(
-            f"{k[7:]} {v:.2f}" for k, v in seconds.items() if k.startswith("worker_")), flush=True)
+        print(f"throughput {size}x{size}x3 COG, tiles {tile}/{overlap}, {chunks} chunks, {workers} workers; "
+              f"raw windowed read {statistics.median(raw):.2f} s; peak RSS {rss.peak / 2**30:.2f} GiB")
+        for (label, _), times, result in zip(VARIANTS, jobs, last, strict=True):
+            seconds = result.images[0].seconds
+            print(f"  {label}: job {statistics.median(times):.2f} s (chunks {seconds['chunks']:.2f} s, "
+                  f"COG {seconds['raster']:.2f} s, {len(result.features)} polygons): ratio "
+                  f"{statistics.median(raw) / statistics.median(times):.2f} (goal >= 0.7); worker seconds "
+                  + ", ".join(f"{k[7:]} {v:.2f}" for k, v in seconds.items() if k.startswith("worker_")),
+                  flush=True)
 
 
 def bench_memory(sizes: list[int], workers: int) -> None:
