@@ -21,13 +21,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 #: the job variants timed against the same raw read: (label, segmentation options)
-VARIANTS = [("BLEND, COG + polygons", {"stitch": "BLEND"}),
+VARIANTS: list[tuple[str, dict[str, object]]] = [("BLEND, COG + polygons", {"stitch": "BLEND"}),
             ("CORE, COG only", {"stitch": "CORE", "polygons": False})]
 
 
@@ -65,7 +66,7 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
                 windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
         raw: list[float] = []
         jobs: list[list[float]] = [[] for _ in VARIANTS]
-        last = []
+        last: list[Any] = []
         with PeakRSS() as rss, connect("local", workers) as client:
             run_segmentation(requests[0], client)  # type: ignore[arg-type]  # warm up
             for _ in range(repeat):
