@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16384)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--model", default="bright-objects")
+    parser.add_argument("--model", default="null")
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--overlap", type=int, default=50)
     args = parser.parse_args()
