@@ -9,7 +9,8 @@ tile row, not a data exchange) and stitches:
 - ``BLEND``: each pixel's scores are the weighted mean of the scores of every tile covering it,
   with the weight ``w(i, j) = a(i) a(j)``, ``a(i) = min(1, (min(i, T - 1 - i) + 1) / (O + 1))``:
   1 in the tile's middle, falling linearly over the last ``O`` pixels towards each edge (never
-  0), so a tile's edge, where its model saw the least context, counts least;
+  0), so a tile's edge, where its model saw the least context, counts least (a pixel that only
+  one tile covers takes that tile's scores as they are);
 - ``CORE``: each pixel's scores are those of the one tile whose ownership core (the ownership
   rule's cores: from the middle of one overlap to the middle of the next) holds its centre.
 
@@ -95,6 +96,17 @@ def _core_span(start: float, end: float) -> tuple[float, float]:
     return low, high
 
 
+def _exclusive(axis: Axis, start: int, end: int) -> tuple[int, int]:
+    """The part of the tile ``start .. end`` along ``axis`` that no other tile covers."""
+    index = int(np.searchsorted(axis.origins, start))
+    after = int(np.searchsorted(axis.origins, start, side="right"))
+    if after - index > 1:  # another tile starts here too
+        return start, start
+    low = int(axis.ends[index - 1]) if index > 0 else start  # the ends are sorted too
+    high = int(axis.origins[after]) if after < axis.count else end
+    return max(start, low), min(end, high)
+
+
 def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int, int, int, int],
                  grid: TileGrid, spec: ModelSpec, mode: str = BLEND, range_adjustment: str = "NONE",
                  bits: int | None = None) -> Stitched:
@@ -157,10 +169,26 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
                 scores = one_hot(classes, k)
             if total is None:
                 scores[dst] = tile_scores[src]
+                continue
+            # only this tile covers its exclusive part: copied (its weighted mean is itself)
+            ex0, ex1 = _exclusive(grid.x, tx0, tx1)
+            ey0, ey1 = _exclusive(grid.y, ty0, ty1)
+            ex0, ey0, ex1, ey1 = max(ex0, x0), max(ey0, y0), min(ex1, x1), min(ey1, y1)
+            if ex1 <= ex0 or ey1 <= ey0:
+                ex0 = ex1 = x0
+                ey0 = ey1 = y0
             else:
-                part = weight[src[1:]]
-                scores[dst] += tile_scores[src] * part
-                total[dst[1:]] += part
+                inner = (slice(None), slice(ey0 - by0, ey1 - by0), slice(ex0 - bx0, ex1 - bx0))
+                scores[inner] = tile_scores[:, ey0 - ty0:ey1 - ty0, ex0 - tx0:ex1 - tx0]
+                total[inner[1:]] = 1.0
+            for rx0, ry0, rx1, ry1 in ((x0, y0, x1, ey0), (x0, ey1, x1, y1),
+                                       (x0, ey0, ex0, ey1), (ex1, ey0, x1, ey1)):
+                if rx1 <= rx0 or ry1 <= ry0:
+                    continue
+                part = weight[ry0 - ty0:ry1 - ty0, rx0 - tx0:rx1 - tx0]
+                out = (slice(None), slice(ry0 - by0, ry1 - by0), slice(rx0 - bx0, rx1 - bx0))
+                scores[out] += tile_scores[:, ry0 - ty0:ry1 - ty0, rx0 - tx0:rx1 - tx0] * part
+                total[out[1:]] += part
     if total is not None and scores is not None:
         np.divide(scores, total, out=scores, where=total > 0)
     if scores is not None:
