@@ -409,3 +409,12 @@ def test_queue_worker_expands_stac_before_its_allow_list(aws: str, catalog_dir: 
         f"{http_root}/catalog/alpha/a2/a2.json"]
     truth = np.load(catalog_dir / "data" / "a2.truth.npy")
     assert item["properties"]["dmr:features"] == len(truth)
+
+
+def test_an_item_collection_file_expands_to_each_item(catalog_dir: Path, tmp_path: Path) -> None:
+    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))).make_asset_hrefs_absolute()
+             for i in ("b1", "a1")]
+    path = tmp_path / "found.json"
+    path.write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    expanded = expand_request(request(imageUrls=[str(path)]))
+    assert expanded.image_urls == [image_path(catalog_dir, "b1"), image_path(catalog_dir, "a1")]

