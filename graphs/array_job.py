@@ -31,12 +31,23 @@ from pipeline.tiling import DEFAULT_CHUNK_TARGET, FIXED_STRIDE, TileGrid, chunk_
 
 
 def array_sensor_model(array: Any) -> SensorModel:
-    """An affine model from rioxarray's ``.rio.transform()`` and ``.rio.crs``, else pixels."""
+    """An affine model from rioxarray's ``.rio.transform()`` and ``.rio.crs``; else the
+    ``attrs["sensor_model"]`` of an unsliced :func:`pipeline.open_image` array (an RPC image);
+    else pixels."""
     rio = getattr(array, "rio", None)
-    if rio is None or rio.crs is None:
-        return PixelSensorModel()
-    crs, transform = rio.crs, rio.transform()
-    return AffineSensorModel(tuple(transform)[:6], crs.to_wkt())
+    if rio is not None and rio.crs is not None:
+        return AffineSensorModel(tuple(rio.transform())[:6], rio.crs.to_wkt())
+    attrs = getattr(array, "attrs", {})
+    info, model = attrs.get("info"), attrs.get("sensor_model")
+    if model is not None and info is not None and as_pixels(array).shape[1:] == (info.height, info.width):
+        return model  # type: ignore[no-any-return]
+    return PixelSensorModel()
+
+
+def array_bits(array: Any) -> int | None:
+    """The significant bits of an :func:`pipeline.open_image` array's pixels (``MINMAX``)."""
+    info = getattr(array, "attrs", {}).get("info")
+    return getattr(info, "bits", None)
 
 
 def as_pixels(array: Any) -> da.Array:
@@ -149,7 +160,7 @@ def array_job(array: Any, spec: ModelSpec, *, tile_size: int = 1024, overlap: in
     grid = TileGrid(width, height, tile_size, overlap, chunk_size(tile_size, overlap, chunk_target),
                     tiling.upper())
     chunks = chunk_detections(pixels, spec, grid, range_adjustment=range_adjustment.upper(),
-                              algorithm=algorithm)
+                              bits=array_bits(array), algorithm=algorithm)
     name = image_url or str(getattr(array, "name", None) or "array")
     return dask.delayed(reduce_chunks, pure=True)(
         chunks.to_delayed().ravel().tolist(), array_sensor_model(array), algorithm, name, job_id)

@@ -170,7 +170,8 @@ def detect(
     reprojected, a band ratio, a STAC mosaic, ...): the result is then a ``dask.delayed``
     GeoDataFrame (``compute=True``: the GeoDataFrame) built by :func:`graphs.array_job.array_job`,
     with the same tiles, ownership rule and merge as a URL job; its features are in lon/lat
-    where the array has rioxarray's CRS and transform, else in pixels. ``image_url`` names the
+    where the array has rioxarray's CRS and transform (or is an unsliced :func:`open_image` array,
+    whose sensor model may be an RPC), else in pixels. ``image_url`` names the
     source in the features (default: the array's name); ``window`` and ``elevation`` are for
     URLs only.
 

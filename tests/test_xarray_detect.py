@@ -13,7 +13,7 @@ import xarray as xr
 from pyproj import Transformer
 
 import pipeline
-from graphs.array_job import array_job
+from graphs.array_job import array_job, array_sensor_model
 from pipeline.api import DEFAULT_DISTILLATION, as_model_spec
 from pipeline.demo import DEMO_CRS, DEMO_ORIGIN, DEMO_RESOLUTION, match_truth, write_scene
 
@@ -139,3 +139,25 @@ def test_computed_array_without_georeferencing_gives_pixel_features(scene: Any) 
     found = pipeline.detect(mean, "bright-objects", tile_size=TILE, overlap=OVERLAP, compute=True)
     assert found.crs is None and found["center_longitude"].isna().all()
     assert match_truth(boxes_of(found), scene.truth) == (len(scene.truth), 0, 0)
+
+
+def test_an_open_image_rpc_array_keeps_its_sensor_model() -> None:
+    """An unsliced ``open_image`` array of an RPC GeoTIFF (uint16, no CRS):
+    the same features as the URL form, geolocated through the RPC; sliced, it has pixels only."""
+    from pipeline.api import open_image
+    from pipeline.io import PixelSensorModel, RPCSensorModel
+    from tests.conftest import shared_file
+
+    path = shared_file("geotiff/geocal_pan_rpc.tif")
+    if not path.exists():
+        pytest.skip("needs ../shared/data")
+    image = open_image(str(path), chunks=64)
+    settings = {"tile_size": 64, "overlap": 16, "range_adjustment": "MINMAX", "parameters": {"threshold": 4}}
+    found = pipeline.detect(image, "bright-objects", image_url=str(path), compute=True, **settings)
+    expected = pipeline.detect(str(path), "bright-objects", **settings)
+    assert len(found) == len(expected) > 3
+    found, expected = by_box(found), by_box(expected)
+    np.testing.assert_array_equal(boxes_of(found), boxes_of(expected))
+    assert shapely.equals_exact(found.geometry.values, expected.geometry.values, tolerance=1e-12).all()
+    assert isinstance(array_sensor_model(image), RPCSensorModel)
+    assert isinstance(array_sensor_model(image[:, 10:, 10:]), PixelSensorModel)
