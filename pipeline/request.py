@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -264,8 +265,14 @@ class ImageRequest(StrictDocument):
     )
     #: our extension: more images from a STAC search (see :class:`StacSearch`)
     stac_search: StacSearch | None = None
-    #: set by :func:`pipeline.stac.expand_request`: ``{image url: its STAC Item's href}``
-    stac_sources: dict[str, str] = Field(default_factory=dict, exclude=True)
+    #: set by :func:`pipeline.stac.expand_request` (never from a request): ``{image url: its
+    #: STAC Item's href}``
+    _stac_sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def stac_sources(self) -> dict[str, str]:
+        """The STAC Item each image URL came from (after :func:`pipeline.stac.expand_request`)."""
+        return dict(self._stac_sources)
 
     _normalise_enums = field_validator(
         "tile_format", "tile_compression", "range_adjustment", "tiling_strategy", mode="before"

@@ -245,7 +245,9 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
     urls = list(dict.fromkeys(urls))  # an image found twice is processed once
     _SOURCES[request.job_id] = sources
     log.info("STAC: %d image(s) from %d STAC source(s)", len(urls), len(sources))
-    return request.model_copy(update={"image_urls": urls, "stac_search": None, "stac_sources": sources})
+    expanded = request.model_copy(update={"image_urls": urls, "stac_search": None})
+    expanded._stac_sources = sources
+    return expanded
 
 
 def item_array(item: pystac.Item, key: str | None = None, chunks: int = 4096) -> Any:
