@@ -1,7 +1,8 @@
 """STAC in: a request's STAC Items and STAC search, expanded to image URLs at planning.
 
-* An ``imageUrls`` entry whose path ends in ``.json`` is a STAC Item (``"type": "Feature"`` with
-  ``stac_version``) or an ItemCollection; it stands for its Items' image assets.
+* An ``imageUrls`` entry whose path ends in ``.json`` (or a STAC API's
+  ``.../collections/<c>/items/<i>``) is a STAC Item (``"type": "Feature"`` with ``stac_version``)
+  or an ItemCollection; it stands for its Items' image assets.
 * ``stacSearch`` (:class:`pipeline.request.StacSearch`) adds the Items of a search: a STAC API
   (``url``, searched by ``pystac-client`` at its ``/search``) or a static catalog
   (``catalog``, walked by ``pystac`` and filtered here by collection, id, bbox, datetime and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,9 +42,15 @@ class StacError(ValueError):
     """A STAC document or search that cannot give images (one line)."""
 
 
+#: a STAC API's Item URL (OGC API Features): ``.../collections/<id>/items/<id>``
+STAC_API_ITEM = re.compile(r"/collections/[^/]+/items/[^/]+/?$")
+
+
 def is_stac_url(url: str) -> bool:
-    """Whether an ``imageUrls`` entry names a STAC document rather than an image."""
-    return url.split("?", 1)[0].split("#", 1)[0].lower().endswith(STAC_SUFFIXES)
+    """Whether an ``imageUrls`` entry names a STAC document rather than an image: a ``.json``
+    (``.geojson``) path, or a STAC API's ``.../collections/<c>/items/<i>`` URL."""
+    path = url.split("?", 1)[0].split("#", 1)[0]
+    return path.lower().endswith(STAC_SUFFIXES) or bool(STAC_API_ITEM.search(path))
 
 
 def _stac_io(allow: AllowList | None, field: str) -> Any:

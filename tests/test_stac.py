@@ -132,11 +132,14 @@ def http_root(catalog_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stac_api(catalog_dir: Path) -> Iterator[str]:
+def stac_api(catalog_dir: Path, http_root: str) -> Iterator[str]:
     """A tiny STAC API on 127.0.0.1: a landing page and ``POST /search`` that filters the
-    catalog's Items by ``collections`` and ``ids`` only (the Items on disk, hrefs absolute)."""
-    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))).make_asset_hrefs_absolute().to_dict()
-             for i, *_ in SCENES]
+    catalog's Items by ``collections`` and ``ids`` only, and ``GET /collections/<c>/items/<id>``
+    (the Items on disk, their assets' hrefs on the HTTP file server)."""
+    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))).to_dict() for i, *_ in SCENES]
+    for item in items:
+        for asset in item["assets"].values():
+            asset["href"] = f"{http_root}/data/{asset['href'].rsplit('/', 1)[-1]}"
     searches: list[dict[str, Any]] = []
 
     class Api(BaseHTTPRequestHandler):
@@ -153,6 +156,9 @@ def stac_api(catalog_dir: Path) -> Iterator[str]:
 
         def do_GET(self) -> None:
             root = f"http://127.0.0.1:{self.server.server_address[1]}"
+            if "/items/" in self.path:  # /collections/<c>/items/<id>
+                self._send(next(i for i in items if i["id"] == self.path.rsplit("/", 1)[-1]))
+                return
             self._send({"type": "Catalog", "id": "api", "description": "test API", "stac_version": "1.1.0",
                         "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
                                        "https://api.stacspec.org/v1.0.0/item-search"],
@@ -217,15 +223,19 @@ def test_bbox_search_against_the_scenes_footprints(catalog_dir: Path) -> None:
     assert found.image_urls == [image_path(catalog_dir, "a2")]
 
 
-def test_stac_api_search_and_asset_key(catalog_dir: Path, stac_api: str) -> None:
+def test_stac_api_search_and_asset_key(catalog_dir: Path, stac_api: str, http_root: str) -> None:
     found = expand_request(request(stacSearch={"url": stac_api, "collections": ["alpha"]}))
-    assert sorted(found.image_urls) == [image_path(catalog_dir, "a1"), image_path(catalog_dir, "a2")]
+    assert sorted(found.image_urls) == [f"{http_root}/data/a1.tif", f"{http_root}/data/a2.tif"]
     thumbs = expand_request(request(stacSearch={"url": stac_api, "ids": ["b1"], "assetKey": "thumbnail"}))
-    assert thumbs.image_urls == [str((catalog_dir / "data" / "b1.png").resolve())]
+    assert thumbs.image_urls == [f"{http_root}/data/b1.png"]
     with pytest.raises(StacError, match="no asset 'nope'"):
         expand_request(request(stacSearch={"url": stac_api, "assetKey": "nope"}))
     with pytest.raises(StacError, match="found no STAC Items"):
         expand_request(request(stacSearch={"url": stac_api, "ids": ["zzz"]}))
+    api_item = f"{stac_api}/collections/beta/items/b1"
+    by_url = expand_request(request(imageUrls=[api_item]))
+    assert by_url.image_urls == [f"{http_root}/data/b1.tif"]
+    assert by_url.stac_sources == {f"{http_root}/data/b1.tif": api_item}
 
 
 def test_expansion_checks_every_stac_url_and_href_against_the_allow_list(catalog_dir: Path,
