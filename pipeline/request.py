@@ -268,6 +268,8 @@ class ImageRequest(StrictDocument):
     #: set by :func:`pipeline.stac.expand_request` (never from a request): ``{image url: its
     #: STAC Item's href}``
     _stac_sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    #: True once expanded: its image URLs are assets, never read as STAC again
+    _stac_expanded: bool = PrivateAttr(default=False)
 
     @property
     def stac_sources(self) -> dict[str, str]:

@@ -226,8 +226,9 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
     """``request`` with its STAC Items and ``stacSearch`` replaced by their image assets' hrefs
     (``stacSources`` maps each href to its Item); a request without STAC comes back as is.
     Raises :class:`StacError` (one line) or ``AccessDenied`` (a STAC URL not allowed)."""
-    if request.stac_search is None and not any(is_stac_url(u) for u in request.image_urls):
-        _SOURCES[request.job_id] = dict(request.stac_sources)
+    if request._stac_expanded or (request.stac_search is None
+                                  and not any(is_stac_url(u) for u in request.image_urls)):
+        _SOURCES[request.job_id] = request.stac_sources
         return request
     key = request.stac_search.asset_key if request.stac_search else None
     urls: list[str] = []
@@ -255,6 +256,7 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
     log.info("STAC: %d image(s) from %d STAC source(s)", len(urls), len(sources))
     expanded = request.model_copy(update={"image_urls": urls, "stac_search": None})
     expanded._stac_sources = sources
+    expanded._stac_expanded = True
     return expanded
 
 

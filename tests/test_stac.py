@@ -193,6 +193,11 @@ def test_item_files_expand_to_their_data_asset(catalog_dir: Path) -> None:
                                      image_path(catalog_dir, "b1"): str(item_path(catalog_dir, "b1"))}
     plain = request(imageUrls=[image_path(catalog_dir, "a1")])
     assert expand_request(plain) is plain
+    # an expanded request is never expanded again (an asset that looks like STAC stays an image)
+    again = expand_request(request(imageUrls=[str(item_path(catalog_dir, "a2"))], stacSearch={
+        "catalog": str(catalog_dir / "catalog" / "catalog.json"), "ids": ["a1"], "assetKey": "thumbnail"}))
+    looks_like_stac = again.model_copy(update={"image_urls": [*again.image_urls, "/elsewhere/item.json"]})
+    assert expand_request(looks_like_stac) is looks_like_stac
 
 
 @pytest.mark.parametrize(("search", "expected"), [
