@@ -19,7 +19,7 @@ import shapely
 
 from graphs.image_job import run_job
 from pipeline import aws
-from pipeline.aws import SIGNER_OPTION, SECRET_KEYS
+from pipeline.aws import SECRET_KEYS, SIGNER_OPTION
 from pipeline.demo import match_truth, write_scene
 from pipeline.io import ImageError, describe, open_image, read_options
 from pipeline.request import ImageRequest
