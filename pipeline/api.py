@@ -147,6 +147,20 @@ def as_model_spec(model: ModelLike, parameters: dict[str, Any] | None = None) ->
     return spec
 
 
+def read_clipped_window(url: str, window: tuple[int, int, int, int] | None
+                        ) -> tuple[Any, tuple[int, int, int, int], Any]:
+    """The image's info, ``window`` clipped to the image (default: all of it) and its pixels;
+    a window that misses the image is a ``ValueError``."""
+    info = describe(url)
+    x0, y0, x1, y1 = window or (0, 0, info.width, info.height)
+    x0, y0 = max(0, int(x0)), max(0, int(y0))
+    x1, y1 = min(info.width, int(x1)), min(info.height, int(y1))
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"window {window} is outside the {info.width}x{info.height} image {url}")
+    pixels = read_window(url, (x0, y0, x1, y1))
+    return info, (x0, y0, x1, y1), pixels
+
+
 def detect(
     url: Any,
     model: ModelLike = "bright-objects",
@@ -192,13 +206,7 @@ def detect(
                          range_adjustment=range_adjustment, algorithm=distillation, image_url=image_url)
         return lazy.compute() if compute else lazy
     url = str(url)
-    info = describe(url)
-    x0, y0, x1, y1 = window or (0, 0, info.width, info.height)
-    x0, y0 = max(0, int(x0)), max(0, int(y0))
-    x1, y1 = min(info.width, int(x1)), min(info.height, int(y1))
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"window {window} is outside the {info.width}x{info.height} image {url}")
-    pixels = read_window(url, (x0, y0, x1, y1))
+    info, (x0, y0, x1, y1), pixels = read_clipped_window(url, window)
     width, height = x1 - x0, y1 - y0
     grid = TileGrid(width, height, tile_size, overlap,
                     chunk_size(tile_size, overlap, max(width, height) + tile_size), tiling.upper())

@@ -28,17 +28,10 @@ def segment(url: str, model: Any = "vegetation", window: tuple[int, int, int, in
     """
     import xarray as xr
 
-    from pipeline.api import as_model_spec
-    from pipeline.io import describe, read_window
+    from pipeline.api import as_model_spec, read_clipped_window
 
     spec = as_model_spec(model, parameters)
-    info = describe(url)
-    x0, y0, x1, y1 = window or (0, 0, info.width, info.height)
-    x0, y0 = max(0, int(x0)), max(0, int(y0))
-    x1, y1 = min(info.width, int(x1)), min(info.height, int(y1))
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"window {window} is outside the {info.width}x{info.height} image {url}")
-    pixels = read_window(url, (x0, y0, x1, y1))
+    info, (x0, y0, x1, y1), pixels = read_clipped_window(url, window)
     adjustment = (range_adjustment or ("NONE" if info.dtype == "uint8" else "DRA")).upper()
     pixels = np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), adjustment, info.bits), -1, 0)
     width, height = x1 - x0, y1 - y0
