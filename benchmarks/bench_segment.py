@@ -86,7 +86,8 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
             print(f"  {label}: job {statistics.median(times):.2f} s (chunks {seconds['chunks']:.2f} s, "
                   f"COG {seconds['raster']:.2f} s, {len(result.features)} polygons): ratio "
                   f"{statistics.median(raw) / statistics.median(times):.2f} (goal >= 0.7; runs "
-                  f"{min(times):.2f}-{max(times):.2f} s, raw {min(raw):.2f}-{max(raw):.2f} s); worker seconds "
+                  f"{min(times):.2f}-{max(times):.2f} s, raw {min(raw):.2f}-{max(raw):.2f} s); "
+                  "worker seconds "
                   + ", ".join(f"{k[7:]} {v:.2f}" for k, v in seconds.items() if k.startswith("worker_")),
                   flush=True)
 
