@@ -150,14 +150,14 @@ class Overhead:
 
 
 def batched(tiles: int, size: int, batch: int) -> dict[str, float]:
-    from pipeline.infer import _predict
+    from pipeline.infer import predict
 
     spec = ModelSpec("PYTHON", f"{__name__}:Overhead", {"batchSize": batch})
     data = np.random.default_rng(0).integers(0, 255, (tiles, size, size, 3), dtype=np.uint8)
     offsets = np.zeros((tiles, 2), dtype=np.int64)
     began = time.perf_counter()
     for start in range(0, tiles, batch):
-        _predict(spec, data[start : start + batch], offsets[start : start + batch])
+        predict(spec, data[start : start + batch], offsets[start : start + batch])
     return {"batch": batch, "tiles_per_s": round(tiles / (time.perf_counter() - began), 1)}
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import events as ev
+from pipeline.failures import one_line
 from pipeline.notify import StatusPublisher
 from pipeline.redact import redact
 from pipeline.request import ImageRequest, RequestError
@@ -90,11 +91,6 @@ class WorkerStats:
     job_ids: list[str] = field(default_factory=list)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def read_ids(body: str) -> tuple[str, str]:
     """The ``jobId`` and first image URL of a message body, where they can be read ('')."""
     try:
@@ -137,7 +133,7 @@ def finished_summary(request: ImageRequest) -> dict[str, Any] | None:
                     continue
                 text = answer["Body"].read()
         except Exception as exc:  # noqa: BLE001 - cannot tell: run the job again
-            log.warning("cannot check %s for %s: %s", output.type, name, _one_line(exc))
+            log.warning("cannot check %s for %s: %s", output.type, name, one_line(exc))
             continue
         if text is None:
             continue
@@ -223,7 +219,7 @@ class QueueWorker:
                                                VisibilityTimeout=seconds)
         except Exception as exc:  # noqa: BLE001 - the message comes back on its own anyway
             log.warning("cannot change the visibility of message %s: %s",
-                        message.get("MessageId"), _one_line(exc))
+                        message.get("MessageId"), one_line(exc))
 
     def _dead_letter(self, message: dict[str, Any], reason: str) -> None:
         """Move ``message`` to the dead-letter queue now (or delete it if there is none)."""
@@ -446,7 +442,7 @@ class QueueWorker:
             except JobCancelled:
                 outcome["status"] = "RELEASED"
             except Exception as exc:  # noqa: BLE001 - reported as FAILED, retried if transient
-                outcome.update(status=ev.FAILED, reason=_one_line(exc), permanent=is_permanent(exc))
+                outcome.update(status=ev.FAILED, reason=one_line(exc), permanent=is_permanent(exc))
             finally:
                 finished.set()
 

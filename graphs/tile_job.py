@@ -36,7 +36,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline import events as ev
 from pipeline.detections import Detections
+from pipeline.failures import one_line
 from pipeline.geolocate import empty_features, to_features
+from pipeline.infer import predict
 from pipeline.io import AffineSensorModel
 from pipeline.models import ModelSpec, check_model, load_model
 from pipeline.redact import public_url
@@ -268,28 +270,6 @@ def _web_mercator_wkt() -> str:
     return str(CRS.from_epsg(3857).to_wkt())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _predict(spec: ModelSpec, tiles: np.ndarray, offsets: np.ndarray) -> list[Any]:
-    """The model over one batch; a failing batch is retried tile by tile."""
-    model = load_model(spec)
-    try:
-        return list(model.predict(tiles, offsets))
-    except Exception as exc:  # noqa: BLE001 - one bad tile must not fail its neighbours
-        if len(tiles) == 1:
-            return [exc]
-        results: list[Any] = []
-        for k in range(len(tiles)):
-            try:
-                results.extend(model.predict(tiles[k : k + 1], offsets[k : k + 1]))
-            except Exception as tile_exc:  # noqa: BLE001
-                results.append(tile_exc)
-        return results
-
-
 def run_part(part: int, tiles: list[tuple[int, int, int]], template: str, spec: ModelSpec,
              job_id: str, concurrency: int = 8, retries: int = 3, timeout: float = 10.0,
              s3: S3Settings | None = None) -> TilePartResult:
@@ -325,11 +305,11 @@ def run_part(part: int, tiles: list[tuple[int, int, int]], template: str, spec: 
             stack = np.stack([p for _, p in batch])
             offsets = np.array([[t.x * width, t.y * height] for t, _ in batch], dtype=np.int64)
             began = time.perf_counter()
-            outputs = _predict(spec, stack, offsets)
+            outputs = predict(spec, stack, offsets)
             result.model_seconds += time.perf_counter() - began
             for (tile, _), offset, output in zip(batch, offsets, outputs, strict=True):
                 if isinstance(output, BaseException):
-                    result.failed_tiles.append({"tile": tile_id(tile), "reason": _one_line(output)})
+                    result.failed_tiles.append({"tile": tile_id(tile), "reason": one_line(output)})
                     continue
                 detections = Detections.coerce(output).finite()
                 found.append(detections.shifted(offset[0], offset[1]))
@@ -462,7 +442,7 @@ def run_tile_job(request: TileRequest, client: Any, *, progress: Any = None,
         if future.status == "finished":
             result: TilePartResult = future.result()
         else:
-            reason = _one_line(future.exception())
+            reason = one_line(future.exception())
             result = TilePartResult(number, empty_features(), len(parts[number]), [
                 {"tile": f"{z}/{x}/{y}", "reason": reason} for x, y, z in parts[number]])
         future.release()

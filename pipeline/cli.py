@@ -488,9 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback (unless --debug)
         if args.debug:
             raise
-        text = str(exc).strip().splitlines()
-        print(f"model-runner: error: {type(exc).__name__}: {redact(text[0]) if text else ''}",
-              file=sys.stderr)
+        from pipeline.failures import one_line
+
+        print(f"model-runner: error: {redact(one_line(exc))}", file=sys.stderr)
         return EXIT_FAILED
 
 

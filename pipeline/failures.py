@@ -7,6 +7,8 @@ misses the image), a source or destination the allow-list refuses
 (:class:`~pipeline.request.RequestError`). Everything else (throttling, network faults, lost
 workers, tiles that failed at a model endpoint) is transient: the queue worker retries it a
 bounded number of times.
+
+:func:`one_line` is how every stage and graph words an exception for a user: one line.
 """
 
 from __future__ import annotations
@@ -22,3 +24,10 @@ PERMANENT: tuple[type[BaseException], ...] = (ImageError, AccessDenied, RequestE
 def is_permanent(exc: BaseException) -> bool:
     """Whether a retry of what raised ``exc`` would fail the same way."""
     return isinstance(exc, PERMANENT)
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` in one line: ``"<type>: <first line of its message>"`` (the type alone if the
+    message is empty)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.detections import Detections
+from pipeline.failures import one_line
 from pipeline.models import ModelSpec, load_model
 from pipeline.security import cap_detections
 from pipeline.tiling import TileGrid, cut_tiles, owned, to_uint8
@@ -66,19 +67,17 @@ def batches(windows: np.ndarray, batch_size: int, by_row: bool = False,
             for start in range(int(row_start), int(stop), batch_size)]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _predict(spec: ModelSpec, tiles: np.ndarray, offsets: np.ndarray) -> list[Detections | BaseException]:
+def predict(spec: ModelSpec, tiles: np.ndarray, offsets: np.ndarray) -> list[Any]:
+    """The model's answer for each tile of one batch (its raw output, or the exception that
+    tile failed with): a failing batch is retried tile by tile, each tile
+    :data:`TILE_RETRIES` more times, so that one bad tile does not fail its neighbours."""
     model = load_model(spec)
     try:
         results = model.predict(tiles, offsets)
     except Exception as exc:  # noqa: BLE001 - a failing batch is retried tile by tile
         if len(tiles) == 1:
             return [exc]
-        log.warning("batch of %d tiles failed (%s); retrying one by one", len(tiles), _one_line(exc))
+        log.warning("batch of %d tiles failed (%s); retrying one by one", len(tiles), one_line(exc))
         results = []
         for k in range(len(tiles)):
             for attempt in range(TILE_RETRIES + 1):
@@ -119,13 +118,13 @@ def detect_chunk(
         tiles = to_uint8(tiles, range_adjustment, bits)
         offsets = batch_windows[:, :2]
         began = time.perf_counter()
-        outputs = _predict(spec, tiles, offsets)
+        outputs = predict(spec, tiles, offsets)
         result.model_seconds += time.perf_counter() - began
         batch_cores = cores[start:stop]
         for window, core, output in zip(batch_windows, batch_cores, outputs, strict=True):
             if isinstance(output, BaseException):
                 result.failed_tiles.append(
-                    {"window": [int(v) for v in window], "reason": _one_line(output)}
+                    {"window": [int(v) for v in window], "reason": one_line(output)}
                 )
                 continue
             found, dropped = cap_detections(Detections.coerce(output).finite())

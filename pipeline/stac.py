@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from pipeline.failures import one_line
+
 if TYPE_CHECKING:
     import pystac
 
@@ -76,7 +78,7 @@ def read_items(url: str, allow: AllowList | None = None, field: str = "imageUrls
     except Exception as exc:  # noqa: BLE001 - any read or parse error, in one line
         if type(exc).__name__ == "AccessDenied":
             raise
-        raise StacError(f"{field}: cannot read STAC document {url}: {_one_line(exc)}") from None
+        raise StacError(f"{field}: cannot read STAC document {url}: {one_line(exc)}") from None
     kind = data.get("type") if isinstance(data, dict) else None
     if kind == "Feature" and "stac_version" in data:
         return [pystac.Item.from_dict(data, href=url, migrate=True, preserve_dict=False)]
@@ -124,7 +126,7 @@ def _api_search(spec: StacSearch, allow: AllowList | None) -> list[pystac.Item]:
                               datetime=spec.datetime, query=spec.query, max_items=spec.max_items)
         items = list(found.items())
     except Exception as exc:  # noqa: BLE001
-        raise StacError(f"stacSearch.url: search of {spec.url} failed: {_one_line(exc)}") from None
+        raise StacError(f"stacSearch.url: search of {spec.url} failed: {one_line(exc)}") from None
     if allow is not None:  # the items' own links (and assets, later) are checked too
         for item in items:
             if item.get_self_href():
@@ -149,7 +151,7 @@ def _catalog_search(spec: StacSearch, allow: AllowList | None) -> list[pystac.It
     except Exception as exc:  # noqa: BLE001
         if type(exc).__name__ == "AccessDenied":
             raise
-        raise StacError(f"stacSearch.catalog: cannot read {spec.catalog}: {_one_line(exc)}") from None
+        raise StacError(f"stacSearch.catalog: cannot read {spec.catalog}: {one_line(exc)}") from None
     return items
 
 
@@ -404,7 +406,3 @@ def write_job_stac(directory: str | Any, job_id: str, summary: dict[str, Any],
         written.append(str(directory / name))
     return written
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.failures import one_line
 from pipeline.infer import batches
 from pipeline.models import ModelSpec
 from pipeline.segmentation.contract import BLEND, as_scores, checked_ids, one_hot
@@ -82,11 +83,6 @@ class Stitched:
     tiles: int = 0
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     model_seconds: float = 0.0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _core_span(start: float, end: float) -> tuple[float, float]:
@@ -148,7 +144,7 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
                 else:
                     tile_ids, tile_scores = None, as_scores(answer, k, grid.tile_size, grid.tile_size)
             except Exception as exc:  # noqa: BLE001 - one failed tile
-                result.failed_tiles.append({"window": [tx0, ty0, tx1, ty1], "reason": _one_line(exc)})
+                result.failed_tiles.append({"window": [tx0, ty0, tx1, ty1], "reason": one_line(exc)})
                 continue
             if mode == BLEND:
                 x0, y0, x1, y1 = max(tx0, bx0), max(ty0, by0), min(tx1, bx1), min(ty1, by1)
