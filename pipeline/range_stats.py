@@ -1,0 +1,114 @@
+"""Pixel statistics and the range adjustment: how pixels deeper than 8 bits become uint8.
+
+One dynamic-range adjustment (DRA): :func:`dynamic_range` computes each band's ``(low, high)``
+(the 2nd and 98th percentiles), once per image from :func:`sample_pixels` (or, without image
+statistics, from the pixels at hand), and :func:`stretch` applies a linear ``(low, high)`` →
+``0..255`` map to a chunk or a batch of tiles, in float32 blocks (never a float64 copy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import rasterio.errors
+import rasterio.windows
+
+from pipeline.reading import ImageError, ImageInfo, gdal_env, gdal_error_line, gdal_path
+from pipeline.security import open_raster
+
+#: pixels sampled (about) for the dynamic-range statistics of one image
+SAMPLE_PIXELS = 1 << 20
+
+
+def sample_pixels(
+    url: str, info: ImageInfo, options: dict[str, str] | None = None, target: int = SAMPLE_PIXELS
+) -> tuple[np.ndarray, str]:
+    """About ``target`` pixels ``(bands, n)`` representative of the image, and how they were
+    taken: ``full`` (small images), ``overview`` (from the file's overviews), or ``blocks``
+    (a sparse grid of whole internal blocks; no full pass over a large image).
+
+    Raises :class:`ImageError` if the pixels cannot be read (the plan's probe read).
+    """
+    area = info.width * info.height
+    try:
+        with gdal_env(url, options), open_raster(gdal_path(url)) as src:  # image drivers only
+            if area <= target:
+                data, how = src.read(masked=True), "full"
+            elif info.overviews:
+                factor = math.sqrt(area / target)
+                shape = (info.bands, max(1, int(info.height / factor)), max(1, int(info.width / factor)))
+                data, how = src.read(out_shape=shape, masked=True), "overview"
+            else:
+                data, how = _sample_blocks(src, info, target), "blocks"
+    except rasterio.errors.RasterioIOError as exc:
+        raise ImageError(f"cannot read pixels of {url}: {gdal_error_line(exc)}") from None
+    flat = data.reshape(data.shape[0], -1)
+    if isinstance(flat, np.ma.MaskedArray):
+        values = [band.compressed() for band in flat]
+        n = min(len(v) for v in values)
+        return np.stack([v[:n] for v in values]) if n else np.empty((info.bands, 0)), how
+    return np.asarray(flat), how
+
+
+def _sample_blocks(src: Any, info: ImageInfo, target: int) -> np.ma.MaskedArray:
+    side_w = max(info.block_width, 256) if info.block_width < info.width else 256
+    side_h = max(info.block_height, 256) if info.block_height < info.height else 256
+    side_w, side_h = min(side_w, 1024, info.width), min(side_h, 1024, info.height)
+    count = max(1, min(64, target // (side_w * side_h)))
+    per_axis = max(1, int(math.sqrt(count)))
+    xs = np.linspace(0, info.width - side_w, per_axis).astype(int)
+    ys = np.linspace(0, info.height - side_h, per_axis).astype(int)
+    if info.block_width < info.width:
+        xs = (xs // info.block_width) * info.block_width
+    if info.block_height < info.height:
+        ys = (ys // info.block_height) * info.block_height
+    parts = [
+        src.read(window=rasterio.windows.Window(int(x), int(y), side_w, side_h), masked=True)
+        for y in ys
+        for x in xs
+    ]
+    return np.ma.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1)
+
+
+def dynamic_range(
+    samples: np.ndarray, percentiles: tuple[float, float] = (2.0, 98.0)
+) -> tuple[list[float], list[float]]:
+    """Per-band ``(low, high)``: the given percentiles of the sampled pixels (finite only)."""
+    lows, highs = [], []
+    for band in samples.astype(np.float64, copy=False):
+        finite = band[np.isfinite(band)]
+        low, high = np.percentile(finite, percentiles) if finite.size else (0.0, 255.0)
+        if high <= low:
+            high = low + 1.0
+        lows.append(float(low))
+        highs.append(float(high))
+    return lows, highs
+
+
+def deep_pixels(info: ImageInfo) -> bool:
+    """Whether the image is deeper than 8 bits (or not 8-bit unsigned)."""
+    return (info.bits or 0) > 8 or info.dtype != "uint8"
+
+
+def range_adjustment(
+    requested: str | None, info: ImageInfo, options: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The request's ``rangeAdjustment`` for this image, resolved once per image.
+
+    Default: ``DRA`` for images deeper than 8 bits, else ``NONE``. ``DRA`` is a per-band
+    2nd–98th percentile stretch of pixels sampled from the image (see :func:`sample_pixels`),
+    so every tile of the image gets the same mapping. The result records the parameters
+    (``{"type", "low", "high", "percentiles", "sample", "samplePixels"}``) for the summary.
+    """
+    kind = requested or ("DRA" if deep_pixels(info) else "NONE")
+    record: dict[str, Any] = {"type": kind, "requested": requested}
+    if kind == "DRA":
+        samples, how = sample_pixels(info.url, info, options)
+        low, high = dynamic_range(samples)
+        record.update(low=low, high=high, percentiles=[2.0, 98.0], sample=how,
+                      samplePixels=int(samples.shape[1]))
+    elif kind == "MINMAX":
+        record["bits"] = info.bits
+    return record
