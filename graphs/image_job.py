@@ -95,6 +95,8 @@ class ImagePlan:
     read_options: dict[str, str] = field(default_factory=dict, repr=False)
     #: the resolved rangeAdjustment and its parameters (see ``pipeline.io.range_adjustment``)
     range_adjustment: dict[str, Any] = field(default_factory=lambda: {"type": "NONE"})
+    #: what the image's STAC Item supplied and where the file won (``pipeline.stac.resolve``)
+    stac: dict[str, Any] | None = None
     #: the regionOfInterest in pixels, and which chunks touch it (None: the whole image)
     roi: Any = None
     chunk_mask: np.ndarray | None = None
@@ -127,6 +129,8 @@ class ImagePlan:
         if self.chunk_mask is not None:
             facts["regionOfInterest"] = {
                 "chunks": int(self.chunk_mask.sum()),
+        if self.stac:
+            facts["stacMetadata"] = self.stac
                 "chunksSkipped": int(self.chunk_mask.size - self.chunk_mask.sum()),
                 "pixelBounds": [round(v, 2) for v in self.roi.bounds],
             }
@@ -249,27 +253,35 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
 
     if client is not None and in_s3(url) and not aws.has_credentials():
         options = read_options(url, request.image_read_role)  # this process's endpoint and region
-        return client.submit(plan_image, request, url, chunk_target, options, pure=False).result()
+        metadata = image_metadata(request.job_id, url)  # this process expanded the request
+        return client.submit(plan_image, request, url, chunk_target, options, metadata, pure=False).result()
     return plan_image(request, url, chunk_target)
 
 
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET,
-               read_with: dict[str, str] | None = None) -> ImagePlan:
+    from pipeline.stac import image_metadata
+               read_with: dict[str, str] | None = None, metadata: Any = None) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
 
     Resolves, once per image: the read options (endpoint, region, ``imageReadRole``), the
     sensor model (with ``elevation``), the range adjustment (DRA statistics; the sample read
     also proves the pixels readable) and the region of interest's chunks. ``read_with``: read
-    options resolved elsewhere (by a client that plans on a worker).
+    options resolved elsewhere (by a client that plans on a worker). ``metadata``: the image's
+    STAC :class:`~pipeline.stac.AssetMetadata` (default: from the job's STAC expansion), laid
+    over the header by :func:`pipeline.stac.resolve`.
     """
     if synthetic.is_synthetic(url):
         info = _describe(url)
         options: dict[str, str] = {}
     else:
         options = read_with if read_with is not None else read_options(url, request.image_read_role)
-        info = describe(url, options)
+        metadata = metadata if metadata is not None else image_metadata(request.job_id, url)
+        info, stac = resolve(describe(url, options), metadata)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
+    from pipeline.stac import image_metadata, resolve
+
+    stac: dict[str, Any] = {}
     elevation = request.elevation.model_dump(exclude_none=True) if request.elevation else None
     model = sensor_model(info, elevation, options)
     roi = None
@@ -287,7 +299,7 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
         if adjustment["type"] != "DRA":  # unreadable pixels fail here, in one line
             x, y = (int(v) for v in roi.bounds[:2]) if roi is not None else (0, 0)
             read_window(url, (x, y, x + 1, y + 1), options)
-    return ImagePlan(url, info, grid, model, options, adjustment, roi, mask)
+    return ImagePlan(url, info, grid, model, options, adjustment, roi, mask, stac or None)
 
 
 def tile_grid(request: ImageRequest, width: int, height: int,
@@ -320,14 +332,19 @@ class ChunkModel:
         if self.stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
             block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", self.bits, self.stretch), -1, 0)
             adjustment = "NONE"
+    #: the image's nodata value (the file's, else its STAC Item's): 0 in the model's tiles
+    nodata: float | None = None
         result = detect_chunk(block, origin, (row, col), self.grid, self.spec, adjustment, self.bits)
         if self.roi is not None:
             result.detections = keep_in_roi(result.detections, self.roi)
         return result
 
+        invalid = block == self.nodata if self.nodata is not None and not np.isnan(self.nodata) else None
 
 def _read_pixels_task(
     _: np.ndarray,
+        if invalid is not None and invalid.any():  # a new array: the block may be shared
+            block = np.where(invalid, np.zeros((), block.dtype), block)
     source: WindowSource,
     grid: TileGrid,
     block_info: dict[Any, Any] | None = None,
@@ -396,8 +413,8 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec, clien
         source = RasterSource(task_url(plan.url, client), (info.bands, info.height, info.width),
                               np.dtype(info.dtype), GdalOptions(plan.read_options))
     layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
-    token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt)
-    model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi)
+    token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt, info.nodata)
+    model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi, info.nodata)
     results_meta = {"dtype": object, "meta": np.empty((0, 0), dtype=object)}
     resources = spec.options.get("resources")
     if not resources:

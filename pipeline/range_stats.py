@@ -44,6 +44,8 @@ def sample_pixels(
                 data, how = _sample_blocks(src, info, target), "blocks"
     except rasterio.errors.RasterioIOError as exc:
         raise ImageError(f"cannot read pixels of {url}: {gdal_error_line(exc)}") from None
+    if info.nodata is not None and not np.isnan(info.nodata):  # the file's, or its STAC Item's
+        data = np.ma.masked_equal(data, info.nodata)
     flat = data.reshape(data.shape[0], -1)
     if isinstance(flat, np.ma.MaskedArray):
         values = [band.compressed() for band in flat]
@@ -112,3 +114,16 @@ def range_adjustment(
     elif kind == "MINMAX":
         record["bits"] = info.bits
     return record
+
+    Bands with a scale and offset (``info.scales``, the file's or its STAC Item's) give the
+    model ``scale × pixel + offset`` (recorded as ``scale``, ``offset``): ``DRA`` and ``MINMAX``
+    stretch ranges that a positive scale maps linearly, so their tiles are the same; ``NONE``
+    clips the scaled values to 0..255, which is the stretch ``low = −offset/scale``,
+    ``high = low + 255/scale`` of the raw pixels. A scale that is not positive is not applied.
+    if info.scales and all(scale > 0 for scale in info.scales):
+        record.update(scale=list(info.scales), offset=list(info.offsets))
+        if kind == "NONE":
+            low = [-offset / scale for scale, offset in zip(info.scales, info.offsets, strict=True)]
+            record.update(low=low, high=[v + 255.0 / s for v, s in zip(low, info.scales, strict=True)])
+    elif info.scales:
+        record["scaleNotApplied"] = list(info.scales)  # not all positive

@@ -198,6 +198,9 @@ class ImageInfo:
     tags: dict[str, str] = field(default_factory=dict, repr=False)
     #: the ``xml:TRE`` metadata domain (NITF), for ICHIPB
     tre_xml: str | None = field(default=None, repr=False)
+    #: each band's scale and offset (value = scale × pixel + offset); empty when all are 1 and 0
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
 
 
 def _read_info(url: str, src: Any) -> ImageInfo:
@@ -232,7 +235,16 @@ def _read_info(url: str, src: Any) -> ImageInfo:
         overviews=tuple(src.overviews(1)) if src.count else (),
         tags=tags,
         tre_xml=tre_xml,
+        **_linear(src),
     )
+
+
+def _linear(src: Any) -> dict[str, tuple[float, ...]]:
+    scales = tuple(1.0 if v is None else float(v) for v in src.scales)
+    offsets = tuple(0.0 if v is None else float(v) for v in src.offsets)
+    if all(v == 1.0 for v in scales) and not any(offsets):
+        return {}
+    return {"scales": scales, "offsets": offsets}
 
 
 def describe(url: str, options: dict[str, str] | None = None) -> ImageInfo:
@@ -397,12 +409,15 @@ def lazy_pixels(
     import dask.array as da
     from dask.base import tokenize
 
+    from pipeline.redact import public_url
+
     rows, cols = (chunks, chunks) if isinstance(chunks, int) else chunks
     from pipeline.aws import GdalOptions
 
     options = GdalOptions(options) if options is not None else read_options(url)
     source = RasterSource(url, (info.bands, info.height, info.width), np.dtype(info.dtype), options)
-    name = f"read-{url.rsplit('/', 1)[-1]}-{tokenize(url, info.width, info.height, rows, cols)}"
+    file = public_url(url).split("?", 1)[0].rsplit("/", 1)[-1]  # a name never holds a presigned query
+    name = f"read-{file}-{tokenize(url, info.width, info.height, rows, cols)}"
     return da.from_array(
         source,
         chunks=(info.bands, rows, cols),
@@ -420,20 +435,25 @@ def open_image(
     *,
     role: str | None = None,
     elevation: dict[str, Any] | None = None,
+    metadata: Any = None,
 ) -> Any:
     """The image as a lazily chunked ``xarray.DataArray`` ``(band, y, x)``.
 
     ``chunks`` is the chunk side in pixels (or ``(rows, cols)``); all bands share a chunk.
     Sensor model and header facts are in ``.attrs["sensor_model"]`` and ``.attrs["info"]``;
     ``x``/``y`` are pixel-centre coordinates in the image's CRS where it has an affine one.
+    ``metadata``: a STAC Item's :class:`pipeline.stac.AssetMetadata`, for what the file lacks
+    (:func:`pipeline.stac.resolve`). Bands with a scale or offset give ``scale × pixel +
+    offset`` (float, nodata pixels NaN); ``.rio.nodata`` is the image's nodata.
     """
     import rioxarray  # noqa: F401 - registers the ``.rio`` accessor used below
     import xarray as xr
 
     from pipeline.sensor_models import sensor_model
+    from pipeline.stac import resolve
 
     options = read_options(url, role)
-    info = describe(url, options)
+    info, _ = resolve(describe(url, options), metadata)
     data = lazy_pixels(url, info, chunks, options)
     coords: dict[str, Any] = {"band": np.arange(1, info.bands + 1)}
     if info.transform is not None:
@@ -441,9 +461,14 @@ def open_image(
         coords["x"] = c + a * (np.arange(info.width) + 0.5)
         coords["y"] = f + e * (np.arange(info.height) + 0.5)
     array = xr.DataArray(data, dims=("band", "y", "x"), coords=coords)
+    if info.scales:
+        valid = array if info.nodata is None else array.where(array != info.nodata)
+        array = valid * np.array(info.scales)[:, None, None] + np.array(info.offsets)[:, None, None]
     if info.crs is not None:
         array = array.rio.write_crs(info.crs)
         array = array.rio.write_transform(Affine(*info.transform[:6]))  # type: ignore[index]
+    if info.nodata is not None:
+        array = array.rio.write_nodata(np.nan if info.scales else info.nodata)
     array.attrs["info"] = info
     array.attrs["sensor_model"] = sensor_model(info, elevation, options)
     return array

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from pipeline.failures import one_line
@@ -29,6 +32,7 @@ from pipeline.failures import one_line
 if TYPE_CHECKING:
     import pystac
 
+    from pipeline.io import ImageInfo
     from pipeline.request import ImageRequest, StacSearch
     from pipeline.security import AllowList
 
@@ -55,24 +59,89 @@ def is_stac_url(url: str) -> bool:
     return path.lower().endswith(STAC_SUFFIXES) or bool(STAC_API_ITEM.search(path))
 
 
-def _stac_io(allow: AllowList | None, field: str) -> Any:
-    """pystac's I/O, checking every href it reads against ``allow`` first."""
+#: a STAC document larger than this is refused (bytes)
+MAX_STAC_BYTES = 16 * 2**20
+
+
+def stac_reader(allow: AllowList | None = None, field: str = "imageUrls") -> Any:
+    """pystac's I/O for a request's STAC documents. Every href it reads (each redirect hop
+    too) is first checked against ``allow``; ``s3://`` is read with this process's S3 client
+    (:func:`pipeline.aws.client`: its endpoint, its refreshing credentials), ``http(s)://`` with
+    ``requests``, redirects followed here (:data:`pipeline.security.MAX_REDIRECTS`), anything else
+    by pystac; a document is at most :data:`MAX_STAC_BYTES`."""
+    return _reader_class()(allow, field)
+
+
+@cache
+def _reader_class() -> type:
     from pystac.stac_io import DefaultStacIO
 
-    class CheckedStacIO(DefaultStacIO):
-        def read_text(self, source: Any, *args: Any, **kwargs: Any) -> str:
-            if allow is not None:
-                allow.check_source(str(source), field)
-            return str(super().read_text(source, *args, **kwargs))
+    class StacReader(DefaultStacIO):
+        def __init__(self, allow: AllowList | None, field: str) -> None:
+            super().__init__()
+            self.allow, self.field = allow, field
+            self.s3: Any = None
 
-    return CheckedStacIO()
+        def read_text_from_href(self, href: str) -> str:
+            if self.allow is not None:
+                self.allow.check_source(href, self.field)
+            if href.startswith("s3://"):
+                return self._read_s3(href)
+            if href.split(":", 1)[0].lower() in ("http", "https"):
+                return _read_http(href, self.allow, self.field, dict(self.headers))
+            return str(super().read_text_from_href(href))
+
+        def _read_s3(self, href: str) -> str:
+            from pipeline import aws
+            from pipeline.security import read_capped
+
+            if self.s3 is None:
+                self.s3 = aws.client("s3")
+            bucket, key = aws.split_s3_url(href)
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return read_capped(body, MAX_STAC_BYTES, "STAC document").decode("utf-8")
+            finally:
+                body.close()
+
+    return StacReader
+
+
+def _read_http(url: str, allow: AllowList | None, field: str, headers: dict[str, str]) -> str:
+    """The body of an http(s) STAC document; each redirect's target checked against ``allow``."""
+    from urllib.parse import urljoin
+
+    import requests
+
+    from pipeline.redact import public_url
+    from pipeline.security import MAX_REDIRECTS, AccessDenied, read_response
+
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        response = requests.get(current, headers=headers, stream=True, allow_redirects=False, timeout=30)
+        location = response.headers.get("Location")
+        if not (response.is_redirect and location):
+            if response.status_code >= 400:
+                response.close()
+                raise StacError(f"HTTP {response.status_code} from {public_url(current)}")
+            return read_response(response, MAX_STAC_BYTES, deadline=60.0, what="STAC document").decode()
+        response.close()
+        target = urljoin(current, location)
+        if allow is not None:
+            try:
+                allow.check_source(target, field)
+            except AccessDenied as exc:
+                raise AccessDenied(f"{field}: redirected to {public_url(target)}, which is refused "
+                                   f"({str(exc).split(': ', 1)[-1]})") from None
+        current = target
+    raise StacError(f"more than {MAX_REDIRECTS} redirects from {public_url(url)}")
 
 
 def read_items(url: str, allow: AllowList | None = None, field: str = "imageUrls") -> list[pystac.Item]:
     """The Items of a STAC Item or ItemCollection document at ``url`` (a path or http(s) URL)."""
     import pystac
 
-    io = _stac_io(allow, field)
+    io = stac_reader(allow, field)
     try:
         data = io.read_json(url)
     except Exception as exc:  # noqa: BLE001 - any read or parse error, in one line
@@ -107,6 +176,124 @@ def asset_href(item: pystac.Item, key: str | None = None) -> str:
     return str(item.assets[asset_key(item, key)].get_absolute_href())
 
 
+@dataclass(frozen=True)
+class AssetMetadata:
+    """What an Item states about its image asset (the asset's own fields, else the Item's):
+    ``proj:`` CRS (``code``/``epsg``/``wkt2``/``projjson``), transform (or ``bbox`` with
+    ``shape``) and shape, and ``raster:bands`` nodata, scale, offset, data type and spatial
+    resolution. :func:`resolve` lays it over an image's header: the file wins where it states
+    a value, the Item fills what the file lacks."""
+
+    item: str
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    #: ``(rows, cols)``
+    shape: tuple[int, int] | None = None
+    nodata: float | None = None
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
+    data_type: str | None = None
+    resolution: float | None = None
+
+
+def asset_metadata(item: pystac.Item, key: str | None = None) -> AssetMetadata | None:
+    """The ``proj:`` and ``raster:`` metadata of the Item's image asset, or None if it has none."""
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import RasterExtension
+
+    asset = item.assets[asset_key(item, key)]
+    proj = ProjectionExtension.ext(asset)  # the asset's fields, else the Item's
+    crs, shape = proj.crs_string, proj.shape
+    transform = tuple(float(v) for v in proj.transform[:6]) if proj.transform else None
+    if transform is None and proj.bbox and shape and len(proj.bbox) == 4:
+        from rasterio.transform import from_bounds
+
+        transform = tuple(from_bounds(*proj.bbox, width=shape[1], height=shape[0]))[:6]
+    bands = RasterExtension.ext(asset).bands if RasterExtension.has_extension(item) else None
+    bands = bands or []
+    nodata = next((float(b.nodata) for b in bands if b.nodata is not None), None)
+    resolution = next((float(b.spatial_resolution) for b in bands if b.spatial_resolution), None)
+    data_type = next((str(b.data_type) for b in bands if b.data_type), None)
+    scaled = any(b.scale not in (None, 1) or b.offset not in (None, 0) for b in bands)
+    metadata = AssetMetadata(
+        str(item.get_self_href() or item.id), crs, transform,
+        (int(shape[0]), int(shape[1])) if shape and len(shape) == 2 else None, nodata,
+        tuple(1.0 if b.scale is None else float(b.scale) for b in bands) if scaled else (),
+        tuple(0.0 if b.offset is None else float(b.offset) for b in bands) if scaled else (),
+        data_type.split(".")[-1] if data_type else None, resolution)
+    return None if metadata == AssetMetadata(metadata.item) else metadata
+
+
+def resolve(info: ImageInfo, metadata: AssetMetadata | None) -> tuple[ImageInfo, dict[str, Any]]:
+    """``info`` with what ``metadata`` states and the file lacks, and what happened, for the
+    summary (``{"item", "applied": [fields], "fileWins": [{"field", "file", "item"}]}``).
+
+    The file wins: its georeferencing (RPC, affine or GCPs), nodata and scale/offset are what
+    its pixels were written with, while an Item may be rounded, stale or describe another
+    asset. The Item's CRS and transform apply only to a file without georeferencing whose
+    size is the Item's ``proj:shape`` (where given); its nodata to a file without one; its
+    scales and offsets (one per band) to a file without its own. A disagreement is logged
+    and listed in ``fileWins``; ``data_type`` and ``spatial_resolution`` are only compared."""
+    from dataclasses import replace
+
+    from pyproj import CRS
+
+    from pipeline.redact import public_url
+
+    if metadata is None:
+        return info, {}
+    applied: list[str] = []
+    file_wins: list[dict[str, Any]] = []
+    changes: dict[str, Any] = {}
+
+    def disagree(name: str, file: Any, item: Any) -> None:
+        file_wins.append({"field": name, "file": file, "item": item})
+        log.warning("%s: the file's %s (%s) wins over its STAC Item's (%s)", public_url(info.url), name,
+                    file, item)
+
+    size = (info.height, info.width)
+    if metadata.shape is not None and metadata.shape != size:
+        disagree("proj:shape", list(size), list(metadata.shape))
+    elif metadata.crs and metadata.transform:
+        crs = CRS.from_user_input(metadata.crs)
+        if info.transform is None and not info.rpcs and len(info.gcps) < 3:
+            changes.update(crs=crs.to_wkt(), transform=metadata.transform)
+            applied += ["proj:crs", "proj:transform"]
+        elif info.transform is not None and info.crs is not None:
+            if not CRS.from_wkt(info.crs).equals(crs, ignore_axis_order=True):
+                disagree("proj:crs", CRS.from_wkt(info.crs).to_string(), metadata.crs)
+            pixel = max(abs(v) for v in info.transform[:2] + info.transform[3:5]) or 1.0
+            pairs = zip(info.transform, metadata.transform, strict=True)
+            if any(abs(a - b) > 1e-6 * pixel for a, b in pairs):
+                disagree("proj:transform", list(info.transform), list(metadata.transform))
+    if metadata.nodata is not None:
+        if info.nodata is None:
+            changes["nodata"] = metadata.nodata
+            applied.append("raster:bands.nodata")
+        elif info.nodata != metadata.nodata and not (math.isnan(info.nodata) and math.isnan(metadata.nodata)):
+            disagree("raster:bands.nodata", info.nodata, metadata.nodata)
+    if metadata.scales:
+        item_linear = (metadata.scales, metadata.offsets)
+        if len(metadata.scales) != info.bands:
+            disagree("raster:bands", f"{info.bands} bands", f"{len(metadata.scales)} bands")
+        elif not info.scales:
+            changes.update(scales=metadata.scales, offsets=metadata.offsets)
+            applied += ["raster:bands.scale", "raster:bands.offset"]
+        elif (info.scales, info.offsets) != item_linear:
+            disagree("raster:bands.scale/offset", [list(info.scales), list(info.offsets)],
+                     [list(v) for v in item_linear])
+    if metadata.data_type and metadata.data_type != info.dtype:
+        disagree("raster:bands.data_type", info.dtype, metadata.data_type)
+    transform = changes.get("transform", info.transform)
+    if metadata.resolution and transform is not None and \
+            not math.isclose(abs(transform[0]), metadata.resolution, rel_tol=1e-6):
+        disagree("raster:bands.spatial_resolution", abs(transform[0]), metadata.resolution)
+    report: dict[str, Any] = {"item": public_url(metadata.item), "applied": applied}
+    if file_wins:
+        report["fileWins"] = file_wins
+    return replace(info, **changes), report
+
+
 def search(spec: StacSearch, allow: AllowList | None = None) -> list[pystac.Item]:
     """The Items that ``spec`` finds (at most ``maxItems``), in the order the source gives."""
     if spec.url is not None:
@@ -139,7 +326,7 @@ def _catalog_search(spec: StacSearch, allow: AllowList | None) -> list[pystac.It
 
     assert spec.catalog is not None
     try:
-        catalog = pystac.Catalog.from_file(spec.catalog, stac_io=_stac_io(allow, "stacSearch.catalog"))
+        catalog = pystac.Catalog.from_file(spec.catalog, stac_io=stac_reader(allow, "stacSearch.catalog"))
         items = []
         for item in catalog.get_items(recursive=True):
             if matches(item, spec):
@@ -224,6 +411,15 @@ def source_item(job_id: str, url: str) -> str | None:
     return _SOURCES.get(job_id, {}).get(url)
 
 
+#: ``{job id: {image url: its Item's AssetMetadata}}``, beside :data:`_SOURCES`
+_METADATA: dict[str, dict[str, AssetMetadata]] = {}
+
+
+def image_metadata(job_id: str, url: str) -> AssetMetadata | None:
+    """The STAC metadata of image ``url`` of job ``job_id`` (:func:`asset_metadata`), if any."""
+    return _METADATA.get(job_id, {}).get(url)
+
+
 def expand_request(request: ImageRequest, allow: AllowList | None = None) -> ImageRequest:
     """``request`` with its STAC Items and ``stacSearch`` replaced by their image assets' hrefs
     (``stacSources`` maps each href to its Item); a request without STAC comes back as is.
@@ -231,10 +427,22 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
     if request._stac_expanded or (request.stac_search is None
                                   and not any(is_stac_url(u) for u in request.image_urls)):
         _SOURCES[request.job_id] = request.stac_sources
+        if not request._stac_expanded:
+            _METADATA.pop(request.job_id, None)
         return request
     key = request.stac_search.asset_key if request.stac_search else None
     urls: list[str] = []
     sources = dict(request.stac_sources)
+    metadata: dict[str, AssetMetadata] = {}
+
+    def add(item: pystac.Item, source: str) -> None:
+        href = asset_href(item, key)
+        urls.append(href)
+        sources[href] = source
+        found = asset_metadata(item, key)
+        if found is not None:
+            metadata[href] = found
+
     for i, url in enumerate(request.image_urls):
         if not is_stac_url(url):
             urls.append(url)
@@ -242,19 +450,16 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
         if allow is not None:
             allow.check_source(url, f"imageUrls[{i}]")
         for item in read_items(url, allow, f"imageUrls[{i}]"):
-            href = asset_href(item, key)
-            urls.append(href)
-            sources[href] = str(item.get_self_href() or url)
+            add(item, str(item.get_self_href() or url))
     if request.stac_search is not None:
         items = search(request.stac_search, allow)
         if not items:
             raise StacError("stacSearch: the search found no STAC Items")
         for item in items:
-            href = asset_href(item, key)
-            urls.append(href)
-            sources[href] = str(item.get_self_href() or href)
+            add(item, str(item.get_self_href() or asset_href(item, key)))
     urls = list(dict.fromkeys(urls))  # an image found twice is processed once
     _SOURCES[request.job_id] = sources
+    _METADATA[request.job_id] = metadata
     log.info("STAC: %d image(s) from %d STAC source(s)", len(urls), len(sources))
     expanded = request.model_copy(update={"image_urls": urls, "stac_search": None})
     expanded._stac_sources = sources
@@ -263,38 +468,16 @@ def expand_request(request: ImageRequest, allow: AllowList | None = None) -> Ima
 
 
 def item_array(item: pystac.Item, key: str | None = None, chunks: int = 4096) -> Any:
-    """The Item's image asset as a lazily chunked ``(band, y, x)`` DataArray (rioxarray), with
-    the Item's ``proj:`` CRS and transform where the file has none, and its ``raster:bands``
-    nodata, scale and offset applied (float pixels where a scale or offset is given)."""
-    import numpy as np
-    import rioxarray
-    from affine import Affine
-    from pystac.extensions.projection import ProjectionExtension
-    from pystac.extensions.raster import RasterExtension
+    """The Item's image asset as a lazily chunked ``(band, y, x)`` DataArray
+    (:func:`pipeline.reading.open_image`) with the Item's ``proj:`` and ``raster:`` metadata
+    where the file lacks them (:func:`resolve`): float values where a band has a scale or
+    offset. Its name is the asset's href (:func:`pipeline.redact.public_url`)."""
+    from pipeline.reading import open_image
+    from pipeline.redact import public_url
 
-    name = asset_key(item, key)
-    asset = item.assets[name]
-    href = str(asset.get_absolute_href())
-    array: Any = rioxarray.open_rasterio(href, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
-    array.name = href
-    if ProjectionExtension.has_extension(item):
-        proj = ProjectionExtension.ext(asset)
-        crs = proj.crs_string or (proj.wkt2 if proj.wkt2 else None)
-        if array.rio.crs is None and crs and proj.transform:
-            a, _, c, _, e, f = proj.transform[:6]  # pixel-centre coordinates, as rioxarray's
-            array = array.assign_coords(x=c + a * (np.arange(array.sizes["x"]) + 0.5),
-                                        y=f + e * (np.arange(array.sizes["y"]) + 0.5))
-            array = array.rio.write_crs(crs).rio.write_transform(Affine(*proj.transform[:6]))
-    if RasterExtension.has_extension(item):
-        bands = RasterExtension.ext(asset).bands or []
-        nodata = [b.nodata for b in bands]
-        if nodata and nodata[0] is not None and array.rio.nodata is None:
-            array = array.rio.write_nodata(nodata[0])
-        scale = [b.scale if b.scale is not None else 1.0 for b in bands]
-        offset = [b.offset if b.offset is not None else 0.0 for b in bands]
-        if len(bands) == array.sizes["band"] and (any(s != 1.0 for s in scale) or any(offset)):
-            values = array * np.array(scale)[:, None, None] + np.array(offset)[:, None, None]
-            array = values.rio.write_crs(array.rio.crs) if array.rio.crs else values
+    href = asset_href(item, key)
+    array = open_image(href, chunks, metadata=asset_metadata(item, key))
+    array.name = public_url(href)
     return array
 
 
