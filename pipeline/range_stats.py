@@ -90,8 +90,8 @@ def dynamic_range(
 
 
 def deep_pixels(info: ImageInfo) -> bool:
-    """Whether the image is deeper than 8 bits (or not 8-bit unsigned)."""
-    return (info.bits or 0) > 8 or info.dtype != "uint8"
+    """Whether the image is deeper than 8 bits (or not 8-bit unsigned, or scaled)."""
+    return (info.bits or 0) > 8 or info.dtype != "uint8" or bool(info.scales)
 
 
 def range_adjustment(
