@@ -11,10 +11,9 @@ import json
 import logging
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,12 +25,11 @@ import rasterio.errors
 import shapely
 from dask.base import tokenize
 
-from graphs.model_targets import finish_model, prepare_model
 from pipeline import events as ev
 from pipeline import synthetic
 from pipeline.aws import GdalOptions, split_s3_url
 from pipeline.detections import Detections
-from pipeline.failures import is_permanent
+from pipeline.failures import one_line
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
 from pipeline.io import (
@@ -54,12 +52,11 @@ from pipeline.merge import border_mask, distill, settled
 from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
 from pipeline.nitf import source_metadata
-from pipeline.parts import PartStore, fingerprint
 from pipeline.redact import public_url, redact
 from pipeline.request import ImageRequest, S3Output
-from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels, tiles_in
+from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels
 from pipeline.security import work_prefix
-from pipeline.sinks import Sink, make_sink
+from pipeline.sinks import Sink, with_image_shapes
 from pipeline.tiling import (
     DEFAULT_CHUNK_TARGET,
     FIXED_STRIDE,
@@ -95,11 +92,11 @@ class ImagePlan:
     read_options: dict[str, str] = field(default_factory=dict, repr=False)
     #: the resolved rangeAdjustment and its parameters (see ``pipeline.io.range_adjustment``)
     range_adjustment: dict[str, Any] = field(default_factory=lambda: {"type": "NONE"})
-    #: what the image's STAC Item supplied and where the file won (``pipeline.stac.resolve``)
-    stac: dict[str, Any] | None = None
     #: the regionOfInterest in pixels, and which chunks touch it (None: the whole image)
     roi: Any = None
     chunk_mask: np.ndarray | None = None
+    #: what the image's STAC Item supplied and where the file won (``pipeline.stac.resolve``)
+    stac: dict[str, Any] | None = None
 
     @property
     def feature_columns(self) -> dict[str, Any]:
@@ -129,11 +126,11 @@ class ImagePlan:
         if self.chunk_mask is not None:
             facts["regionOfInterest"] = {
                 "chunks": int(self.chunk_mask.sum()),
-        if self.stac:
-            facts["stacMetadata"] = self.stac
                 "chunksSkipped": int(self.chunk_mask.size - self.chunk_mask.sum()),
                 "pixelBounds": [round(v, 2) for v in self.roi.bounds],
             }
+        if self.stac:
+            facts["stacMetadata"] = self.stac
         return facts
 
 
@@ -161,6 +158,17 @@ class ImageOutcome:
     classes: Counter[str] = field(default_factory=Counter)
     #: a FAILED image whose failure a retry cannot change (:mod:`pipeline.failures`)
     permanent: bool = False
+
+    def add_finished(self, record: dict[str, Any], border: Detections) -> None:
+        """Tally a chunk that an earlier run finished (its manifest ``record``) and keep its
+        ``border`` detections for the border pass (see :class:`pipeline.parts.PartStore`)."""
+        self.raw_detections += record["rawDetections"]
+        self.dropped_detections += record.get("droppedDetections", 0)
+        self.before_merge += record["detections"]
+        self.after_merge += record["features"]
+        self.timer.add("model", record["modelSeconds"])
+        self.classes.update(record.get("classes", {}))
+        self.border.append(border)
 
     def summary(self) -> dict[str, Any]:
         info = self.plan.info if self.plan else None
@@ -250,6 +258,7 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
     has no AWS credentials of its own (the workers sign with theirs; a plan holds no secret)."""
     from pipeline import aws
     from pipeline.io import in_s3
+    from pipeline.stac import image_metadata
 
     if client is not None and in_s3(url) and not aws.has_credentials():
         options = read_options(url, request.image_read_role)  # this process's endpoint and region
@@ -259,7 +268,6 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
 
 
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET,
-    from pipeline.stac import image_metadata
                read_with: dict[str, str] | None = None, metadata: Any = None) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
 
@@ -270,6 +278,9 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
     STAC :class:`~pipeline.stac.AssetMetadata` (default: from the job's STAC expansion), laid
     over the header by :func:`pipeline.stac.resolve`.
     """
+    from pipeline.stac import image_metadata, resolve
+
+    stac: dict[str, Any] = {}
     if synthetic.is_synthetic(url):
         info = _describe(url)
         options: dict[str, str] = {}
@@ -279,9 +290,6 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
         info, stac = resolve(describe(url, options), metadata)
     if info.width < 1 or info.height < 1 or info.bands < 1:
         raise ImageError(f"image has no pixels: {url} ({info.width}x{info.height}x{info.bands})")
-    from pipeline.stac import image_metadata, resolve
-
-    stac: dict[str, Any] = {}
     elevation = request.elevation.model_dump(exclude_none=True) if request.elevation else None
     model = sensor_model(info, elevation, options)
     roi = None
@@ -324,27 +332,27 @@ class ChunkModel:
     bits: int | None
     stretch: tuple[list[float], list[float]] | None = None  # the image's DRA, if any
     roi: Any = None
+    #: the image's nodata value (the file's, else its STAC Item's): 0 in the model's tiles
+    nodata: float | None = None
 
     def detect(self, block: np.ndarray, row: int, col: int) -> ChunkResult:
         """Tiles of chunk ``(row, col)`` (pixels ``block``) → the chunk's owned detections."""
         origin = self.grid.chunk_window(row, col)[:2]
         adjustment = self.range_adjustment
+        invalid = block == self.nodata if self.nodata is not None and not np.isnan(self.nodata) else None
         if self.stretch is not None:  # the image's DRA, once per chunk (tiles are then uint8)
             block = np.moveaxis(to_uint8(np.moveaxis(block, 0, -1), "DRA", self.bits, self.stretch), -1, 0)
             adjustment = "NONE"
-    #: the image's nodata value (the file's, else its STAC Item's): 0 in the model's tiles
-    nodata: float | None = None
+        if invalid is not None and invalid.any():  # a new array: the block may be shared
+            block = np.where(invalid, np.zeros((), block.dtype), block)
         result = detect_chunk(block, origin, (row, col), self.grid, self.spec, adjustment, self.bits)
         if self.roi is not None:
             result.detections = keep_in_roi(result.detections, self.roi)
         return result
 
-        invalid = block == self.nodata if self.nodata is not None and not np.isnan(self.nodata) else None
 
 def _read_pixels_task(
     _: np.ndarray,
-        if invalid is not None and invalid.any():  # a new array: the block may be shared
-            block = np.where(invalid, np.zeros((), block.dtype), block)
     source: WindowSource,
     grid: TileGrid,
     block_info: dict[Any, Any] | None = None,
@@ -381,11 +389,11 @@ def _detect_pixels_task(read: np.ndarray, model: ChunkModel,
     return out
 
 
-def _read_chunk_task(layout: np.ndarray, source: WindowSource, model: ChunkModel,
+def _read_chunk_task(chunk_index: np.ndarray, source: WindowSource, model: ChunkModel,
                      block_info: dict[Any, Any] | None = None) -> np.ndarray:
     """Read (or render) one chunk's window, its tiles and halo, and detect in it: both halves
     in one task, so that no pixels move between workers."""
-    pixels = _read_pixels_task(layout, source, model.grid, block_info)
+    pixels = _read_pixels_task(chunk_index, source, model.grid, block_info)
     return _detect_pixels_task(pixels, model, block_info)
 
 
@@ -412,18 +420,20 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec, clien
     else:
         source = RasterSource(task_url(plan.url, client), (info.bands, info.height, info.width),
                               np.dtype(info.dtype), GdalOptions(plan.read_options))
-    layout = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
+    # one element per chunk, one chunk per element: map_blocks over it runs a task per chunk
+    # and hands it its (row, col) in block_info (the element's value is never read)
+    chunk_index_grid = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8)
     token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt, info.nodata)
     model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi, info.nodata)
     results_meta = {"dtype": object, "meta": np.empty((0, 0), dtype=object)}
     resources = spec.options.get("resources")
     if not resources:
-        return da.map_blocks(_read_chunk_task, layout, source=source, model=model,
+        return da.map_blocks(_read_chunk_task, chunk_index_grid, source=source, model=model,
                              name=f"{name}-{token}", **results_meta)
     # A model pinned to some workers (a GPU) gets its pixels read by any worker: the pinned
     # workers only run the model, and reading is spread over the whole cluster. Only the model
     # tasks carry the resources; run_job computes them unoptimised (fusion would drop them).
-    pixels = da.map_blocks(_read_pixels_task, layout, source=source, grid=grid,
+    pixels = da.map_blocks(_read_pixels_task, chunk_index_grid, source=source, grid=grid,
                            name=f"read-{name}-{token}", **results_meta)
     results = da.map_blocks(_detect_pixels_task, pixels, model=model, name=f"{name}-{token}",
                             **results_meta)
@@ -482,7 +492,8 @@ class JobResult:
 ProgressFactory = Callable[[int], Any]
 
 
-def _finish_image(outcome: ImageOutcome) -> None:
+def finish_image(outcome: ImageOutcome) -> None:
+    """The image's status from its failed tiles (sorted by row, then column)."""
     outcome.failed_tiles.sort(key=lambda t: (t["window"][1], t["window"][0]))
     if outcome.status == ev.FAILED:
         return
@@ -540,6 +551,11 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+# ---------------------------------------------------------------- the reduction
+# Chunk results → one image's merged, geolocated features: settle_chunk for each chunk (as it
+# arrives), then finish_image and border_pass. run_job streams it (each chunk's features are
+# written as a part); lazy_features runs it in memory (reduce_image).
+
 #: what an empty chunk writes (only its length is read)
 _NO_FEATURES = empty_features(False)
 WGS84_NAME = "EPSG:4326"
@@ -557,9 +573,13 @@ def _image_features(outcome: ImageOutcome, merged: Detections, request: ImageReq
     return features
 
 
-def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: ChunkResult,
-                  request: ImageRequest) -> dict[str, Any]:
-    """Stream one chunk out: merge and write what is final, keep its border detections."""
+def settle_chunk(outcome: ImageOutcome, result: ChunkResult, request: ImageRequest
+                 ) -> tuple[gpd.GeoDataFrame, Detections, dict[str, int]]:
+    """One chunk's step of the reduction. Its detections that no other chunk can touch
+    (outside the chunk's border reach, or settled there) are merged and geolocated: the
+    features returned, with their count per class. The others wait in ``outcome.border`` for
+    :func:`border_pass` (and are returned, for a part store). The chunk's tiles, failed
+    tiles, counts and model seconds are tallied in ``outcome``."""
     plan = outcome.plan
     assert plan is not None
     detections = result.detections
@@ -572,17 +592,14 @@ def _settle_chunk(store: PartStore, index: int, outcome: ImageOutcome, result: C
         features = _image_features(outcome, merged, request) if len(merged) else _NO_FEATURES
     classes = _class_counts(merged)
     outcome.classes.update(classes)
-    with outcome.timer.stage("write"):
-        record = store.write_chunk(
-            index, result.chunk, features, waiting,
-            {"url": public_url(plan.url), "tiles": result.tiles, "rawDetections": result.raw_detections,
-             "classes": classes,
-             "droppedDetections": result.dropped_detections,
-             "detections": len(detections), "modelSeconds": round(result.model_seconds, 4)},
-            complete=not result.failed_tiles,
-        )
     outcome.border.append(waiting)
-    return record
+    outcome.failed_tiles.extend(result.failed_tiles)
+    outcome.raw_detections += result.raw_detections
+    outcome.dropped_detections += result.dropped_detections
+    outcome.before_merge += len(detections)
+    outcome.after_merge += len(features)
+    outcome.timer.add("model", result.model_seconds)
+    return features, waiting, classes
 
 
 def _class_counts(detections: Detections) -> dict[str, int]:
@@ -590,10 +607,9 @@ def _class_counts(detections: Detections) -> dict[str, int]:
     return {str(name): int(n) for name, n in zip(names, counts, strict=True)}
 
 
-def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: ImageRequest) -> int:
-    """Merge the detections that chunks left at their borders; write them as one more part."""
-    plan = outcome.plan
-    assert plan is not None
+def border_pass(outcome: ImageOutcome, request: ImageRequest) -> gpd.GeoDataFrame:
+    """The last step of the reduction: merge the detections that chunks left at their
+    borders (``outcome.border``, emptied) and geolocate them."""
     with outcome.timer.stage("merge"):
         waiting = Detections.concat(outcome.border)
         merged = distill(waiting, request.distillation)
@@ -601,12 +617,30 @@ def _border_pass(store: PartStore, index: int, outcome: ImageOutcome, request: I
     outcome.classes.update(_class_counts(merged))
     with outcome.timer.stage("geolocate"):
         features = _image_features(outcome, merged, request)
-    with outcome.timer.stage("write"):
-        store.write_border(index, features)
-    return len(features)
+    outcome.after_merge += len(features)
+    return features
 
 
-def _ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
+def reduce_image(outcome: ImageOutcome, request: ImageRequest, results: list[ChunkResult]
+                 ) -> gpd.GeoDataFrame:
+    """The whole reduction of one image in memory (as :func:`run_job` streams it): the
+    features of its chunk ``results``; ``outcome`` gets its status and failed tiles."""
+    frames = [settle_chunk(outcome, result, request)[0] for result in results]
+    finish_image(outcome)
+    if outcome.status != ev.FAILED:
+        frames.append(border_pass(outcome, request))
+    outcome.border.clear()
+    return concat_features([f for f in frames if len(f)], outcome.ground)
+
+
+def concat_features(frames: list[gpd.GeoDataFrame], georeferenced: bool) -> gpd.GeoDataFrame:
+    """Feature frames as one (empty ones with the columns of a job without features)."""
+    if not frames:
+        return empty_features(georeferenced)
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+
+
+def ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
     """A job's features are all lon/lat or all pixels: where georeferenced and pixel-only
     images are mixed, the pixel-only ones give features without geometry."""
     planned = [o for o in outcomes if o.plan is not None]
@@ -618,7 +652,47 @@ def _ground_in_mixed_jobs(outcomes: list[ImageOutcome]) -> None:
                         "(their pixel boxes are in imageGeometry)", outcome.url)
 
 
-def _worker_seconds(results: list[ChunkResult]) -> dict[str, float]:
+def lazy_features(request: ImageRequest) -> Any:
+    """A ``dask.delayed`` GeoDataFrame of the job's features, reduced as :func:`run_job`
+    reduces them (same columns, ``sourceMetadata`` included): each image planned once, only
+    the chunks in its regionOfInterest computed. ``.attrs["failedTiles"]`` lists the failed
+    tiles (``url``, ``window``, ``reason``); an unreadable image is left out (logged)."""
+    import dask
+
+    spec = model_spec(request)
+    check_model(spec)
+    outcomes = []
+    for url in image_urls(request):
+        try:
+            outcomes.append(ImageOutcome(url, plan=plan_image(request, url)))
+        except ImageError as exc:
+            log.warning("%s", exc)
+    ground_in_mixed_jobs(outcomes)
+    images = []
+    for outcome in outcomes:
+        assert outcome.plan is not None
+        mask = outcome.plan.chunk_mask
+        chunks = chunk_results(outcome.plan, request, spec).to_delayed()
+        wanted = [item for chunk, item in np.ndenumerate(chunks) if mask is None or mask[chunk]]
+        images.append(dask.delayed(_reduced_image, pure=True)(outcome, request, wanted))
+    georeferenced = any(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
+    return dask.delayed(_job_features, pure=True)(images, georeferenced)
+
+
+def _reduced_image(outcome: ImageOutcome, request: ImageRequest, chunks: list[np.ndarray]
+                   ) -> tuple[gpd.GeoDataFrame, list[dict[str, Any]]]:
+    features = reduce_image(outcome, request, [chunk[0, 0] for chunk in chunks])
+    return features, [{"url": public_url(outcome.url), **tile} for tile in outcome.failed_tiles]
+
+
+def _job_features(images: list[tuple[gpd.GeoDataFrame, list[dict[str, Any]]]],
+                  georeferenced: bool) -> gpd.GeoDataFrame:
+    features = with_image_shapes(concat_features([f for f, _ in images if len(f)], georeferenced))
+    features.attrs["failedTiles"] = [tile for _, tiles in images for tile in tiles]
+    return features
+
+
+def worker_seconds(results: list[ChunkResult]) -> dict[str, float]:
     """Where the workers' time went, summed over the chunk tasks as they timed themselves:
     ``read`` (pixel reads and decoding), ``model``, and ``encode`` (the rest: cutting tiles,
     converting them, parsing answers); a pinned model's read seconds are those of the worker
@@ -666,180 +740,11 @@ def run_job(
     flat however large the job. The parts are removed after a successful job unless
     ``keep_parts``.
     """
-    from distributed import as_completed
+    from graphs.job_loop import JobLoop
 
-    bus = bus or ev.EventBus()
-    started = datetime.now(UTC)
-    began = time.perf_counter()
-    spec = model_spec(request)
-    check_model(spec)
-    spec = prepare_model(client, spec)  # endpoint settings, resources (fail fast), metrics
-    sinks = sinks if sinks is not None else [make_sink(o) for o in request.all_outputs]
-    location, role = (work_dir, None) if work_dir else work_location(request)
-    store = PartStore(location, request.job_id, fingerprint(request.to_wire(), chunk_target),
-                      resume=resume, role=role)
-    marker = done_marker(request)
-    if marker is not None:
-        sinks = [*sinks, make_sink(marker)]
-    bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
-
-    outcomes = [ImageOutcome(url) for url in image_urls(request)]
-    futures: dict[Any, tuple[int, ImageOutcome, tuple[int, int]]] = {}
-    queued: deque[tuple[int, ImageOutcome, tuple[int, int], Any]] = deque()
-    # A chunk task reads its own pixels, so the cluster holds a chunk per busy thread: chunks
-    # are submitted as soon as their image is planned. A pinned model's chunks are read by any
-    # worker and wait for a pinned one: a window of chunks in flight bounds the waiting pixels.
-    windowed = bool(spec.options.get("resources"))
-
-    def submit(count: int) -> list[Any]:
-        """Hand the next ``count`` queued chunks to the cluster."""
-        batch = [queued.popleft() for _ in range(min(count, len(queued)))]
-        submitted = client.compute([item for *_, item in batch]) if batch else []
-        for (image, image_outcome, chunk, _), future in zip(batch, submitted, strict=True):
-            futures[future] = (image, image_outcome, chunk)
-        return submitted
-
-    resumed_tiles = resumed_chunks = 0
-    for index, outcome in enumerate(outcomes):
-        with outcome.timer.stage("plan"):
-            try:
-                outcome.plan = plan_where_readable(client, request, outcome.url, chunk_target)
-                results = chunk_results(outcome.plan, request, spec, client)
-            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the others
-                reason = str(exc) if isinstance(exc, ImageError) else _one_line_error(exc)
-                outcome.status, outcome.reason = ev.FAILED, reason
-                outcome.permanent = is_permanent(exc)
-                bus.emit(ev.FAILED, request.job_id, outcome.url, reason)
-                continue
-            outcome.tiles = tiles_in(outcome.plan.chunk_mask, outcome.plan.grid)
-            finished = store.finished(index)
-            for record in finished.values():
-                outcome.raw_detections += record["rawDetections"]
-                outcome.dropped_detections += record.get("droppedDetections", 0)
-                outcome.before_merge += record["detections"]
-                outcome.after_merge += record["features"]
-                outcome.timer.add("model", record["modelSeconds"])
-                outcome.classes.update(record.get("classes", {}))
-                outcome.border.append(store.border(record))
-                resumed_tiles += record["tiles"]
-            resumed_chunks += len(finished)
-            delayed = results.to_delayed(optimize_graph=not spec.options.get("resources"))
-            mask = outcome.plan.chunk_mask  # chunks outside the regionOfInterest are skipped
-            todo = [(chunk, item) for chunk, item in np.ndenumerate(delayed)
-                    if chunk not in finished and (mask is None or mask[chunk])]
-        queued.extend((index, outcome, chunk, item) for chunk, item in todo)
-        if not windowed:
-            submit(len(queued))
-
-    _ground_in_mixed_jobs(outcomes)
-    total_tiles = sum(o.tiles for o in outcomes)
-    bar = progress(total_tiles) if progress else None
-    done_tiles = resumed_tiles
-    found = sum(o.before_merge for o in outcomes)
-    timed: list[ChunkResult] = []  # this run's chunk results, for their worker seconds
-    if bar is not None and resumed_tiles:
-        bar.update(resumed_tiles)
-    timeline: list[tuple[float, int]] = [(round(time.perf_counter() - began, 3), done_tiles)]
-    submit(submission_window(client) if windowed else 0)
-    arrivals = as_completed(list(futures), with_results=True, raise_errors=False)
-    for future, value in arrivals:
-        index, outcome, chunk = futures.pop(future)
-        assert outcome.plan is not None
-        if isinstance(value, np.ndarray):
-            # the chunk's result, even if the worker that held it has died since (the future
-            # then reads "lost" or "pending" while the scheduler recomputes a key we have)
-            result: ChunkResult = value[0, 0]
-            timed.append(replace(result, detections=Detections()))  # its seconds only
-        else:
-            reason = _future_error(value)
-            log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
-            result = ChunkResult.failed(chunk, outcome.plan.grid.chunk_tiles(*chunk), reason)
-        future.release()
-        if queued:  # the next chunk takes the place of this one
-            arrivals.update(submit(1))
-        record = _settle_chunk(store, index, outcome, result, request)
-        outcome.failed_tiles.extend(result.failed_tiles)
-        outcome.raw_detections += result.raw_detections
-        outcome.dropped_detections += result.dropped_detections
-        outcome.before_merge += len(result.detections)
-        outcome.after_merge += record["features"]
-        outcome.timer.add("model", result.model_seconds)
-        done_tiles += result.tiles
-        found += len(result.detections)
-        timeline.append((round(time.perf_counter() - began, 3), done_tiles))
-        if bar is not None:
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(detections=found, refresh=False)
-            bar.update(result.tiles)
-    if bar is not None:
-        bar.close()
-    worker_seconds = _worker_seconds(timed)
-
-    parts: list[Path] = []
-    for index, outcome in enumerate(outcomes):
-        if outcome.plan is None:
-            continue
-        _finish_image(outcome)
-        if outcome.status != ev.FAILED:
-            outcome.after_merge += _border_pass(store, index, outcome, request)
-            parts.extend(store.parts(index))
-        outcome.border.clear()
-        bus.emit(outcome.status, request.job_id, outcome.url, outcome.reason or "",
-                 failedTiles=len(outcome.failed_tiles))
-
-    status = job_status(outcomes)
-    georeferenced = any(o.plan.sensor_model.georeferenced for o in outcomes if o.plan)
-    n_features = sum(o.after_merge for o in outcomes if o.status != ev.FAILED)
-    written: list[str] = []
-    write_began = time.perf_counter()
-    if status != ev.FAILED:
-        for sink in sinks:
-            if parts:
-                written.extend(sink.write_feature_parts(request.job_id, parts))
-            else:
-                written.extend(sink.write_features(request.job_id, empty_features(georeferenced)))
-    features = empty_features(georeferenced)
-    if collect_features and parts and status != ev.FAILED:
-        frames = [gpd.read_parquet(p) for p in parts]
-        features = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
-    stage_seconds: dict[str, float] = {}
-    for outcome in outcomes:
-        for name, value in outcome.timer.as_dict().items():
-            stage_seconds[name] = round(stage_seconds.get(name, 0.0) + value, 4)
-    why = job_reason(outcomes)
-    summary = {
-        "jobId": request.job_id,
-        "jobName": request.job_name,
-        "status": status,
-        "reason": why,
-        "model": {"type": spec.type, "name": spec.name},
-        "tileSize": request.tile_size,
-        "tileOverlap": request.tile_overlap,
-        "features": n_features if status != ev.FAILED else 0,
-        "classes": dict(sum((o.classes for o in outcomes if o.status != ev.FAILED), Counter()).most_common()),
-        "images": [o.summary() for o in outcomes],
-        "chunks": {"computed": len(timeline) - 1, "resumed": resumed_chunks},
-        "startTime": started.isoformat(),
-        "endTime": datetime.now(UTC).isoformat(),
-        "seconds": {
-            "total": round(time.perf_counter() - began, 4),
-            "write": round(time.perf_counter() - write_began, 4),
-            "stages": stage_seconds,
-            "workers": worker_seconds,
-        },
-        "modelMetrics": finish_model(client),
-        "outputs": list(written),
-        "timeline": {"seconds": [t for t, _ in timeline], "tiles": [n for _, n in timeline]},
-    }
-    for sink in sinks:
-        written.append(sink.write_summary(request.job_id, summary))
-    if (status == ev.SUCCESS and not keep_parts) or not store.records:
-        store.remove()  # kept otherwise, for a resume
-    counted = f"{summary['features']} features"
-    bus.emit(status, request.job_id, message=why if status == ev.FAILED and why else
-             f"{counted}; {why}" if why else counted)
-    permanent = status == ev.FAILED and all(o.permanent for o in outcomes)
-    return JobResult(features, summary, written, permanent=permanent)
+    return JobLoop(request, client, window=submission_window, progress=progress, bus=bus,
+                   sinks=sinks, chunk_target=chunk_target, resume=resume, work_dir=work_dir,
+                   collect_features=collect_features, keep_parts=keep_parts).run()
 
 
 def job_reason(outcomes: list[ImageOutcome]) -> str | None:
@@ -859,16 +764,10 @@ def job_reason(outcomes: list[ImageOutcome]) -> str | None:
     return f"{len(failing)} of {len(outcomes)} images did not succeed: {'; '.join(reasons)}"
 
 
-def _one_line_error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"cannot plan image: {type(exc).__name__}: {text[0] if text else ''}"
-
-
 def _future_error(value: Any) -> str:
     """One line for what ``as_completed(with_results=True, raise_errors=False)`` gave back
     instead of a result: a cancellation, or Distributed's ``(type, exception, traceback)``."""
     exc = value[1] if isinstance(value, tuple) and len(value) == 3 else value
     if isinstance(exc, BaseException):
-        text = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        return one_line(exc)
     return f"task gave no result: {type(value).__name__}"

@@ -24,12 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
-import pandas as pd
-
 from pipeline import io
-from pipeline.detections import Detections
-from pipeline.geolocate import empty_features, to_features
+from pipeline.geolocate import to_features
 from pipeline.infer import detect_chunk
 from pipeline.io import describe, read_window, sensor_model
 from pipeline.merge import distill
@@ -230,34 +226,13 @@ def image_job(request: ImageRequest | dict[str, Any] | str | Path) -> dict[str, 
 
 def lazy_features(request: ImageRequest | dict[str, Any] | str | Path) -> Any:
     """A ``dask.delayed`` GeoDataFrame of the job's merged, geolocated features (all images),
-    built on :func:`image_job`; ``.compute()`` it on your client. Writes nothing."""
-    import dask
+    reduced as :func:`run` reduces them (same columns, ``sourceMetadata`` included; each image
+    planned once; chunks outside the regionOfInterest never read); ``.compute()`` it on your
+    client. Its ``.attrs["failedTiles"]`` lists the tiles that failed (``url``, ``window``,
+    ``reason``). Writes nothing."""
+    from graphs.image_job import lazy_features as build
 
-    from graphs.image_job import plan_image
-
-    request = as_request(request)
-    parts = []
-    for url, chunks in image_job(request).items():
-        model = plan_image(request, url).sensor_model
-        parts.append(dask.delayed(_reduce_chunks)(
-            chunks.to_delayed().ravel().tolist(), model, url, request.job_id,
-            request.distillation, request.merged_feature_properties,
-        ))
-    return dask.delayed(_concat_features)(parts)
-
-
-def _reduce_chunks(chunks: list[Any], model: Any, url: str, job_id: str, algorithm: Any,
-                   properties: dict[str, Any]) -> gpd.GeoDataFrame:
-    detections = Detections.concat(c[0, 0].detections for c in chunks)
-    return to_features(distill(detections, algorithm), model, image_url=url, job_id=job_id,
-                       feature_properties=properties)
-
-
-def _concat_features(parts: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
-    parts = [p for p in parts if len(p)] or parts[:1]
-    if not parts:
-        return empty_features()
-    return gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=parts[0].crs)
+    return build(as_request(request))
 
 
 __all__ = ["ImageRequest", "as_model_spec", "as_request", "detect", "image_job", "lazy_features",

@@ -320,12 +320,19 @@ def _image_shapes(features: gpd.GeoDataFrame) -> np.ndarray:
     return out
 
 
+def with_image_shapes(features: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """``features`` with ``imageGeometry`` as a geometry column (pixels, no CRS), as GeoParquet
+    stores it and a job's result holds it (:func:`pipeline.geolocate.to_features` gives dicts)."""
+    if "imageGeometry" in features.columns and not isinstance(features["imageGeometry"], gpd.GeoSeries):
+        features = features.assign(imageGeometry=gpd.GeoSeries(_image_shapes(features), index=features.index))
+    return features
+
+
 def write_parquet(features: gpd.GeoDataFrame, path: str | Path, internal: bool = True) -> None:
     """GeoParquet 1.1 with a ``bbox`` covering column; ``imageGeometry`` is stored as a
     geometry column (pixels, no CRS: a model's shapes differ in type). ``internal=False`` (an
     output file) leaves out the internal columns that only the GeoJSON forms need."""
-    if "imageGeometry" in features.columns and not isinstance(features["imageGeometry"], gpd.GeoSeries):
-        features = features.assign(imageGeometry=gpd.GeoSeries(_image_shapes(features), index=features.index))
+    features = with_image_shapes(features)
     if not internal:
         features = features.drop(columns=[c for c in _INTERNAL if c in features.columns])
     features.to_parquet(path, schema_version="1.1.0", write_covering_bbox=True, index=False)

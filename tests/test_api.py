@@ -166,6 +166,76 @@ def test_lazy_features_equal_the_job(scene: Any, dask_client: Any) -> None:
     assert set(features["team"]) == {"blue"} and features.crs == "EPSG:4326"
 
 
+@pytest.fixture(scope="module")
+def nitf_scene(scene: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scene as a NITF with header fields (its features carry sourceMetadata)."""
+    import rasterio.shutil
+
+    path = tmp_path_factory.mktemp("nitf") / "scene.ntf"
+    rasterio.shutil.copy(str(scene.path), str(path), driver="NITF", BLOCKXSIZE=256, BLOCKYSIZE=256,
+                         FTITLE="AIRFIELD", ICAT="VIS", IDATIM="19961217102630")
+    return path
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain Python (a GeoParquet round trip gives arrays for lists; NaN → None)."""
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def test_lazy_features_equal_runs_with_source_metadata_and_failed_tiles(
+        scene: Any, nitf_scene: Path, dask_client: Any) -> None:
+    """One reduction: lazy_features gives run's features (every column, sourceMetadata
+    included) and lists the tiles that failed (the tiles at x = 416, as the model refuses)."""
+    request = job(scene, imageUrls=[str(nitf_scene), str(scene.path)],
+                  imageProcessor={"name": "tests.flaky_model:make", "type": "PYTHON"},
+                  imageProcessorParameters={"fail_x": 416}, featureProperties=[{"team": "blue"}])
+    ran = pipeline.run(request, client=dask_client)
+    lazy = dask_client.compute(lazy_features(request)).result()
+    assert ran.status == "PARTIAL" and len(lazy) == len(ran.features) > 0
+    assert list(lazy.columns) == list(ran.features.columns)
+    assert "sourceMetadata" in lazy.columns and lazy.crs == ran.features.crs
+    by_id = ran.features.set_index("id")
+    for _, row in lazy.iterrows():
+        other = by_id.loc[row["id"]]
+        assert row["geometry"].equals(other["geometry"])
+        for column in lazy.columns.drop(["id", "geometry", "inferenceMetadata"]):
+            assert plain(row[column]) == plain(other[column]), column
+    meta = [m for m in lazy["sourceMetadata"] if isinstance(m, dict)]
+    assert len(meta) == len(lazy[lazy["image_url"] == str(nitf_scene)]) > 0
+    assert {(m["fileTitle"], m["imageCategory"], m["sourceDT"]) for m in meta} == {
+        ("AIRFIELD", "VIS", "1996-12-17T10:26:30+00:00")}
+    ran_failed = [(image["url"], t["window"], t["reason"]) for image in ran.summary["images"]
+                  for t in image["failedTiles"]]
+    lazy_failed = [(t["url"], t["window"], t["reason"]) for t in lazy.attrs["failedTiles"]]
+    assert sorted(lazy_failed) == sorted(ran_failed)
+    # 1024 px, tiles of 256 every 208 px: 5 rows of tiles at x = 416 in each image
+    assert len(lazy_failed) == 10 and {w[0] for _, w, _ in lazy_failed} == {416}
+    assert {r for *_, r in lazy_failed} == {"RuntimeError: tile at x=416 refused"}
+
+
+def test_lazy_features_plan_each_image_once(scene: Any, nitf_scene: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module("graphs.image_job")  # graphs.image_job is also a function
+    planned: list[str] = []
+    real = module.plan_image
+
+    def counting(request: Any, url: str, *args: Any, **kwargs: Any) -> Any:
+        planned.append(url)
+        return real(request, url, *args, **kwargs)
+
+    monkeypatch.setattr(module, "plan_image", counting)
+    lazy_features(job(scene, imageUrls=[str(scene.path), str(nitf_scene)]))
+    assert sorted(planned) == sorted([str(scene.path), str(nitf_scene)])
+
+
 # ---------------------------------------------------------------------------- pictures
 def test_plot_and_summary_figure(scene: Any, dask_client: Any) -> None:
     import matplotlib
