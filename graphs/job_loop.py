@@ -80,13 +80,13 @@ class PlanFailed:
         return cls(reason, is_permanent(exc))
 
 
-def timed_plan(request: ImageRequest, url: str, chunk_target: int,
-               read_with: dict[str, str] | None) -> tuple[ImagePlan | PlanFailed, float]:
+def timed_plan(request: ImageRequest, url: str, chunk_target: int, read_with: dict[str, str] | None,
+               metadata: Any = None) -> tuple[ImagePlan | PlanFailed, float]:
     """:func:`~graphs.image_job.plan_image` (or why it failed) and the seconds it took: a task
-    on a worker."""
+    on a worker (``metadata``: the image's STAC metadata, which only the client's expansion has)."""
     began = time.perf_counter()
     try:
-        plan: ImagePlan | PlanFailed = plan_image(request, url, chunk_target, read_with)
+        plan: ImagePlan | PlanFailed = plan_image(request, url, chunk_target, read_with, metadata)
     except Exception as exc:  # noqa: BLE001 - the image fails, not the job
         plan = PlanFailed.of(exc)
     return plan, time.perf_counter() - began
@@ -163,6 +163,8 @@ class JobLoop:
         always planned here: it never goes into a task."""
         from distributed import as_completed
 
+        from pipeline.stac import image_metadata
+
         request, client = self.request, self.client
         urls = image_urls(request)
         self.outcomes = [ImageOutcome(url) for url in urls]
@@ -178,7 +180,8 @@ class JobLoop:
                 except ImageError as exc:
                     self._plan_failed(self.outcomes[index], PlanFailed.of(exc))
                     continue
-                future = client.submit(timed_plan, shared, url, self.chunk_target, options, pure=False,
+                future = client.submit(timed_plan, shared, url, self.chunk_target, options,
+                                       image_metadata(request.job_id, url), pure=False,
                                        key=f"plan-{index}-{request.job_id}-{time.time_ns()}")
                 remote[future] = index
         on_cluster = set(remote.values())
