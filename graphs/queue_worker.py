@@ -329,7 +329,12 @@ class QueueWorker:
         from pipeline.sinks import make_sink
 
         try:
-            check_model(model_spec(request))
+            if request.segmentation is None:
+                check_model(model_spec(request))
+            else:  # a segmenter (the request's segmentation field): checked as one
+                from graphs.segment_job import check_request
+
+                check_request(request)
             # OSML's queue: features in OSML's form unless an output asks for another
             return [make_sink(output, form="OSML") for output in request.all_outputs]
         except (ModelError, ValueError) as exc:
@@ -425,17 +430,22 @@ class QueueWorker:
             kwargs["chunk_target"] = self.config.chunk_target
         kwargs["resume"] = True  # a message whose job crashed mid-way continues from its parts
         kwargs["collect_features"] = False  # the features stream from the parts to the outputs
+        runner: Any = run_job
+        if request.segmentation is not None:  # a segmentation job: its COG and polygons
+            from graphs.segment_job import run_segmentation
+
+            runner = run_segmentation
 
         def target() -> None:
             from pipeline.parts import ResumeError
 
             try:
                 try:
-                    result = run_job(request, self.client, **kwargs)
+                    result = runner(request, self.client, **kwargs)
                 except ResumeError as exc:  # the parts of another request with this jobId
                     log.warning("job %s: %s; starting over", request.job_id, exc)
                     kwargs["resume"] = False
-                    result = run_job(request, self.client, **kwargs)
+                    result = runner(request, self.client, **kwargs)
                 outcome["status"] = result.status
                 outcome["reason"] = result.summary.get("reason") or result.status
                 outcome["permanent"] = result.permanent

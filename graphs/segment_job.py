@@ -10,6 +10,7 @@ the chunk's regions (polygons with probability sums).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -24,6 +25,8 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio.errors
+import shapely
+from affine import Affine
 
 from graphs.image_job import (
     ImagePlan,
@@ -32,16 +35,20 @@ from graphs.image_job import (
     model_spec,
     plan_where_readable,
 )
-from pipeline import synthetic
+from pipeline import aws, synthetic
+from pipeline import events as ev
 from pipeline.aws import GdalOptions
+from pipeline.failures import is_permanent
 from pipeline.geolocate import empty_features, to_features
 from pipeline.io import ImageError, RasterSource, gdal_error_line
 from pipeline.models import ModelError, ModelSpec
+from pipeline.parts import PartStore, S3Storage, open_storage
+from pipeline.parts import _chunk_name as chunk_name
 from pipeline.request import ImageRequest, SegmentationOptions
 from pipeline.segmentation.models import check_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
-from pipeline.segmentation.raster import band_data, write_cog, write_part
-from pipeline.segmentation.stitch import covering_tiles, read_window, stitch_chunk
+from pipeline.segmentation.raster import band_data, part_array, write_cog, write_tiff
+from pipeline.segmentation.stitch import class_dtype, covering_tiles, read_window, stitch_chunk
 from pipeline.sinks import make_sink, upload
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, to_uint8
 
@@ -60,7 +67,16 @@ class ChunkJob:
     bits: int | None
     stretch: tuple[list[float], list[float]] | None
     polygon_classes: tuple[int, ...]
-    part_dir: str | None
+    #: the job's work location (a directory or an S3 prefix, see ``pipeline.parts``) and the
+    #: role that writes there; None: no raster parts
+    parts: str | None
+    parts_role: str | None
+    #: the client's S3 endpoint (``AWS_ENDPOINT_URL[_S3]``), for workers that have none set
+    s3_endpoint: str | None = None
+    image: int = 0
+    n_classes: int = 2
+    #: the regionOfInterest in pixels (None: the whole image)
+    roi: Any = None
 
 
 @dataclass
@@ -69,44 +85,78 @@ class ChunkOutcome:
     bounds: tuple[int, int, int, int]
     part: str | None = None
     regions: Regions = field(default_factory=Regions.empty)
+    #: the regions' file in the work location (a resumed chunk's regions are read from it)
+    regions_file: str | None = None
+    read: bool = False
     tiles: int = 0
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def roi_inside(roi: Any, bounds: tuple[int, int, int, int]) -> np.ndarray:
+    """``h × w`` booleans of ``bounds``: True where a pixel's centre lies in the ROI."""
+    from rasterio.features import geometry_mask
+
+    x0, y0, x1, y1 = bounds
+    return np.asarray(geometry_mask([roi], out_shape=(y1 - y0, x1 - x0), invert=True,
+                                    transform=Affine.translation(x0, y0)))
+
+
 def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
-    """One chunk: read, segment, stitch, write its part, vectorise its regions."""
+    """One chunk: read, segment, stitch, write its part, vectorise its regions. A chunk that
+    misses the regionOfInterest is not read: its part is nodata."""
     grid = job.grid
     bounds = grid.chunk_bounds(row, col)
     mode = job.options.stitch
-    window = read_window(covering_tiles(grid, bounds, mode), bounds)
     outcome = ChunkOutcome((row, col), bounds)
     began = time.perf_counter()
-    try:
-        pixels = job.source.read(window)
-    except rasterio.errors.RasterioIOError as exc:
-        reason = f"cannot read pixels {window} of {job.source.url}: {gdal_error_line(exc)}"
-        windows = covering_tiles(grid, bounds, mode)
-        outcome.tiles = len(windows)
-        outcome.failed_tiles = [{"window": [int(v) for v in w], "reason": reason} for w in windows]
-        return outcome
-    read = time.perf_counter()
-    adjustment = job.range_adjustment
-    if job.stretch is not None:  # the image's DRA, once per chunk
-        pixels = np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), "DRA", job.bits, job.stretch), -1, 0)
-        adjustment = "NONE"
-    stitched = stitch_chunk(pixels, window[:2], bounds, grid, job.spec, mode, adjustment, job.bits)
-    del pixels
-    model = time.perf_counter()
-    outcome.tiles, outcome.failed_tiles = stitched.tiles, stitched.failed_tiles
-    if job.part_dir is not None:
-        bands = band_data(stitched.classes, stitched.scores, job.options.score_bands,
-                          len(stitched.class_names))
-        outcome.part = write_part(job.part_dir, (row, col), bands)
+    width, height = bounds[2] - bounds[0], bounds[3] - bounds[1]
+    dtype = class_dtype(job.n_classes)
+    nodata = dtype(np.iinfo(dtype).max)
+    inside = None if job.roi is None else roi_inside(job.roi, bounds)
+    scores = None
+    if inside is not None and not inside.any():
+        classes = np.full((height, width), nodata, dtype)
+        read = model = time.perf_counter()
+    else:
+        window = read_window(covering_tiles(grid, bounds, mode), bounds)
+        try:
+            pixels = job.source.read(window)
+        except rasterio.errors.RasterioIOError as exc:
+            reason = f"cannot read pixels {window} of {job.source.url}: {gdal_error_line(exc)}"
+            windows = covering_tiles(grid, bounds, mode)
+            outcome.tiles = len(windows)
+            outcome.failed_tiles = [{"window": [int(v) for v in w], "reason": reason} for w in windows]
+            return outcome
+        outcome.read = True
+        read = time.perf_counter()
+        adjustment = job.range_adjustment
+        if job.stretch is not None:  # the image's DRA, once per chunk
+            pixels = np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), "DRA", job.bits, job.stretch), -1, 0)
+            adjustment = "NONE"
+        stitched = stitch_chunk(pixels, window[:2], bounds, grid, job.spec, mode, adjustment, job.bits)
+        del pixels
+        model = time.perf_counter()
+        outcome.tiles, outcome.failed_tiles = stitched.tiles, stitched.failed_tiles
+        classes, scores = stitched.classes, stitched.scores
+        if inside is not None:  # outside the ROI: nodata, no score
+            outside = ~inside
+            classes[outside] = nodata
+            if scores is not None:
+                scores[:, outside] = 0
+    name = chunk_name(job.image, (row, col))
+    storage = work_storage(job.parts, job.parts_role, job.s3_endpoint) if job.parts is not None else None
+    if storage is not None:
+        bands = band_data(classes, scores, job.options.score_bands, job.n_classes)
+        part = part_array(bands, bounds, (grid.width, grid.height))
+        outcome.part = storage.publish(f"{name}.tif", lambda path: write_tiff(path, part))
     written = time.perf_counter()
     if job.options.polygons:
-        outcome.regions = chunk_regions(stitched.classes, stitched.scores, bounds,
-                                        (grid.width, grid.height), list(job.polygon_classes))
+        outcome.regions = chunk_regions(classes, scores, bounds, (grid.width, grid.height),
+                                        list(job.polygon_classes))
+        if storage is not None and len(outcome.regions):
+            regions = outcome.regions
+            outcome.regions_file = storage.publish(f"{name}.npz", lambda path: save_regions(regions, path))
     outcome.seconds = {"read": read - began, "segment": model - read, "write": written - model,
                        "polygons": time.perf_counter() - written}
     return outcome
@@ -123,6 +173,11 @@ class ImageSegmentation:
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     rasters: list[str] = field(default_factory=list)
     polygons: int = 0
+    #: chunks whose pixels were read (a chunk outside the regionOfInterest is not), and
+    #: chunks resumed from a previous run's parts
+    chunks_read: int = 0
+    chunks_resumed: int = 0
+    permanent: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -142,12 +197,28 @@ class SegmentationResult:
         return "SUCCESS" if statuses == {"SUCCESS"} else "FAILED" if statuses == {"FAILED"} else "PARTIAL"
 
     @property
+    def permanent(self) -> bool:
+        """A FAILED job that a retry cannot change (every image failed permanently)."""
+        return self.status == "FAILED" and all(i.permanent for i in self.images)
+
+    @property
+    def reason(self) -> str | None:
+        failed = [i for i in self.images if i.status != "SUCCESS"]
+        if not failed:
+            return None
+        if len(self.images) == 1:
+            return failed[0].reason
+        return f"{len(failed)} of {len(self.images)} images did not succeed: " + "; ".join(
+            f"{i.url}: {i.reason}" for i in failed)
+
+    @property
     def summary(self) -> dict[str, Any]:
-        return {"jobId": self.job_id, "status": self.status, "classNames": list(self.class_names),
-                "features": len(self.features), "outputs": self.outputs,
+        return {"jobId": self.job_id, "status": self.status, "reason": self.reason,
+                "classNames": list(self.class_names), "features": len(self.features), "outputs": self.outputs,
                 "images": [{"url": i.url, "status": i.status, "reason": i.reason, "tiles": i.tiles,
                             "failedTiles": len(i.failed_tiles), "rasters": i.rasters,
-                            "polygons": i.polygons, "seconds": i.seconds} for i in self.images]}
+                            "polygons": i.polygons, "chunksRead": i.chunks_read,
+                            "chunksResumed": i.chunks_resumed, "seconds": i.seconds} for i in self.images]}
 
 
 def raster_name(job_id: str, url: str, index: int) -> str:
@@ -175,73 +246,180 @@ def polygon_indices(options: SegmentationOptions, class_names: tuple[str, ...]) 
     return tuple(class_names.index(n) for n in options.polygon_classes)
 
 
-def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = DEFAULT_CHUNK_TARGET,
-                     progress: Callable[[int], Any] | None = None) -> SegmentationResult:
-    """Run a segmentation job (``request.segmentation``) on ``client`` and write its outputs:
-    a COG per image and the polygons as features to each LOCAL/S3 output."""
-    options = request.segmentation or SegmentationOptions()
+def s3_client(role: str | None, endpoint: str | None) -> Any:
+    """This process's S3 client (its own credentials, ``role``'s if given) at ``endpoint``
+    where this process has no endpoint of its own (the client's, travelling in a task)."""
+    from pipeline import aws
+
+    if endpoint is None or aws.endpoint_url("s3"):
+        return aws.client("s3", role)
+    owner = aws.session(role, purpose="s3")
+    made = owner.client("s3", endpoint_url=endpoint)
+    aws.retry_expired_once(made, aws.credentials(owner))
+    return made
+
+
+def work_storage(location: str, role: str | None, endpoint: str | None) -> Any:
+    """The :class:`~pipeline.parts.PartStore` storage of ``location`` on a worker."""
+    storage = open_storage(location, role)
+    if isinstance(storage, S3Storage):
+        storage._client = s3_client(role, endpoint)
+    return storage
+
+
+def check_request(request: ImageRequest) -> tuple[ModelSpec, tuple[str, ...], tuple[int, ...]]:
+    """The request's segmenter (resolved), its class names and the polygon classes; a one-line
+    :class:`ModelError` for a model that cannot segment or an unknown polygon class."""
     spec = resolve_segmenter(model_spec(request))
     class_names = check_segmenter(spec)
-    polygon_classes = polygon_indices(options, class_names)
+    return spec, class_names, polygon_indices(request.segmentation or SegmentationOptions(), class_names)
+
+
+def save_regions(regions: Regions, path: Path) -> None:
+    """A chunk's regions as an ``.npz`` (polygons as hex WKB: no pickles)."""
+    with open(path, "wb") as out:
+        wkb = np.asarray(shapely.to_wkb(regions.polygons, hex=True), dtype=str)
+        np.savez(out, class_index=regions.class_index, sums=regions.sums, counts=regions.counts,
+                 seam=regions.seam, polygons=wkb)
+
+
+def load_regions(path: Path) -> Regions:
+    """What :func:`save_regions` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        polygons = np.asarray(shapely.from_wkb(data["polygons"]), dtype=object)
+        return Regions(data["class_index"], polygons, data["sums"], data["counts"], data["seam"])
+
+
+@dataclass
+class _Job:
+    """One run's settings, shared by its images."""
+
+    request: ImageRequest
+    client: Any
+    spec: ModelSpec
+    options: SegmentationOptions
+    class_names: tuple[str, ...]
+    polygon_classes: tuple[int, ...]
+    outputs: list[Any]
+    store: PartStore | None
+    location: str | None
+    role: str | None
+    progress: Callable[[int], Any] | None
+
+
+def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = DEFAULT_CHUNK_TARGET,
+                     progress: Callable[[int], Any] | None = None, bus: ev.EventBus | None = None,
+                     sinks: list[Any] | None = None, resume: bool = False,
+                     collect_features: bool = True) -> SegmentationResult:
+    """Run a segmentation job (``request.segmentation``) on ``client`` and write its outputs:
+    a COG per image and the polygons as features to each LOCAL/S3 output (``sinks``: the
+    outputs' sinks, default one per output), then the summary.
+
+    The chunks' parts (raster and regions) and the manifest of finished chunks live in the
+    job's work location (``graphs.image_job.work_location``: beside the first LOCAL or S3
+    output, or under ``MODEL_RUNNER_WORK_PREFIX``) as a :class:`~pipeline.parts.PartStore`:
+    workers write them there and the COG task reads them from there, so workers share no
+    disk; ``resume=True`` keeps the chunks a previous run of the same request finished.
+    Status events go to ``bus`` (STARTED, each image's, the job's)."""
+    from graphs.image_job import work_location
+    from pipeline.parts import fingerprint
+
+    bus = bus or ev.EventBus()
+    options = request.segmentation or SegmentationOptions()
+    spec, class_names, polygon_classes = check_request(request)
     outputs = [o for o in request.all_outputs if o.type in ("LOCAL", "S3")]
+    sinks = sinks if sinks is not None else [make_sink(o) for o in outputs]
+    store = location = role = None
+    if (options.raster and outputs) or resume:
+        where, role = work_location(request)
+        location = str(where)
+        store = PartStore(where, request.job_id, fingerprint(request.to_wire(), chunk_target),
+                          resume=resume, role=role)
+    bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
+    job = _Job(request, client, spec, options, class_names, polygon_classes, outputs, store,
+               location, role, progress)
     frames: list[gpd.GeoDataFrame] = []
     images: list[ImageSegmentation] = []
-    work = Path(tempfile.mkdtemp(prefix=f"segment-{request.job_id}-"))
-    try:
-        for index, url in enumerate(image_urls(request)):
-            outcome = ImageSegmentation(url)
-            images.append(outcome)
-            try:
-                plan = plan_where_readable(client, request, url, chunk_target)
-            except ImageError as exc:
-                outcome.status, outcome.reason = "FAILED", str(exc)
-                continue
-            frames.append(_segment_image(client, request, plan, spec, options, class_names,
-                                         polygon_classes, outputs, work, index, outcome, progress))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for index, url in enumerate(image_urls(request)):
+        outcome = ImageSegmentation(url)
+        images.append(outcome)
+        try:
+            plan = plan_where_readable(client, request, url, chunk_target)
+            frames.append(_segment_image(job, plan, index, outcome))
+        except (ImageError, ModelError, OSError) as exc:
+            outcome.status, outcome.reason = "FAILED", str(exc).strip().splitlines()[0]
+            outcome.permanent = is_permanent(exc)
+        bus.emit(outcome.status, request.job_id, url, outcome.reason or "",
+                 failedTiles=len(outcome.failed_tiles))
     features = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
                 if frames else empty_features())
     result = SegmentationResult(request.job_id, class_names, features, images)
-    if options.polygons:
-        for output in outputs:
-            result.outputs += make_sink(output).write_features(request.job_id, features)
+    if options.polygons and result.status != "FAILED":
+        for sink in sinks:
+            result.outputs += sink.write_features(request.job_id, features)
     for image in images:
         result.outputs += image.rasters
+    summary = result.summary
+    for sink in sinks:
+        result.outputs.append(sink.write_summary(request.job_id, summary))
+    if store is not None and (result.status == "SUCCESS" or not store.records):
+        store.remove()  # kept otherwise, for a resume
+    if not collect_features:
+        result.features = features.iloc[:0]
+    why = result.reason
+    counted = f"{len(features)} polygons"
+    bus.emit(result.status, request.job_id, message=why if result.status == "FAILED" and why else
+             f"{counted}; {why}" if why else counted)
     return result
 
 
-def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: ModelSpec,
-                   options: SegmentationOptions, class_names: tuple[str, ...],
-                   polygon_classes: tuple[int, ...], outputs: list[Any], work: Path, index: int,
-                   outcome: ImageSegmentation, progress: Callable[[int], Any] | None) -> gpd.GeoDataFrame:
+def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegmentation) -> gpd.GeoDataFrame:
     from distributed import as_completed
 
     began = time.perf_counter()
+    request, options, store = job.request, job.options, job.store
     grid = plan.grid
     adjustment = plan.range_adjustment
     stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
-    part_dir = work / f"parts-{index}" if options.raster and outputs else None
-    if part_dir is not None:
-        part_dir.mkdir(parents=True)
-    job = ChunkJob(_source(plan), grid, spec, options, adjustment["type"], plan.info.bits, stretch,
-                   polygon_classes, str(part_dir) if part_dir else None)
+    raster = options.raster and bool(job.outputs)
+    chunk_job = ChunkJob(_source(plan), grid, job.spec, options, adjustment["type"], plan.info.bits, stretch,
+                         job.polygon_classes, job.location if raster else None, job.role,
+                         aws.endpoint_url("s3"), index, len(job.class_names), plan.roi)
+    finished = store.finished(index) if store is not None else {}
     chunks = [(r, c) for r in range(grid.chunks_y) for c in range(grid.chunks_x)]
-    futures = [client.submit(segment_chunk, job, r, c, pure=False) for r, c in chunks]
+    mask = plan.chunk_mask  # chunks outside the regionOfInterest: nodata parts, no read
+    counted = [chunk for chunk in chunks if mask is None or mask[chunk]]
+    futures = [job.client.submit(segment_chunk, chunk_job, r, c, pure=False)
+               for r, c in chunks if (r, c) not in finished]
     bar = None
-    if progress:
-        bar = progress(sum(len(covering_tiles(grid, grid.chunk_bounds(r, c), options.stitch))
-                           for r, c in chunks))
+    if job.progress:
+        bar = job.progress(sum(len(covering_tiles(grid, grid.chunk_bounds(r, c), options.stitch))
+                               for r, c in counted))
     parts: list[tuple[tuple[int, int, int, int], str]] = []
     regions: list[Regions] = []
+    for (row, col), record in finished.items():  # resumed: their parts and regions as they were
+        outcome.chunks_resumed += 1
+        outcome.tiles += record["tiles"]
+        if record.get("part"):
+            parts.append((grid.chunk_bounds(row, col), record["part"]))
+        if record.get("border") and options.polygons and store is not None:
+            regions.append(load_regions(store.storage.local(record["border"])))
+        if bar is not None:
+            bar.update(record["tiles"])
     for future in as_completed(futures):
         chunk: ChunkOutcome = future.result()
         future.release()
         outcome.tiles += chunk.tiles
         outcome.failed_tiles += chunk.failed_tiles
+        outcome.chunks_read += chunk.read
         if chunk.part is not None:
             parts.append((chunk.bounds, chunk.part))
         regions.append(chunk.regions)
+        if store is not None and not chunk.failed_tiles:  # a chunk with failed tiles is redone
+            record = {"image": index, "chunk": list(chunk.chunk), "part": chunk.part,
+                      "border": chunk.regions_file, "tiles": chunk.tiles}
+            store.storage.append(chunk_name(index, chunk.chunk), json.dumps(record))
+            store.records[(index, *chunk.chunk)] = record
         for stage, seconds in chunk.seconds.items():  # the chunk tasks' own time, by stage
             outcome.seconds[f"worker_{stage}"] = outcome.seconds.get(f"worker_{stage}", 0.0) + seconds
         if bar is not None:
@@ -253,17 +431,17 @@ def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: Mo
         outcome.status = "FAILED" if len(outcome.failed_tiles) >= outcome.tiles else "PARTIAL"
         outcome.reason = f"{len(outcome.failed_tiles)} of {outcome.tiles} tiles failed: " \
                          f"{outcome.failed_tiles[0]['reason']}"
-    if part_dir is not None and parts:
+    if raster and parts and outcome.status != "FAILED":
         name = raster_name(request.job_id, plan.url, index)
-        count = 1 + (len(class_names) if options.score_bands else 0)
-        dtype = "uint8" if len(class_names) <= 256 else "uint16"
-        cog = client.submit(write_cog, parts, plan.info, count, dtype, class_names,
-                            str(work / name), pure=False).result()
-        outcome.rasters = _publish(Path(cog), name, outputs)
+        count = 1 + (len(job.class_names) if options.score_bands else 0)
+        dtype = np.dtype(class_dtype(len(job.class_names))).name
+        outcome.rasters = job.client.submit(
+            assemble_cog, job.location, job.role, aws.endpoint_url("s3"), sorted(parts), plan.info,
+            count, dtype, job.class_names, name, job.outputs, pure=False).result()
     outcome.seconds["raster"] = time.perf_counter() - began - outcome.seconds["chunks"]
-    if not options.polygons:
+    if not options.polygons or outcome.status == "FAILED":
         return empty_features(plan.sensor_model.georeferenced)
-    detections = to_detections(dissolve(Regions.concat(regions)), class_names, plan.sensor_model,
+    detections = to_detections(dissolve(Regions.concat(regions)), job.class_names, plan.sensor_model,
                                options.simplify, options.min_area)
     outcome.polygons = len(detections)
     return to_features(detections, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
@@ -271,10 +449,21 @@ def _segment_image(client: Any, request: ImageRequest, plan: ImagePlan, spec: Mo
                        extra_columns=plan.feature_columns)
 
 
-def _publish(cog: Path, name: str, outputs: list[Any]) -> list[str]:
+def assemble_cog(location: str, role: str | None, endpoint: str | None,
+                 parts: list[tuple[tuple[int, int, int, int], str]], info: Any, count: int, dtype: str,
+                 class_names: tuple[str, ...], name: str, outputs: list[Any]) -> list[str]:
+    """On a worker: the parts (fetched from the work location) into one COG, copied to each
+    output; returns where it went."""
+    storage = work_storage(location, role, endpoint)
+    local = [(bounds, str(storage.local(part))) for bounds, part in parts]
+    with tempfile.TemporaryDirectory(prefix="segment-cog-") as work:
+        cog = write_cog(local, info, count, dtype, class_names, Path(work) / name)
+        return _publish(Path(cog), name, outputs, endpoint)
+
+
+def _publish(cog: Path, name: str, outputs: list[Any], endpoint: str | None) -> list[str]:
     """Copy the COG to each output: LOCAL by a temporary name and a rename, S3 by an upload
     that S3 shows only once it completes."""
-    from pipeline import aws
     from pipeline.sinks import staged_file
 
     written = []
@@ -287,7 +476,7 @@ def _publish(cog: Path, name: str, outputs: list[Any]) -> list[str]:
             written.append(str(final))
         else:
             key = f"{output.prefix.strip('/')}/{name}" if output.prefix.strip("/") else name
-            upload(aws.client("s3", output.role), cog, output.bucket, key)
+            upload(s3_client(output.role, endpoint), cog, output.bucket, key)
             written.append(f"s3://{output.bucket}/{key}")
     return written
 

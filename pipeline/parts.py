@@ -35,7 +35,7 @@ MANIFEST = "manifest.jsonl"
 #: version of the chunk layout (:class:`pipeline.tiling.TileGrid`): a manifest written under
 #: another layout names other chunks, so it cannot be resumed
 CHUNK_LAYOUT = 2
-_PART_FILES = ("i*-r*-c*.parquet", "i*-r*-c*.npz", "i*-border.parquet")
+_PART_FILES = ("i*-r*-c*.parquet", "i*-r*-c*.npz", "i*-r*-c*.tif", "i*-border.parquet")  # .tif: segmentation
 
 
 class ResumeError(RuntimeError):

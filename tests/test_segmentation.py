@@ -145,8 +145,14 @@ def test_cog_valid_georeferenced_with_class_names(scene: tuple[Path, np.ndarray]
         np.testing.assert_array_equal(src.read(1), truth)
         np.testing.assert_array_equal(src.read(3), truth * 255)
         np.testing.assert_array_equal(src.read(2), (1 - truth) * 255)
-        # overviews by MODE: a class id, never an average of two
-        assert set(np.unique(src.read(1, out_shape=(HEIGHT // 4, WIDTH // 4)))) <= {0, 1}
+        # overviews by nearest samples (a class id, never an average of two), made by the
+        # chunk tasks: level f takes pixel min(f i + f / 2, size - 1)
+        assert src.overviews(1) == [2, 4, 8, 16]
+        for f in (2, 8):
+            rows = np.minimum(np.arange(-(-HEIGHT // f)) * f + f // 2, HEIGHT - 1)
+            cols = np.minimum(np.arange(-(-WIDTH // f)) * f + f // 2, WIDTH - 1)
+            overview = src.read(1, out_shape=(len(rows), len(cols)))
+            np.testing.assert_array_equal(overview, truth[rows][:, cols])
     # the polygons are geolocated through the image's affine: the disc's ground centroid is
     # the UTM point (400000 + 0.5 x, 3700000 - 0.5 y) in lon/lat (pyproj, independently)
     features = result.features
@@ -163,7 +169,7 @@ def test_cog_valid_georeferenced_with_class_names(scene: tuple[Path, np.ndarray]
         assert properties["area_m2"] == pytest.approx(np.pi * r**2 * 0.25, rel=0.01)
         assert features["featureClasses"].iloc[found[0]][0]["score"] == pytest.approx(1.0)
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == ["cog.geojson", "cog.parquet", "cog.planted.classes.tif"]
+    assert written == ["cog.geojson", "cog.parquet", "cog.planted.classes.tif", "cog.summary.json"]
 
 
 def tile_constant(**_: Any) -> Any:

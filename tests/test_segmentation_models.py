@@ -284,7 +284,8 @@ def test_s3_cog_in_and_out(planted: tuple[Path, np.ndarray], aws: str, dask_clie
     assert result.status == "SUCCESS", result.summary
     assert result.images[0].rasters == ["s3://seg-out/runs/s3seg.scene.classes.tif"]
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="seg-out")["Contents"])
-    assert keys == ["runs/s3seg.geojson", "runs/s3seg.parquet", "runs/s3seg.scene.classes.tif"]
+    assert keys == ["runs/s3seg.geojson", "runs/s3seg.parquet", "runs/s3seg.scene.classes.tif",
+                    "runs/s3seg.summary.json"]  # the parts in runs/s3seg.parts/ removed
     local = tmp_path / "back.tif"
     s3.download_file("seg-out", "runs/s3seg.scene.classes.tif", str(local))
     assert cog_validate(str(local))[0]

@@ -67,6 +67,10 @@ class Segmenter(ABC):
     class_names: tuple[str, ...] = ("background", "foreground")
     #: True: tiles may come as read-only views of the chunk, batches split at tile rows
     tile_views: bool = False
+    #: True: each pixel's answer depends on that pixel alone (no context, no tile position), so
+    #: a chunk is segmented in one call on its own pixels as one ``1 × h × w × C`` "tile" of
+    #: any size, with the same result as its tiles stitched (no tile is cut, nothing blended)
+    per_pixel: bool = False
 
     @abstractmethod
     def segment(self, tiles: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:

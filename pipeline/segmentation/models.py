@@ -30,8 +30,7 @@ def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = Fa
     if tile.shape[2] < 3:
         bright = tile[..., 0] >= threshold
     else:  # the mean of bands 1-3 >= threshold, as an exact integer sum
-        total = tile[..., 0].astype(np.uint16)
-        total += tile[..., 1]
+        total = np.add(tile[..., 0], tile[..., 1], dtype=np.uint16)
         total += tile[..., 2]
         bright = total >= 3 * threshold
     if not scores:
@@ -77,9 +76,11 @@ class FunctionSegmenter(Segmenter):
 
     tile_views = True  # each tile read on its own, never written
 
-    def __init__(self, per_tile: Callable[[np.ndarray], np.ndarray], class_names: tuple[str, ...]):
+    def __init__(self, per_tile: Callable[[np.ndarray], np.ndarray], class_names: tuple[str, ...],
+                 per_pixel: bool = False):
         self._per_tile = per_tile
         self.class_names = class_names
+        self.per_pixel = per_pixel
 
     def segment(self, tiles: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
         return [self._per_tile(tile) for tile in tiles]
@@ -108,14 +109,14 @@ def builtin(spec: ModelSpec) -> Segmenter:
         if answer not in ("ids", "scores"):
             raise ModelError("imageProcessorParameters.answer must be ids or scores")
         return FunctionSegmenter(lambda t: threshold_answer(t, threshold or 0, answer == "scores"),
-                                 ("background", "bright"))
+                                 ("background", "bright"), per_pixel=True)
     if name == "vegetation":
         threshold, softness = _number(params, "threshold", None), _number(params, "softness", None)
         red = int(_number(params, "redBand", 1) or 1)
         nir = _number(params, "nirBand", None)
         nir_band = int(nir) if nir is not None else None
         return FunctionSegmenter(lambda t: vegetation_answer(t, threshold, softness, red, nir_band),
-                                 ("background", "vegetation"))
+                                 ("background", "vegetation"), per_pixel=True)
     raise ModelError(f"unknown BUILTIN segmenter {spec.name!r} (expected {', '.join(BUILTIN_SEGMENTERS)})")
 
 
@@ -131,7 +132,8 @@ def _class_names(spec: ModelSpec, default: Any) -> tuple[str, ...]:
 class PythonSegmenter(Segmenter):
     """``PYTHON``: ``"package.module:factory"``; the factory (called with the model's
     parameters) returns ``model(tiles, offsets) -> list of answers``, with ``class_names``
-    as an attribute or ``classNames`` in the parameters."""
+    as an attribute or ``classNames`` in the parameters (and ``per_pixel = True`` where each
+    pixel's answer depends on that pixel alone: see :class:`Segmenter`)."""
 
     def __init__(self, spec: ModelSpec):
         from pipeline.models.python import load_factory
@@ -141,6 +143,7 @@ class PythonSegmenter(Segmenter):
             raise ModelError(f"{spec.name!r} returned {type(self._model).__name__}, not a callable")
         self.class_names = _class_names(spec, getattr(self._model, "class_names", None))
         self.batch_size = int(getattr(self._model, "batch_size", self.batch_size))
+        self.per_pixel = bool(getattr(self._model, "per_pixel", False))
 
     def segment(self, tiles: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
         answers = list(self._model(tiles, offsets))

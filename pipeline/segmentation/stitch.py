@@ -114,7 +114,9 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
     bx0, by0, bx1, by1 = bounds
     h, w = by1 - by0, bx1 - bx0
     windows = covering_tiles(grid, bounds, mode)
-    dtype = np.uint8 if k <= 256 else np.uint16
+    dtype = class_dtype(k)
+    if segmenter.per_pixel and range_adjustment != "DRA" and len(windows):  # DRA: per tile
+        return _per_pixel(segmenter, pixels, origin, bounds, windows, range_adjustment, bits)
     classes = np.zeros((h, w), dtype)
     # CORE with class-id answers copies the ids: no scores unless a tile answers scores
     scores: np.ndarray | None = np.zeros((k, h, w), np.float32) if mode == BLEND else None
@@ -190,6 +192,39 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
     if scores is not None:
         result.classes = argmax(scores, dtype)
     result.scores = scores
+    return result
+
+
+def class_dtype(n_classes: int) -> type[np.unsignedinteger[Any]]:
+    """The class raster's dtype: uint8 up to 255 classes, else uint16 (the largest value is
+    the nodata of pixels outside a regionOfInterest)."""
+    return np.uint8 if n_classes < 255 else np.uint16
+
+
+def _per_pixel(segmenter: Any, pixels: np.ndarray, origin: tuple[int, int],
+               bounds: tuple[int, int, int, int], windows: np.ndarray, range_adjustment: str,
+               bits: int | None) -> Stitched:
+    """A per-pixel segmenter's answer over the chunk's own pixels, in one call (stitching a
+    per-pixel answer gives it back: every covering tile says the same of a pixel)."""
+    names = tuple(segmenter.class_names)
+    k = len(names)
+    bx0, by0, bx1, by1 = bounds
+    h, w = by1 - by0, bx1 - bx0
+    view = np.moveaxis(pixels, 0, -1)[by0 - origin[1]:by1 - origin[1], bx0 - origin[0]:bx1 - origin[0]]
+    result = Stitched(bounds, np.zeros((h, w), class_dtype(k)), None, names, tiles=len(windows))
+    began = time.perf_counter()
+    try:
+        (answer,) = segmenter.segment(to_uint8(view, range_adjustment, bits)[None], np.array([[bx0, by0]]))
+        answer = np.asarray(answer)
+        if answer.ndim == 2:
+            result.classes = checked_ids(answer, k, h, w).astype(result.classes.dtype, copy=False)
+        else:
+            result.scores = as_scores(answer, k, h, w)
+            result.classes = argmax(result.scores, class_dtype(k))
+    except Exception as exc:  # noqa: BLE001 - every tile of the chunk fails with it
+        reason = one_line(exc)
+        result.failed_tiles = [{"window": [int(v) for v in window], "reason": reason} for window in windows]
+    result.model_seconds = time.perf_counter() - began
     return result
 
 
