@@ -77,16 +77,61 @@ def _sample_blocks(src: Any, info: ImageInfo, target: int) -> np.ma.MaskedArray:
 def dynamic_range(
     samples: np.ndarray, percentiles: tuple[float, float] = (2.0, 98.0)
 ) -> tuple[list[float], list[float]]:
-    """Per-band ``(low, high)``: the given percentiles of the sampled pixels (finite only)."""
+    """Per-band ``(low, high)`` of ``samples`` ``(bands, n)``: their ``percentiles`` (finite
+    values only; an empty band gets ``(0, 255)``, a constant one a range of 1). The one place
+    the DRA's range is computed, band by band (no float64 copy of all the pixels)."""
     lows, highs = [], []
-    for band in samples.astype(np.float64, copy=False):
-        finite = band[np.isfinite(band)]
-        low, high = np.percentile(finite, percentiles) if finite.size else (0.0, 255.0)
+    for band in samples:
+        values = np.asarray(band).ravel()
+        if not np.issubdtype(values.dtype, np.integer):
+            values = values[np.isfinite(values)]
+        low, high = np.percentile(values, percentiles) if values.size else (0.0, 255.0)
         if high <= low:
             high = low + 1.0
         lows.append(float(low))
         highs.append(float(high))
     return lows, highs
+
+
+#: elements of :func:`stretch`'s float32 working block (4 MiB)
+STRETCH_BLOCK = 1 << 20
+
+
+def stretch(pixels: np.ndarray, low: Any, high: Any) -> np.ndarray:
+    """``pixels`` mapped linearly from ``(low, high)`` to ``0..255``, rounded, clipped, as uint8.
+
+    ``low``/``high`` are scalars or per-band values, bands on the last axis. The one place a
+    range adjustment is applied: in float32, in place in one working block of about
+    :data:`STRETCH_BLOCK` elements along the first axis, so the uint8 result is the only
+    full-size allocation. Pixels of 16 bits or less are exact in float32; wider ones are
+    offset in float64 inside numpy's ufunc buffers. Non-finite pixels count as 0.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 0:
+        return stretch(pixels.reshape(1), low, high).reshape(())
+    low64 = np.asarray(low, dtype=np.float64)
+    scale = (255.0 / np.maximum(np.asarray(high, dtype=np.float64) - low64, 1e-9)).astype(np.float32)
+    exact = pixels.dtype.itemsize <= 2 or pixels.dtype == np.float32
+    floating = not np.issubdtype(pixels.dtype, np.integer) and pixels.dtype != np.bool_
+    zero = np.rint(-low64 * scale) if floating else None  # where non-finite pixels land
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    per_row = max(1, pixels.size // max(1, pixels.shape[0]))
+    rows = max(1, min(pixels.shape[0], STRETCH_BLOCK // per_row))
+    work = np.empty((rows, *pixels.shape[1:]), dtype=np.float32)
+    for start in range(0, pixels.shape[0], rows):
+        block = pixels[start:start + rows]
+        buf = work[: len(block)]
+        if exact:
+            np.subtract(block, low64.astype(np.float32), out=buf, dtype=np.float32)
+        else:
+            np.subtract(block, low64, out=buf, casting="same_kind")
+        np.multiply(buf, scale, out=buf)
+        np.rint(buf, out=buf)
+        if zero is not None:
+            np.copyto(buf, np.broadcast_to(zero, buf.shape), where=~np.isfinite(buf))
+        np.clip(buf, 0.0, 255.0, out=buf)
+        out[start:start + rows] = buf
+    return out
 
 
 def deep_pixels(info: ImageInfo) -> bool:
@@ -103,6 +148,12 @@ def range_adjustment(
     2nd–98th percentile stretch of pixels sampled from the image (see :func:`sample_pixels`),
     so every tile of the image gets the same mapping. The result records the parameters
     (``{"type", "low", "high", "percentiles", "sample", "samplePixels"}``) for the summary.
+
+    Bands with a scale and offset (``info.scales``, the file's or its STAC Item's) give the
+    model ``scale × pixel + offset`` (recorded as ``scale``, ``offset``): ``DRA`` and ``MINMAX``
+    stretch ranges that a positive scale maps linearly, so their tiles are the same; ``NONE``
+    clips the scaled values to 0..255, which is the stretch ``low = −offset/scale``,
+    ``high = low + 255/scale`` of the raw pixels. A scale that is not positive is not applied.
     """
     kind = requested or ("DRA" if deep_pixels(info) else "NONE")
     record: dict[str, Any] = {"type": kind, "requested": requested}
@@ -113,13 +164,6 @@ def range_adjustment(
                       samplePixels=int(samples.shape[1]))
     elif kind == "MINMAX":
         record["bits"] = info.bits
-    return record
-
-    Bands with a scale and offset (``info.scales``, the file's or its STAC Item's) give the
-    model ``scale × pixel + offset`` (recorded as ``scale``, ``offset``): ``DRA`` and ``MINMAX``
-    stretch ranges that a positive scale maps linearly, so their tiles are the same; ``NONE``
-    clips the scaled values to 0..255, which is the stretch ``low = −offset/scale``,
-    ``high = low + 255/scale`` of the raw pixels. A scale that is not positive is not applied.
     if info.scales and all(scale > 0 for scale in info.scales):
         record.update(scale=list(info.scales), offset=list(info.offsets))
         if kind == "NONE":
@@ -127,3 +171,4 @@ def range_adjustment(
             record.update(low=low, high=[v + 255.0 / s for v, s in zip(low, info.scales, strict=True)])
     elif info.scales:
         record["scaleNotApplied"] = list(info.scales)  # not all positive
+    return record

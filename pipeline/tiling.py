@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import range_stats
 from pipeline.detections import Detections
 
 DEFAULT_CHUNK_TARGET = 4096
@@ -400,29 +401,34 @@ def to_uint8(
     bits: int | None = None,
     stretch: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Pixels as uint8 for the model.
+    """Pixels as uint8 for the model (bands on the last axis).
 
     ``NONE`` clips to 0..255 (uint8 input is returned as is); ``MINMAX`` scales the
     ``bits``-bit range (or the dtype's range) to 0..255; ``DRA`` stretches ``stretch``
-    (per-band ``(low, high)`` computed once per image, broadcast along the last axis) or else
-    the 2nd–98th percentile of the given pixels to 0..255.
+    (per-band ``(low, high)`` computed once per image) or else each band's 2nd–98th
+    percentile of the given pixels to 0..255. The DRA's range and every stretch are
+    :mod:`pipeline.range_stats`' (float32, in blocks).
     """
     if pixels.dtype == np.uint8 and range_adjustment != "DRA":
         return pixels
-    data = np.nan_to_num(pixels.astype(np.float64, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-    if range_adjustment == "DRA" and stretch is not None:
-        floor = np.asarray(stretch[0], dtype=np.float64)
-        ceiling = np.asarray(stretch[1], dtype=np.float64)
-        data = (data - floor) * (255.0 / np.maximum(ceiling - floor, 1e-9))
-    elif range_adjustment == "MINMAX":
-        if bits:
-            top = float(2**bits - 1)
-        elif np.issubdtype(pixels.dtype, np.integer):
-            top = float(np.iinfo(pixels.dtype).max)
-        else:
-            top = float(data.max()) or 1.0
-        data = data * (255.0 / top)
-    elif range_adjustment == "DRA":
-        low, high = np.percentile(data, [2, 98]) if data.size else (0.0, 1.0)
-        data = (data - low) * (255.0 / max(high - low, 1e-9))
-    return np.clip(np.rint(data), 0, 255).astype(np.uint8)
+    if range_adjustment == "DRA":
+        bands = pixels.reshape(-1, pixels.shape[-1]).T if pixels.ndim >= 2 else pixels.reshape(1, -1)
+        low, high = stretch if stretch is not None else range_stats.dynamic_range(bands)
+        return range_stats.stretch(pixels, low, high)
+    if range_adjustment == "MINMAX":
+        return range_stats.stretch(pixels, 0.0, _top(pixels, bits))
+    return range_stats.stretch(pixels, 0.0, 255.0)
+
+
+def _top(pixels: np.ndarray, bits: int | None) -> float:
+    """MINMAX's white: the ``bits``-bit maximum, the integer dtype's, or the largest pixel
+    (non-finite ones counting as 0)."""
+    if bits:
+        return float(2**bits - 1)
+    if np.issubdtype(pixels.dtype, np.integer):
+        return float(np.iinfo(pixels.dtype).max)
+    finite = np.isfinite(pixels)
+    top = float(np.max(pixels, where=finite, initial=-np.inf))
+    if not finite.all() or not np.isfinite(top):
+        top = max(top, 0.0)
+    return top or 1.0
