@@ -10,9 +10,12 @@
 
 :func:`expand_request` does both, once, before anything is read: every STAC document it reads
 (Items, catalogs and their children, the API) is first checked against the allow-list, and the
-queue worker checks the expanded hrefs as any image URL. Assets are read by their absolute
-hrefs; :func:`item_array` opens one as a DataArray with the Item's ``proj:`` georeferencing
-(where the file has none) and ``raster:`` nodata, scale and offset.
+queue worker checks the expanded hrefs as any image URL. STAC documents are read by
+:func:`stac_reader`: local, ``http(s)://`` (each redirect checked) and ``s3://`` (the project's
+S3 client). Assets are read by their absolute hrefs, with the Item's ``proj:`` and ``raster:``
+metadata (:class:`AssetMetadata`, kept per job for planning: :func:`image_metadata`) laid over
+the file's header by :func:`resolve`, the file winning where it states a value;
+:func:`item_array` opens an asset as a DataArray the same way.
 """
 
 from __future__ import annotations

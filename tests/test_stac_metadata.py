@@ -312,3 +312,48 @@ def test_task_names_never_carry_a_presigned_query(scene: dict[str, Any], http_ro
     with rasterio.open(scene["root"] / "data" / "geo.tif") as src:
         expected = src.read(window=((200, 300), (250, 300)))
     np.testing.assert_array_equal(array[:, 200:300, 250:300].values, expected)
+
+
+# ---------------------------------------------------------------------------- redirects
+@pytest.fixture
+def redirector() -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that serves ``/bare.json`` (the bare Item, its asset
+    ``bare.tif`` beside it) and redirects ``/here.json`` to it and ``/away.json`` to port 9."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    item = _item("bare", "bare.tif", proj=GEO)
+
+    class Redirects(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            moves = {"/here.json": "/bare.json", "/away.json": "http://127.0.0.1:9/bare.json"}
+            if self.path in moves:
+                self.send_response(302)
+                self.send_header("Location", moves[self.path])
+                self.end_headers()
+                return
+            body = json.dumps(item).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_stac_redirects_are_checked_hop_by_hop(redirector: str) -> None:
+    from pipeline.security import AccessDenied, AllowList
+
+    allow = AllowList.from_strings([redirector])
+    expanded = expand_request(request(jobId="redirects", imageUrls=[f"{redirector}/here.json"]), allow)
+    assert expanded.image_urls == [f"{redirector}/bare.tif"]
+    assert image_metadata("redirects", expanded.image_urls[0]) is not None
+    with pytest.raises(AccessDenied, match=r"imageUrls\[0\]: redirected to http://127.0.0.1:9/bare.json, "
+                                           r"which is refused"):
+        expand_request(request(imageUrls=[f"{redirector}/away.json"]), allow)
