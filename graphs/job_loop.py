@@ -53,9 +53,9 @@ from pipeline.detections import Detections
 from pipeline.failures import is_permanent, one_line
 from pipeline.geolocate import empty_features
 from pipeline.infer import ChunkResult
-from pipeline.io import ImageError, read_options
 from pipeline.models import check_model
 from pipeline.parts import PartStore, fingerprint
+from pipeline.reading import ImageError, read_options
 from pipeline.redact import public_url
 from pipeline.request import ImageRequest
 from pipeline.roi import tiles_in
