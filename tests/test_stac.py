@@ -21,7 +21,7 @@ import pytest
 import rasterio
 import shapely
 from pystac.extensions.projection import ProjectionExtension
-from pystac.extensions.raster import RasterBand, RasterExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 
 import pipeline
@@ -62,10 +62,10 @@ def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         proj = ProjectionExtension.ext(item.assets["image"], add_if_missing=True)
         proj.code, proj.shape, proj.transform = crs.to_string(), list(shape), list(transform)[:6]
         raster = RasterExtension.ext(item.assets["image"], add_if_missing=True)
-        raster.bands = [RasterBand.create(data_type="uint8", nodata=0) for _ in range(3)]
+        raster.bands = [RasterBand.create(data_type=DataType.UINT8, nodata=0) for _ in range(3)]
         collections[collection].add_item(item)
-    for collection in collections.values():
-        catalog.add_child(collection)
+    for child in collections.values():
+        catalog.add_child(child)
     catalog.normalize_hrefs(str(root / "catalog"))
     catalog.make_all_asset_hrefs_relative()
     catalog.save(pystac.CatalogType.SELF_CONTAINED)
@@ -155,7 +155,7 @@ def stac_api(catalog_dir: Path, http_root: str) -> Iterator[str]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            root = f"http://127.0.0.1:{self.server.server_address[1]}"
+            root = f"http://127.0.0.1:{self.server.server_address[1]}"  # type: ignore[index]
             if "/items/" in self.path:  # /collections/<c>/items/<id>
                 self._send(next(i for i in items if i["id"] == self.path.rsplit("/", 1)[-1]))
                 return
@@ -351,13 +351,15 @@ def test_job_writes_valid_stac_items_and_collection(catalog_dir: Path, tmp_path:
         # the geometry is the processed footprint: the image's bounds, through rasterio here
         with rasterio.open(image_path(catalog_dir, item_id)) as src:
             bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=64)
+        assert item.bbox is not None
         np.testing.assert_allclose(item.bbox, bounds, atol=1e-9)
         assert shapely.geometry.shape(item.geometry).is_valid
         for key, suffix in (("geojson", ".geojson"), ("parquet", ".parquet"), ("summary", ".summary.json")):
-            assert Path(item.assets[key].get_absolute_href()) == out / f"stacout{suffix}"
+            assert Path(str(item.assets[key].get_absolute_href())) == out / f"stacout{suffix}"
             assert (out / f"stacout{suffix}").is_file()
         assert item.assets["parquet"].media_type == "application/vnd.apache.parquet"
-        assert item.get_single_link("collection").get_absolute_href() == str(out / "stacout.collection.json")
+        link = item.get_single_link("collection")
+        assert link is not None and link.get_absolute_href() == str(out / "stacout.collection.json")
     # derived_from: the source Item for the STAC image, none for the plain URL
     assert [link.get_absolute_href() for link in items[0].get_links("derived_from")] == [
         str(item_path(catalog_dir, "a1"))]
@@ -397,7 +399,7 @@ def test_queue_worker_expands_stac_before_its_allow_list(aws: str, catalog_dir: 
             "imageProcessorTileSize": TILE, "imageProcessorTileOverlap": OVERLAP,
             "tilingStrategy": "FIXED_STRIDE",
             "outputs": [{"type": "S3", "bucket": f"results-{tag}", "prefix": "jobs", "stac": True}]}
-    jobs = {"catalog-refused": {"stacSearch": {"catalog": "http://127.0.0.1:9/catalog.json"}},
+    jobs: dict[str, dict[str, Any]] = {"catalog-refused": {"stacSearch": {"catalog": "http://127.0.0.1:9/catalog.json"}},
             "asset-refused": {"stacSearch": {"catalog": catalog, "ids": ["a1"], "assetKey": "thumbnail"}},
             "not-stac": {"imageUrls": [f"{http_root}/catalog/alpha/collection.json"]},
             "allowed": {"stacSearch": {"catalog": catalog, "ids": ["a2"]}}}
@@ -427,8 +429,9 @@ def test_queue_worker_expands_stac_before_its_allow_list(aws: str, catalog_dir: 
 
 
 def test_an_item_collection_file_expands_to_each_item(catalog_dir: Path, tmp_path: Path) -> None:
-    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))).make_asset_hrefs_absolute()
-             for i in ("b1", "a1")]
+    items = [pystac.Item.from_file(str(item_path(catalog_dir, i))) for i in ("b1", "a1")]
+    for item in items:
+        item.make_asset_hrefs_absolute()
     path = tmp_path / "found.json"
     path.write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
     expanded = expand_request(request(imageUrls=[str(path)]))

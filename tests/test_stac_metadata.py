@@ -132,7 +132,7 @@ def expected_lonlat(boxes: np.ndarray) -> np.ndarray:
     out = []
     for x0, y0, x1, y1 in boxes:
         corners = [affine * (x, y) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
-        lon, lat = to_wgs84.transform(*zip(*corners, strict=True))
+        lon, lat = to_wgs84.transform([x for x, _ in corners], [y for _, y in corners])
         out.append([min(lon), min(lat), max(lon), max(lat)])
     return np.array(out)
 
