@@ -205,13 +205,15 @@ def asset_metadata(item: pystac.Item, key: str | None = None) -> AssetMetadata |
     from pystac.extensions.raster import RasterExtension
 
     asset = item.assets[asset_key(item, key)]
-    proj = ProjectionExtension.ext(asset)  # the asset's fields, else the Item's
-    crs, shape = proj.crs_string, proj.shape
-    transform = tuple(float(v) for v in proj.transform[:6]) if proj.transform else None
-    if transform is None and proj.bbox and shape and len(proj.bbox) == 4:
-        from rasterio.transform import from_bounds
+    crs = shape = transform = None
+    if ProjectionExtension.has_extension(item):
+        proj = ProjectionExtension.ext(asset)  # the asset's fields, else the Item's
+        crs, shape = proj.crs_string, proj.shape
+        transform = tuple(float(v) for v in proj.transform[:6]) if proj.transform else None
+        if transform is None and proj.bbox and shape and len(proj.bbox) == 4:
+            from rasterio.transform import from_bounds
 
-        transform = tuple(from_bounds(*proj.bbox, width=shape[1], height=shape[0]))[:6]
+            transform = tuple(from_bounds(*proj.bbox, width=shape[1], height=shape[0]))[:6]
     bands = RasterExtension.ext(asset).bands if RasterExtension.has_extension(item) else None
     bands = bands or []
     nodata = next((float(b.nodata) for b in bands if b.nodata is not None), None)

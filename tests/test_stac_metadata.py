@@ -217,6 +217,14 @@ def pipeline_item(path: Path) -> Any:
     return pystac.Item.from_file(str(path))
 
 
+def test_an_item_without_extensions_has_no_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(_item("plain", "plain.tif")))
+    expanded = expand_request(request(jobId="plain", imageUrls=[str(path)]))
+    assert expanded.image_urls == [str(tmp_path / "plain.tif")]
+    assert image_metadata("plain", expanded.image_urls[0]) is None
+
+
 def test_resolve_rules() -> None:
     """The file wins; the Item fills what the file lacks, only for a file of its proj:shape."""
     from pipeline.reading import ImageInfo
