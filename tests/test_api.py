@@ -219,6 +219,19 @@ def test_lazy_features_equal_runs_with_source_metadata_and_failed_tiles(
     assert {r for *_, r in lazy_failed} == {"RuntimeError: tile at x=416 refused"}
 
 
+def test_run_plans_several_images_on_the_cluster_and_one_here(scene: Any, nitf_scene: Path,
+                                                               dask_client: Any) -> None:
+    from distributed import get_task_stream
+
+    for urls, on_cluster in (([str(scene.path)], 0), ([str(scene.path), str(nitf_scene)], 2)):
+        with get_task_stream(dask_client) as stream:
+            result = pipeline.run(job(scene, imageUrls=urls), client=dask_client)
+        plans = [t for t in stream.data if str(t["key"]).startswith("plan-")]
+        assert len(plans) == on_cluster and result.status == "SUCCESS"
+        assert len(result.features) == len(urls) * len(scene.truth)
+        assert [image["url"] for image in result.summary["images"]] == urls  # request order
+
+
 def test_lazy_features_plan_each_image_once(scene: Any, nitf_scene: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
