@@ -9,6 +9,8 @@ are made ellipsoidal where a geoid grid is at hand).
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +18,8 @@ import numpy as np
 from affine import Affine
 from pyproj import CRS, Transformer
 
-from pipeline.reading import ImageInfo, gdal_path, rasterio_env, read_options
+from pipeline.reading import ImageInfo, gdal_env, gdal_error_line, gdal_path, rasterio_env, read_options
+from pipeline.security import open_raster
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +116,10 @@ class RPCSensorModel:
     """A rational polynomial camera (GDAL's RPC transformer, vectorised over points).
 
     Ground heights: ``height`` metres (ellipsoidal, default the RPC's ``HEIGHT_OFF``), or a
-    DEM (``dem``, a GDAL path, sampled at each point; GDAL iterates to convergence).
-    ``chip`` is the affine from this image's pixels to the full image the RPC was made for
-    (NITF ICHIPB), applied before the RPC is evaluated.
+    DEM (``dem``, a GDAL path, sampled at each point; GDAL iterates to convergence) whose
+    heights ``dem_heights`` makes ellipsoidal (see :func:`dem_heights`). ``chip`` is the
+    affine from this image's pixels to the full image the RPC was made for (NITF ICHIPB),
+    applied before the RPC is evaluated.
     """
 
     rpcs: dict[str, Any]
@@ -123,6 +127,7 @@ class RPCSensorModel:
     dem: str | None = None
     options: dict[str, str] = field(default_factory=dict, repr=False)
     chip: tuple[float, ...] | None = None
+    dem_heights: DemHeights | None = None
     georeferenced: bool = True
     kind: str = "RPC"
 
@@ -137,8 +142,12 @@ class RPCSensorModel:
         # GDAL inverts the RPC iteratively; its default 0.1-pixel stop leaves centimetres
         kwargs: dict[str, Any] = {"RPC_PIXEL_ERROR_THRESHOLD": 1e-4, "RPC_MAX_ITERATIONS": 50}
         if self.dem:
-            kwargs.update(RPC_DEM=self.dem, RPC_DEMINTERPOLATION="bilinear",
-                          RPC_DEM_MISSING_VALUE=str(self.effective_height))
+            # our geoid offset (RPC_HEIGHT is added to each DEM height), never GDAL's own
+            # vertical shift, which PROJ makes a silent no-op without the geoid grid
+            offset = self.dem_heights.offset if self.dem_heights else 0.0
+            kwargs.update(RPC_DEM=self.dem, RPC_DEMINTERPOLATION="bilinear", RPC_HEIGHT=offset,
+                          RPC_DEM_MISSING_VALUE=str(self.effective_height - offset),
+                          RPC_DEM_APPLY_VDATUM_SHIFT="FALSE")
         else:
             kwargs["RPC_HEIGHT"] = self.effective_height
         return RPCTransformer(RPC(**self.rpcs), **kwargs)
@@ -146,7 +155,7 @@ class RPCSensorModel:
     def describe(self) -> dict[str, Any]:
         """The height choice, for the summary."""
         if self.dem:
-            return {"dem": self.dem}
+            return {"dem": self.dem, **(self.dem_heights.describe() if self.dem_heights else {})}
         source = "request" if self.height is not None else "HEIGHT_OFF"
         return {"constant": self.effective_height, "source": source}
 
@@ -245,6 +254,100 @@ def footprint(model: SensorModel, width: int, height: int, per_side: int = 16) -
     return antimeridian.split(outline)
 
 
+#: the heights an RPC expects: WGS 84 ellipsoidal
+ELLIPSOIDAL = CRS.from_epsg(4979)
+
+
+@dataclass(frozen=True)
+class DemHeights:
+    """What a DEM's heights are, and what is added to them before an RPC uses them.
+
+    ``vertical``: ``ellipsoidal`` (a 3D geographic CRS), ``orthometric`` (a compound CRS with
+    a vertical, gravity-related part: heights above a geoid), ``unstated`` (no vertical CRS:
+    taken as ellipsoidal, as GDAL's RPC transformer and OSML Model Runner take them) or
+    ``unknown`` (the CRS could not be read). ``offset``: metres added to every DEM height, the
+    geoid undulation at ``at`` (lon, lat: the RPC's ``LONG_OFF``, ``LAT_OFF``) when ``applied``;
+    ``reason`` says why it is not.
+    """
+
+    vertical: str
+    offset: float = 0.0
+    applied: bool = False
+    at: tuple[float, float] | None = None
+    crs: str | None = None
+    reason: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The DEM's part of the summary's ``elevation``."""
+        if self.vertical in ("unstated", "unknown"):
+            return {"vertical": self.vertical, "assumed": "ellipsoidal",
+                    **({"reason": self.reason} if self.reason else {})}
+        if self.vertical == "ellipsoidal":
+            return {"vertical": "ellipsoidal"}
+        facts: dict[str, Any] = {"vertical": "orthometric", "verticalCrs": self.crs,
+                                 "geoidApplied": self.applied}
+        if self.applied:
+            facts.update(geoidOffset=self.offset, geoidAt=list(self.at or ()))
+        else:
+            facts["reason"] = self.reason
+        return facts
+
+
+def _dem_crs(dem: str, options: dict[str, str]) -> CRS | None:
+    """The DEM's CRS with its vertical part, from its header (image drivers only)."""
+    import rasterio
+
+    with gdal_env(dem, options), rasterio.Env(GTIFF_REPORT_COMPD_CS="YES"), \
+            open_raster(gdal_path(dem)) as src:
+        return CRS.from_wkt(src.crs.to_wkt()) if src.crs else None
+
+
+def dem_heights(dem: str, options: dict[str, str], at: tuple[float, float]) -> DemHeights:
+    """How the heights of ``dem`` become ellipsoidal near ``at`` (lon, lat).
+
+    A DEM whose CRS says its heights are orthometric gets the geoid undulation at ``at`` (PROJ:
+    the compound CRS → EPSG:4979) added to every height, where PROJ has the geoid grid (in a
+    :mod:`pyproj.datadir` data directory; nothing is downloaded). Without it, PROJ would
+    silently fall back to a "ballpark" transformation that changes nothing: the heights are
+    then used as given, with a warning and the reason in :meth:`DemHeights.describe`.
+    """
+    import rasterio.errors
+    from pyproj.network import is_network_enabled
+    from pyproj.transformer import TransformerGroup
+
+    try:
+        crs = _dem_crs(dem, options)
+    except rasterio.errors.RasterioIOError as exc:
+        reason = f"cannot read the DEM's CRS: {gdal_error_line(exc)}"
+        log.warning("DEM %s: heights used as given (%s)", dem, reason)
+        return DemHeights("unknown", reason=reason)
+    if crs is None or not crs.is_compound:
+        three_d = crs is not None and crs.is_geographic and len(crs.axis_info) == 3
+        return DemHeights("ellipsoidal" if three_d else "unstated")
+    horizontal, vertical = crs.sub_crs_list[0], crs.sub_crs_list[1]
+    name = (vertical.source_crs or vertical).name if vertical.is_bound else vertical.name
+    x, y = Transformer.from_crs(WGS84, horizontal, always_xy=True).transform(*at)
+    with warnings.catch_warnings():  # pyproj's "best transformation is not available": ours
+        warnings.simplefilter("ignore", UserWarning)
+        group = TransformerGroup(crs, ELLIPSOIDAL, always_xy=True)
+    usable = [t for t in group.transformers if "ballpark" not in t.description.lower()]
+    height = float(usable[0].transform(x, y, 0.0)[2]) if usable else math.nan
+    if usable and math.isfinite(height):
+        return DemHeights("orthometric", height, True, at, name)
+    missing = sorted({g.short_name for op in group.unavailable_operations for g in op.grids
+                      if not g.available})
+    if missing:
+        network = "on" if is_network_enabled() else "off"
+        reason = f"geoid grid {', '.join(missing)} not found (PROJ network {network})"
+    elif usable:
+        reason = f"the geoid grid does not cover lon {at[0]:.6f}, lat {at[1]:.6f}"
+    else:
+        reason = f"PROJ knows no transformation from {name} to WGS 84 ellipsoidal heights"
+    log.warning("DEM %s: orthometric heights (%s) used as given, not made ellipsoidal: %s",
+                dem, name, reason)
+    return DemHeights("orthometric", crs=name, reason=reason)
+
+
 def elevation_model(
     elevation: dict[str, Any] | None, options: dict[str, str] | None = None
 ) -> tuple[float | None, str | None, dict[str, str]]:
@@ -270,7 +373,11 @@ def sensor_model(
 
         height, dem, dem_options = elevation_model(elevation, options)
         chip = chip_transform(info.tre_xml) if info.tre_xml else None
-        return RPCSensorModel(dict(info.rpcs), height, dem, dem_options, chip)
+        heights = None
+        if elevation and elevation.get("dem"):
+            centre = (float(info.rpcs["long_off"]), float(info.rpcs["lat_off"]))
+            heights = dem_heights(str(elevation["dem"]), dem_options, centre)
+        return RPCSensorModel(dict(info.rpcs), height, dem, dem_options, chip, heights)
     if info.transform is not None and info.crs is not None:
         return AffineSensorModel(_antimeridian(info), info.crs)
     if len(info.gcps) >= 3:

@@ -104,7 +104,7 @@ def test_dem_elevation_matches_the_same_constant_height(tmp_path) -> None:
         out.write(np.full((1, 40, 40), 558.0, dtype=np.float32))
     with_dem = sensor_model(info, {"dem": str(dem)})
     constant = sensor_model(info, {"constant": 558.0})
-    assert with_dem.describe() == {"dem": str(dem)}
+    assert with_dem.describe() == {"dem": str(dem), "vertical": "unstated", "assumed": "ellipsoidal"}
     x, y = np.array([0.0, 5.0, 10.0]), np.array([0.0, 5.0, 10.0])
     error = metres(*with_dem.pixel_to_lonlat(x, y), *constant.pixel_to_lonlat(x, y))
     assert error.max() < 0.01
