@@ -258,9 +258,37 @@ def _add_gpu_workers(cluster: Any, count: int, slots: int) -> list[str]:
     return names
 
 
+#: a default local cluster (``connect("local")``, no ``workers``) for a job that reads at most
+#: this many pixels (one chunk of the default chunk target) runs in this process: its worker
+#: processes would take longer to start (2-3 s on 2 cores: each imports Dask, GDAL and
+#: geopandas anew) and to stop than such a job takes to compute
+SMALL_JOB_PIXELS = 4096 * 4096
+
+
+def in_process_settings() -> dict[str, Any]:
+    """LocalCluster arguments of an in-process cluster: one worker of a thread per core in this
+    process, on TCP (tasks and results are serialised as with worker processes) and without a
+    dashboard (the job ends before anyone could open it)."""
+    return {"n_workers": 1, "threads_per_worker": default_workers(), "processes": False,
+            "protocol": "tcp://", "host": "127.0.0.1", "dashboard_address": None,
+            "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},  # its health routes only
+            "silence_logs": logging.WARNING}
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The dashboard of ``client``'s cluster; None for a scheduler in this process that serves
+    no dashboard (:func:`in_process_settings`)."""
+    scheduler = getattr(getattr(client, "cluster", None), "scheduler", None)
+    http = getattr(scheduler, "http_application", None)
+    if http is not None and not getattr(http, "applications", True):
+        return None
+    return str(client.dashboard_link)
+
+
 @contextmanager
 def _local(workers: int | None, options: dict[str, Any] | None = None,
-           dask_config: dict[str, Any] | None = None, gpu: tuple[int, int] = (0, 0)) -> Iterator[Any]:
+           dask_config: dict[str, Any] | None = None, gpu: tuple[int, int] = (0, 0),
+           in_process: bool = False) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
@@ -270,6 +298,9 @@ def _local(workers: int | None, options: dict[str, Any] | None = None,
         "dashboard_address": "127.0.0.1:0", "silence_logs": logging.WARNING,
     }
     settings.update({k: v for k, v in (options or {}).items() if k not in ("workers",)})
+    if in_process:
+        settings = in_process_settings()
+        n = settings.pop("n_workers")
     config = {**LOCAL_DASK_CONFIG, "distributed.nanny.pre-spawn-environ": _worker_environ(),
               **(dask_config or {})}
     with dask.config.set(config), \
@@ -277,8 +308,9 @@ def _local(workers: int | None, options: dict[str, Any] | None = None,
         if gpu[0]:
             _add_gpu_workers(local, *gpu)
             client.wait_for_workers(n + gpu[0], timeout=120)
-        log.info("LocalCluster with %d workers%s, dashboard %s", n,
-                 f" and {gpu[0]} GPU worker(s) of {gpu[1]} slots" if gpu[0] else "", client.dashboard_link)
+        log.info("LocalCluster with %s%s, dashboard %s",
+                 f"{settings['threads_per_worker']} threads in this process" if in_process else f"{n} workers",
+                 f" and {gpu[0]} GPU worker(s) of {gpu[1]} slots" if gpu[0] else "", dashboard_link(client))
         yield client
 
 
@@ -292,15 +324,20 @@ def _attach(address: str) -> Iterator[Any]:
 
 
 @contextmanager
-def connect(cluster: str | None = "local", workers: int | None = None) -> Iterator[Any]:
+def connect(cluster: str | None = "local", workers: int | None = None, *,
+            job_pixels: int | None = None) -> Iterator[Any]:
     """A ``distributed.Client`` for ``cluster``: ``local`` (a LocalCluster of ``workers``
     single-threaded processes, on 127.0.0.1), a scheduler address (``tcp://host:port``), or a
     profile name or file (see :func:`load_profile`).
 
-    A client that connected to a running cluster never shuts the cluster down.
+    ``job_pixels``: the pixels the job will read, where known; ``local`` without ``workers``
+    for a job of at most :data:`SMALL_JOB_PIXELS` is a cluster in this process
+    (:func:`in_process_settings`). A client that connected to a running cluster never shuts the
+    cluster down.
     """
     if cluster in (None, "", "local"):
-        with _local(workers) as client:
+        small = workers is None and job_pixels is not None and job_pixels <= SMALL_JOB_PIXELS
+        with _local(workers, in_process=small) as client:
             yield client
         return
     assert cluster is not None

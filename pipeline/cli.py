@@ -7,6 +7,8 @@ arguments. Errors are one line on stderr (``--debug`` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import re
 import sys
@@ -189,13 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(debug: bool, quiet: bool) -> None:
+def _configure_logging(debug: bool, quiet: bool, dask: bool = True) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from pipeline.redact import install_log_filter
 
     install_log_filter()  # no credentials, tokens or presigned query strings in logs
-    import distributed  # noqa: F401 - it sets its own log levels on import; override them after
+    if dask:  # a command that uses Dask (not serve-model)
+        import distributed  # noqa: F401 - it sets its own log levels on import; override them after
 
     for noisy in ("distributed", "bokeh", "tornado", "rasterio", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -234,8 +237,37 @@ def print_summary(summary: dict[str, Any], outputs: Sequence[str]) -> None:
         print(f"  wrote {path}")
 
 
+def job_pixels(request: Any) -> int | None:
+    """The pixels of the request's images when each is a local file or a ``synthetic://`` image
+    (headers read here, a few ms each; stops past :data:`graphs.cluster.SMALL_JOB_PIXELS`), else
+    None: remote, STAC or multi-segment images are not opened before the job."""
+    from graphs.cluster import SMALL_JOB_PIXELS
+    from pipeline import synthetic
+    from pipeline.reading import ImageError, describe
+
+    if request.stac_search is not None:
+        return None
+    total = 0
+    for url in request.image_urls:
+        try:
+            if synthetic.is_synthetic(url):
+                info = synthetic.describe(url)
+            elif Path(url).is_file():
+                info = describe(url)
+            else:
+                return None
+        except ImageError:
+            return None
+        if len(info.subdatasets) > 1:
+            return None
+        total += info.width * info.height
+        if total > SMALL_JOB_PIXELS:
+            break
+    return total
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from graphs.cluster import connect
+    from graphs.cluster import connect, dashboard_link
     from graphs.image_job import run_job
     from pipeline.models import ModelError
     from pipeline.plots import write_summary_charts
@@ -263,8 +295,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.parts import ResumeError
 
     try:
-        with connect(args.cluster, args.workers) as client:
-            print(f"dashboard {client.dashboard_link}", file=sys.stderr)
+        pixels = job_pixels(request) if args.cluster == "local" and args.workers is None else None
+        with connect(args.cluster, args.workers, job_pixels=pixels) as client:
+            link = dashboard_link(client)
+            if link:
+                print(f"dashboard {link}", file=sys.stderr)
             result = run_job(request, client, progress=_progress(not args.no_progress),
                              resume=args.resume, collect_features=bool(args.quicklook),
                              **({"chunk_target": args.chunk_size} if args.chunk_size else {}))
@@ -473,10 +508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse prints its own one-line usage error
         return int(exc.code or 0) and EXIT_USAGE
-    _configure_logging(args.debug, args.quiet)
+    _configure_logging(args.debug, args.quiet, dask=args.command != "serve-model")
     from pipeline.redact import redact
     from pipeline.request import RequestError
 
+    if argv is None:  # the program's own process, which ends after the command
+        atexit.register(gc.freeze)
     try:
         return COMMANDS[args.command](args)
     except (RequestError, UsageError) as exc:
