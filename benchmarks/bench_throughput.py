@@ -2,12 +2,15 @@
 
 Both sides read the same windows (every chunk of the job's plan, halo included) of one tiled,
 DEFLATE-compressed COG (real RGB pixels, repeated) on the same cores: the raw read is a pool
-of ``--workers`` threads (GDAL decodes without the GIL) each with its own open dataset; the
+of ``--workers`` threads (GDAL decodes without the GIL) each with its own open dataset, given
+what the pipeline's chunk reads get (the plan's GDAL read options, ``GDAL_NUM_THREADS`` among
+them, entered per read; the workers' capped block cache; the same band-last output buffer); the
 pipeline is the whole job, ``run_job`` (plan → per-chunk read → tiles → model → merge →
 write GeoJSON, GeoParquet and the summary) on a LocalCluster of ``--workers`` single-threaded
 processes, warmed up by one run first. The summary chart that the CLI and ``pipeline.run``
 draw after a job is timed apart, and also shown added to the job. Each side runs ``--repeat``
-times, alternating; the medians are compared. Also prints where the job's time went, the peak
+times, alternating; each figure is printed as the median and range of its runs, and the
+medians are compared. Also prints where the job's time went, the peak
 RSS summed over the client and its cluster processes, and the machine's load (the machine may
 be shared: compare runs at a similar load).
 
@@ -33,6 +36,7 @@ from rasterio.windows import Window
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._stats import summary  # noqa: E402
 
 #: real pixels for the benchmark COG: 512 × 512 × 3 uint8 (two parked airliners)
 REAL_TILE = ROOT.parent / "shared" / "data" / "geotiff" / "osml_2_planes.tiff"
@@ -67,17 +71,26 @@ def write_cog(path: Path, size: int, block: int = 512) -> Path:
     return path
 
 
-def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int) -> float:
-    """Seconds to read and decode ``windows`` with ``threads`` threads, one dataset each."""
+def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int,
+             options: dict[str, str]) -> float:
+    """Seconds to read and decode ``windows`` with ``threads`` threads, one dataset each, with
+    what the pipeline's chunk reads get: its GDAL options (``GDAL_NUM_THREADS`` and the rest,
+    entered per read as ``RasterSource`` does), this process's block cache capped like a
+    worker's (``cap_block_cache``) and the same band-last buffer (``RasterSource.read``)."""
     import threading
 
+    from pipeline.reading import cap_block_cache, rasterio_env
+
+    cap_block_cache()
     local = threading.local()
 
     def read(window: tuple[int, int, int, int]) -> None:
-        if not hasattr(local, "src"):
-            local.src = rasterio.open(path)
-        x0, y0, x1, y1 = window
-        local.src.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+        with rasterio_env(options):
+            if not hasattr(local, "src"):
+                local.src = rasterio.open(path)
+            x0, y0, x1, y1 = window
+            out = np.empty((y1 - y0, x1 - x0, local.src.count), dtype=local.src.dtypes[0]).transpose(2, 0, 1)
+            local.src.read(window=Window(x0, y0, x1 - x0, y1 - y0), out=out)
 
     began = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -114,12 +127,12 @@ def main() -> None:
     from graphs.image_job import plan_image, run_job
     from pipeline.detections import Detections
     from pipeline.geolocate import to_features
-    from pipeline.io import cap_block_cache, describe, sensor_model
     from pipeline.merge import nms
     from pipeline.plots import write_summary_charts
+    from pipeline.reading import describe
     from pipeline.request import ImageRequest
+    from pipeline.sensor_models import sensor_model
 
-    cap_block_cache()  # the raw read gets the workers' GDAL block cache
     print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; "
           f"pixels from {REAL_TILE.name if REAL_TILE.exists() else 'a generated texture'}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +146,8 @@ def main() -> None:
             "imageProcessor": {"name": "null", "type": "BUILTIN"},
             "imageProcessorTileSize": args.tile, "imageProcessorTileOverlap": args.overlap,
         })
-        grid = plan_image(request, str(path)).grid
+        plan = plan_image(request, str(path))
+        grid = plan.grid
         windows = [grid.chunk_window(r, c) for r in range(grid.chunks_y) for c in range(grid.chunks_x)]
         raw: list[float] = []
         raw_one: list[float] = []  # one thread: the baseline of earlier versions of this script
@@ -141,14 +155,14 @@ def main() -> None:
         chart: list[float] = []
         raw_cpu: list[float] = []  # CPU seconds, a steadier measure than wall time on a shared machine
         job_cpu: list[float] = []
-        summary: dict[str, Any] = {}
+        last: dict[str, Any] = {}
         with PeakRSS() as rss, connect("local", args.workers) as client:
             run_job(request, client, collect_features=False)  # warm: imports, GDAL, model
             for _ in range(args.repeat):
                 cpu = _tree_cpu()
-                raw.append(raw_read(path, windows, args.workers))
+                raw.append(raw_read(path, windows, args.workers, plan.read_options))
                 raw_cpu.append(_tree_cpu() - cpu)
-                raw_one.append(raw_read(path, windows, 1))
+                raw_one.append(raw_read(path, windows, 1, plan.read_options))
                 began, cpu = time.perf_counter(), _tree_cpu()
                 result = run_job(request, client, collect_features=False)
                 job.append(time.perf_counter() - began)
@@ -156,27 +170,26 @@ def main() -> None:
                 began = time.perf_counter()
                 write_summary_charts(request, result)
                 chart.append(time.perf_counter() - began)
-                summary = result.summary
-        assert summary["status"] == "SUCCESS", summary
+                last = result.summary
+        assert last["status"] == "SUCCESS", last
         megapixels = args.size**2 / 1e6
         raw_s, job_s = statistics.median(raw), statistics.median(job)
         print(f"image {args.size}x{args.size}x3 uint8, {grid.n_tiles} tiles of {args.tile} "
               f"(overlap {args.overlap}), {len(windows)} chunks of {grid.chunk}px, "
               f"{args.workers} workers; medians of {args.repeat}")
-        print(f"raw windowed read+decode, {args.workers} threads: {raw_s:.2f} s "
-              f"({megapixels / raw_s:.0f} Mpx/s)  runs {[round(v, 2) for v in raw]}")
-        print(f"raw windowed read+decode, 1 thread:  {statistics.median(raw_one):.2f} s  "
-              f"runs {[round(v, 2) for v in raw_one]}")
-        print(f"pipeline job, null model:            {job_s:.2f} s "
-              f"({megapixels / job_s:.0f} Mpx/s)  runs {[round(v, 2) for v in job]}")
-        print(f"pipeline throughput / raw read throughput: {raw_s / job_s:.2f} (goal >= 0.85)")
-        seconds = summary["seconds"]
+        print(f"raw windowed read+decode, {args.workers} threads: {summary(raw)} "
+              f"({megapixels / raw_s:.0f} Mpx/s)")
+        print(f"raw windowed read+decode, 1 thread:  {summary(raw_one)}")
+        print(f"pipeline job, null model:            {summary(job)} ({megapixels / job_s:.0f} Mpx/s)")
+        print(f"pipeline throughput / raw read throughput (medians): {raw_s / job_s:.2f} (goal >= 0.85); "
+              f"per round {summary([r / j for r, j in zip(raw, job, strict=True)], '')}")
+        seconds = last["seconds"]
         print(f"  against the 1-thread raw read: {statistics.median(raw_one) / job_s:.2f}")
         raw_c, job_c = statistics.median(raw_cpu), statistics.median(job_cpu)
-        print(f"  CPU seconds (client and cluster processes): raw read {raw_c:.2f}, job {job_c:.2f}; "
-              f"ratio {raw_c / job_c:.2f}")
+        print(f"  CPU seconds (client and cluster processes): raw read {summary(raw_cpu)}, job "
+              f"{summary(job_cpu)}; ratio of the medians {raw_c / job_c:.2f}")
         chart_s = statistics.median(chart)
-        print(f"  with the summary chart drawn after it (CLI, pipeline.run; {chart_s:.2f} s): "
+        print(f"  with the summary chart drawn after it (CLI, pipeline.run; {summary(chart)}): "
               f"{raw_s / (job_s + chart_s):.2f}")
         print(f"last job: total {seconds['total']} s before its summary; client stages "
               f"{seconds['stages']}; worker seconds {seconds['workers']}")
@@ -186,13 +199,15 @@ def main() -> None:
         boxes = np.hstack([xy, xy + rng.uniform(5, 40, size=(26000, 2))])
         dets = Detections(boxes, rng.uniform(0, 1, 26000), np.full(26000, "x", dtype=object))
         model = sensor_model(describe(str(path)))
-        began = time.perf_counter()
-        to_features(dets, model, image_url="x", job_id="bench")
-        geo = time.perf_counter() - began
-        began = time.perf_counter()
-        kept = nms(dets, 0.75)
-        merge = time.perf_counter() - began
-        print(f"geolocate 26,000 boxes: {geo * 1000:.0f} ms; NMS: {merge * 1000:.0f} ms "
+        geo, merge = [], []
+        for _ in range(args.repeat):
+            began = time.perf_counter()
+            to_features(dets, model, image_url="x", job_id="bench")
+            geo.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            kept = nms(dets, 0.75)
+            merge.append(time.perf_counter() - began)
+        print(f"geolocate 26,000 boxes: {summary(geo, digits=3)}; NMS: {summary(merge, digits=3)} "
               f"({len(kept)} kept)")
     print(f"peak RSS of client + cluster processes: {rss.peak / 2**30:.2f} GiB; "
           f"load average at end {os.getloadavg()[0]:.2f}")
