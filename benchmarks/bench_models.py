@@ -8,7 +8,8 @@
    1 vs 16 (the GPU path's shape, on CPU).
 
 Usage: ``python benchmarks/bench_models.py [--tiles 400] [--latency 0.05] [--slots 8]
-[--format NITF] [--size 256] [--in-process]``
+[--format NITF] [--size 256] [--in-process] [--repeat 3]``; each measurement is run ``--repeat``
+times and printed as the median and range of its runs (the JSON holds the medians and runs).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -30,6 +34,10 @@ from pipeline.models.encoding import DEFAULT_TILE_FORMAT, encode_tile
 from pipeline.models.endpoint import resolve_model
 from pipeline.models.retry import METRICS, merge_snapshots
 from pipeline.models.server import Behaviour, start_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._stats import summary  # noqa: E402
 
 
 @contextmanager
@@ -169,18 +177,32 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--format", default=DEFAULT_TILE_FORMAT, help="imageProcessorTileFormat")
     parser.add_argument("--in-process", action="store_true", help="serve-model in this process")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     args = parser.parse_args()
-    report: dict[str, object] = {
-        kind: endpoint(kind, args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
-        for kind in ("HTTP_ENDPOINT", "SM_ENDPOINT")
-    }
-    report["HTTP_ENDPOINT_in_dask_worker"] = in_dask_worker(
-        args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
-    report["raw_client"] = raw_client(args.tiles, args.latency, args.slots, args.size, args.format,
-                                      args.in_process)
-    report["in_process"] = [batched(args.tiles, args.size, b) for b in (1, 16)]
-    print(json.dumps(report, indent=2))
 
+    def repeated(name: str, measure: Any, *more: Any) -> dict[str, Any]:
+        """``measure`` run ``--repeat`` times: its first run's fields, and the median and runs of
+        ``tiles_per_s`` and ``efficiency``; prints their median and range."""
+        runs = [measure(*more) for _ in range(args.repeat)]
+        out: dict[str, Any] = dict(runs[0])
+        line = []
+        for key, unit in (("tiles_per_s", "tiles/s"), ("efficiency", "")):
+            if key in out:
+                values = [r[key] for r in runs]
+                out[key], out[f"{key}_runs"] = statistics.median(values), values
+                line.append(f"{key} {summary(values, unit, 3 if key == 'efficiency' else 1)}")
+        print(f"{name}: {'; '.join(line)}", flush=True)
+        return out
+
+    common = (args.tiles, args.latency, args.slots, args.size, args.format, args.in_process)
+    report: dict[str, object] = {kind: repeated(kind, endpoint, kind, *common)
+                                 for kind in ("HTTP_ENDPOINT", "SM_ENDPOINT")}
+    report["HTTP_ENDPOINT_in_dask_worker"] = repeated("HTTP_ENDPOINT in a Dask worker", in_dask_worker,
+                                                      *common)
+    report["raw_client"] = repeated("raw client (ceiling)", raw_client, *common)
+    report["in_process"] = [repeated(f"in-process batch {b}", batched, args.tiles, args.size, b)
+                            for b in (1, 16)]
+    print(json.dumps(report, indent=2))
 
 if __name__ == "__main__":
     main()

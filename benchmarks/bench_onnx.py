@@ -1,7 +1,8 @@
 """The ONNX text detector (``pipeline.models.onnx:TextDetector``): tiles/s at batch 1 vs batch 8.
 
 Tiles are cut from the real NEON scene in ``../shared/data`` (random noise where it is absent),
-run through the ``PYTHON`` adapter as a job's inference task calls it. Prints one JSON line.
+run through the ``PYTHON`` adapter as a job's inference task calls it. Prints the median and
+range of each batch size's runs, then one JSON line (``tiles_per_s_batch_N``: the median).
 
 Usage: ``python benchmarks/bench_onnx.py [--tiles 64] [--size 512] [--threads 0] [--repeats 3]``
 """
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,9 @@ from pipeline.models import ModelSpec, clear_cache, load_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MODEL_RUNNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SCENE = DATA / "geotiff" / "neon_OSBS_029.tif"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._stats import summary  # noqa: E402
 
 
 def tiles_of(count: int, size: int) -> np.ndarray:
@@ -60,7 +65,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs (median and range)")
     args = parser.parse_args()
     if importlib.util.find_spec("onnxruntime") is None:
         print("skipped: needs the onnx extra: pip install 'dask-model-runner[onnx]'")
@@ -74,8 +79,9 @@ def main() -> int:
         for batch in batches:
             runs[batch].append(rate(tiles, batch, args.threads, args.device))
     for batch in batches:
-        result[f"tiles_per_s_batch_{batch}"] = round(max(runs[batch]), 2)
+        result[f"tiles_per_s_batch_{batch}"] = round(statistics.median(runs[batch]), 2)
         result[f"tiles_per_s_batch_{batch}_runs"] = [round(r, 2) for r in runs[batch]]
+        print(f"batch {batch}: {summary(runs[batch], 'tiles/s', 1)}")
     from pipeline.models.onnx import providers
 
     result["providers"] = providers(args.device)
