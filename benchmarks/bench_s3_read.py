@@ -9,7 +9,11 @@ The pipeline's chunks overlap by the tile overlap, so a block column and row at 
 is wanted by two chunks; it is fetched once when one worker reads both (GDAL's block cache
 and the worker's open dataset keep it), twice otherwise.
 
-Usage: ``python benchmarks/bench_s3_read.py [--size 8192] [--tile 512] [--workers 2]``
+Each side runs ``--repeat`` times (each run a fresh object key: GDAL caches ``/vsis3/`` objects
+by name) and its seconds are printed as the median and range of its runs; the JSON holds the
+medians, and the bytes of the first run.
+
+Usage: ``python benchmarks/bench_s3_read.py [--size 8192] [--tile 512] [--workers 2] [--repeat 3]``
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._stats import summary  # noqa: E402
 
 
 def serve(directory: str, port: int) -> None:
@@ -145,6 +152,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--serve", nargs=2, metavar=("DIR", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -163,14 +171,14 @@ def main() -> None:
     path = write_cog(work / "bucket" / "scene.tif", args.size)
     size = path.stat().st_size
     full_res = full_resolution_bytes(path)
-    for name in ("warm.tif", "base.tif"):  # fresh keys: GDAL caches /vsis3/ objects by name
+    names = ["warm.tif", *(f"{side}-{k}.tif" for side in ("scene", "base") for k in range(args.repeat))]
+    for name in names:  # fresh keys: GDAL caches /vsis3/ objects by name
         os.link(path, work / "bucket" / name)
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(work), str(port)])  # noqa: S603
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
     url = "s3://bucket/scene.tif"
-    base_url = "s3://bucket/base.tif"
     try:
         for _ in range(100):
             try:
@@ -185,20 +193,31 @@ def main() -> None:
         })
         with connect("local", workers=args.workers) as client:
             run_job(request, client)  # warm the workers (imports, GDAL)
-            request = request.model_copy(update={"image_urls": [url]})
-            counter(port, reset=True)
-            began = time.perf_counter()
-            result = run_job(request, client)
-            pipeline_seconds = time.perf_counter() - began
-            pipeline_bytes = counter(port, reset=True)
+            pipeline_runs = []
+            for k in range(args.repeat):
+                request = request.model_copy(update={"image_urls": [f"s3://bucket/scene-{k}.tif"]})
+                counter(port, reset=True)
+                began = time.perf_counter()
+                result = run_job(request, client)
+                pipeline_runs.append(time.perf_counter() - began)
+                fetched = counter(port, reset=True)
+                if k == 0:
+                    pipeline_bytes = fetched
         plan = plan_image(request, url)
         grid, info = plan.grid, plan.info
-        counter(port, reset=True)  # the plan's header reads are not the baseline's
-        base_seconds = baseline(base_url, read_options(base_url), grid.chunk)
-        base_bytes = counter(port, reset=True)
+        base_runs = []
+        for k in range(args.repeat):
+            base_url = f"s3://bucket/base-{k}.tif"
+            counter(port, reset=True)  # the plan's header reads are not the baseline's
+            base_runs.append(baseline(base_url, read_options(base_url), grid.chunk))
+            fetched = counter(port, reset=True)
+            if k == 0:
+                base_bytes = fetched
     finally:
         server.terminate()
         server.wait()
+    print(f"pipeline: {summary(pipeline_runs)}; baseline: {summary(base_runs)}")
+    pipeline_seconds, base_seconds = statistics.median(pipeline_runs), statistics.median(base_runs)
     pixels_mb = args.size * args.size * 3 / 1e6
     report = {
         "image": f"{args.size}x{args.size}x3 uint8 COG, {size / 1e6:.1f} MB",
