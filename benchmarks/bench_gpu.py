@@ -13,16 +13,19 @@ in one run:
    run on the GPU worker;
 3. the CPU built-in ``bright-objects`` job on the CPU workers alone, for comparison.
 
-Prints the GPU, peak GPU memory of the model-alone run and peak RSS of client + cluster.
+Each timing is repeated (``--repeat``, 3; the jobs on one warmed cluster) and printed as the
+median and range of its runs. Prints the GPU, peak GPU memory of the model-alone run and peak
+RSS of client + cluster.
 Needs PyTorch (and a GPU: without one it says so and runs the model on the CPU).
 
-Run: ``python benchmarks/bench_gpu.py [--size 8192] [--batch 16] [--cpu-workers 4]``
+Run: ``python benchmarks/bench_gpu.py [--size 8192] [--batch 16] [--cpu-workers 4] [--repeat 3]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks._stats import summary  # noqa: E402
 
 TILE, OVERLAP = 512, 64
 
@@ -47,8 +52,9 @@ def _request(image: Path, out: Path, processor: dict[str, Any], job: str, batch:
     })
 
 
-def model_alone(image: Path, batch: int) -> tuple[float, int, float]:
-    """``(seconds, tiles, peak GPU MiB)`` of the model over every tile, cut beforehand."""
+def model_alone(image: Path, batch: int, repeat: int = 1) -> tuple[list[float], int, float]:
+    """``(seconds of each of repeat runs, tiles, peak GPU MiB)`` of the model over every tile,
+    cut beforehand."""
     import rasterio
     import torch
 
@@ -73,18 +79,22 @@ def model_alone(image: Path, batch: int) -> tuple[float, int, float]:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    for start in range(0, len(tiles), batch):
-        model(tiles[start:start + batch], offsets[start:start + batch])
-    seconds = time.perf_counter() - began
+    seconds = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        for start in range(0, len(tiles), batch):
+            model(tiles[start:start + batch], offsets[start:start + batch])
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated() / 2**20 if model.device.type == "cuda" else 0.0
     return seconds, len(tiles), peak
 
 
 def job(image: Path, out: Path, processor: dict[str, Any], name: str, batch: int, cpu_workers: int,
-        slots: int, chunk: int) -> tuple[float, Any, list[str]]:
-    """``(seconds, result, workers that loaded the model)`` of one job on a fresh local cluster
-    (warmed by one run first) with ``slots`` GPU slots (0: no GPU worker)."""
+        slots: int, chunk: int, repeat: int = 1) -> tuple[list[float], Any, list[str]]:
+    """``(seconds of each of repeat runs, last result, workers that loaded the model)`` of a job
+    on a fresh local cluster (warmed by one run first) with ``slots`` GPU slots (0: none)."""
     import yaml
 
     from graphs.cluster import connect
@@ -99,10 +109,12 @@ def job(image: Path, out: Path, processor: dict[str, Any], name: str, batch: int
     with connect(str(profile)) as client:
         run_job(_request(image, out, processor, f"{name}-warm", batch), client, progress=None,
                 chunk_target=chunk)
-        began = time.perf_counter()
-        result = run_job(_request(image, out, processor, name, batch), client, progress=None,
-                         chunk_target=chunk)
-        seconds = time.perf_counter() - began
+        seconds = []
+        for k in range(repeat):
+            began = time.perf_counter()
+            result = run_job(_request(image, out, processor, f"{name}-{k}", batch), client, progress=None,
+                             chunk_target=chunk)
+            seconds.append(time.perf_counter() - began)
         loaded = client.run(lambda: module in sys.modules)
         workers = client.scheduler_info(n_workers=-1)["workers"]
         names = {address: str(w["name"]) for address, w in workers.items()}
@@ -116,6 +128,7 @@ def main() -> None:
     parser.add_argument("--cpu-workers", type=int, default=4)
     parser.add_argument("--slots", default="1,2,4")
     parser.add_argument("--chunk", type=int, default=4096, help="chunk target of the jobs")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each measurement")
     args = parser.parse_args()
     try:
         import torch
@@ -134,25 +147,28 @@ def main() -> None:
                             tile_size=TILE, overlap=OVERLAP)
         print(f"scene {args.size}² x3, {len(scene.truth)} planted objects, written in "
               f"{time.perf_counter() - began:.1f} s; tiles {TILE}/{OVERLAP}, batch {args.batch}")
-        alone_s, tiles, peak_gpu = model_alone(scene.path, args.batch)
-        alone_rate = tiles / alone_s
-        print(f"model alone (tiles in host memory): {tiles} tiles in {alone_s:.2f} s = "
-              f"{alone_rate:.0f} tiles/s; peak GPU memory {peak_gpu:.0f} MiB")
+        alone_runs, tiles, peak_gpu = model_alone(scene.path, args.batch, args.repeat)
+        alone_rate = tiles / statistics.median(alone_runs)
+        print(f"model alone (tiles in host memory): {tiles} tiles in {summary(alone_runs)} = "
+              f"{summary([tiles / s for s in alone_runs], 'tiles/s', 0)}; peak GPU memory {peak_gpu:.0f} MiB")
 
         torch_model = {"type": "PYTHON", "name": "pipeline.models.torch_bright:BrightObjects"}
         builtin = {"type": "BUILTIN", "name": "bright-objects"}
-        cpu_s, cpu_result, _ = job(scene.path, out, builtin, "cpu", args.batch, args.cpu_workers, 0,
-                                   args.chunk)
-        print(f"CPU built-in job, {args.cpu_workers} CPU workers: {cpu_s:.2f} s = "
-              f"{tiles / cpu_s:.0f} tiles/s")
+        cpu_runs, cpu_result, _ = job(scene.path, out, builtin, "cpu", args.batch, args.cpu_workers, 0,
+                                      args.chunk, args.repeat)
+        cpu_s = statistics.median(cpu_runs)
+        print(f"CPU built-in job, {args.cpu_workers} CPU workers: {summary(cpu_runs)} = "
+              f"{summary([tiles / s for s in cpu_runs], 'tiles/s', 0)}")
         for slots in (int(s) for s in args.slots.split(",")):
-            seconds, result, loaded = job(scene.path, out, torch_model, f"gpu{slots}", args.batch,
-                                          args.cpu_workers, slots, args.chunk)
+            runs, result, loaded = job(scene.path, out, torch_model, f"gpu{slots}", args.batch,
+                                       args.cpu_workers, slots, args.chunk, args.repeat)
+            seconds = statistics.median(runs)
             same = sorted(result.features["id"]) == sorted(cpu_result.features["id"])
             found = np.array(result.features["imageBBox"].tolist())
             matched, duplicates, unmatched = match_truth(found, scene.truth)
-            print(f"GPU job, {slots} slot(s): {seconds:.2f} s = {tiles / seconds:.0f} tiles/s; "
-                  f"{tiles / seconds / alone_rate:.2f} of the model alone; "
+            print(f"GPU job, {slots} slot(s): {summary(runs)} = "
+                  f"{summary([tiles / s for s in runs], 'tiles/s', 0)}; medians: "
+                  f"{tiles / seconds / alone_rate:.2f} of the model alone, "
                   f"{cpu_s / seconds:.2f}x the CPU job; features equal to the CPU built-in: {same}; "
                   f"planted found {matched}/{len(scene.truth)}, "
                   f"duplicates {duplicates}, unmatched {unmatched}; model loaded on {loaded}; "
