@@ -14,6 +14,7 @@ A client that connected to a running cluster never shuts it down; a cluster that
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -308,10 +309,15 @@ def _local(workers: int | None, options: dict[str, Any] | None = None,
         if gpu[0]:
             _add_gpu_workers(local, *gpu)
             client.wait_for_workers(n + gpu[0], timeout=120)
-        log.info("LocalCluster with %s%s, dashboard %s",
-                 f"{settings['threads_per_worker']} threads in this process" if in_process else f"{n} workers",
+        size = f"{settings['threads_per_worker']} threads in this process" if in_process else f"{n} workers"
+        log.info("LocalCluster with %s%s, dashboard %s", size,
                  f" and {gpu[0]} GPU worker(s) of {gpu[1]} slots" if gpu[0] else "", dashboard_link(client))
         yield client
+        if settings.get("processes", True):
+            # the worker processes end next: spare them the collections of their interpreters'
+            # shutdown, which walk every object of Dask, GDAL and geopandas once more (the
+            # cluster closed in 0.1-0.2 s instead of 0.35-0.7 s on 2 cores)
+            client.run(gc.freeze, on_error="ignore")
 
 
 @contextmanager
