@@ -47,7 +47,7 @@ from pipeline.parts import _chunk_name as chunk_name
 from pipeline.request import ImageRequest, SegmentationOptions
 from pipeline.segmentation.models import check_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
-from pipeline.segmentation.raster import band_data, part_array, write_cog, write_tiff
+from pipeline.segmentation.raster import band_data, part_pieces, write_cog, write_tiff
 from pipeline.segmentation.stitch import class_dtype, covering_tiles, read_window, stitch_chunk
 from pipeline.sinks import make_sink, upload
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, to_uint8
@@ -148,8 +148,8 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
     storage = work_storage(job.parts, job.parts_role, job.s3_endpoint) if job.parts is not None else None
     if storage is not None:
         bands = band_data(classes, scores, job.options.score_bands, job.n_classes)
-        part = part_array(bands, bounds, (grid.width, grid.height))
-        outcome.part = storage.publish(f"{name}.tif", lambda path: write_tiff(path, part))
+        size, pieces = part_pieces(bands, bounds, (grid.width, grid.height))
+        outcome.part = storage.publish(f"{name}.tif", lambda path: write_tiff(path, size, pieces))
     written = time.perf_counter()
     if job.options.polygons:
         outcome.regions = chunk_regions(classes, scores, bounds, (grid.width, grid.height),

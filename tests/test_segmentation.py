@@ -251,3 +251,49 @@ def test_stitching_against_independent_computation(mode: str) -> None:
                 expected[rows, cols] = p[rows - y, cols - x]
     np.testing.assert_allclose(results[0][1], expected, atol=2e-6)
     np.testing.assert_allclose(results[0][0], 1 - expected, atol=2e-6)
+
+
+def test_region_of_interest_reads_only_its_chunks(scene: tuple[Path, np.ndarray], tmp_path: Path,
+                                                   dask_client: Any) -> None:
+    """An ROI over the left half (x < 3200): the truth inside, nodata outside, polygons clipped
+    to it; the chunks that miss it are never read: their blocks are corrupted in the file."""
+    url, truth = scene
+    corrupted = tmp_path / "corrupted.tif"
+    corrupted.write_bytes(url.read_bytes())
+    with rasterio.open(corrupted) as src:  # every 512-px block at x >= 4608: garbage
+        blocks = [(int(src.get_tag_item(f"BLOCK_OFFSET_{i}_{j}", "TIFF", bidx=1)),
+                   int(src.get_tag_item(f"BLOCK_SIZE_{i}_{j}", "TIFF", bidx=1)))
+                  for i in range(9, -(-WIDTH // 512)) for j in range(-(-HEIGHT // 512))]
+    with open(corrupted, "r+b") as raw:
+        for offset, size in blocks:
+            raw.seek(offset)
+            raw.write(b"\xff" * size)
+    # without an ROI the corrupted blocks are read and their tiles fail
+    whole = run_segmentation(request(corrupted, tmp_path / "whole", "whole", "ids", stitch="CORE"),
+                             dask_client, chunk_target=2048)
+    assert whole.status != "SUCCESS" and whole.images[0].failed_tiles
+
+    to_lonlat = Transformer.from_crs(32617, 4326, always_xy=True)
+    corners = [(0, 0), (3200, 0), (3200, HEIGHT), (0, HEIGHT)]
+    roi = shapely.Polygon([to_lonlat.transform(*(TRANSFORM * c)) for c in corners]).wkt
+    job = request(corrupted, tmp_path, "roi", "ids", stitch="CORE").model_copy(
+        update={"region_of_interest": roi})
+    result = run_segmentation(job, dask_client, chunk_target=2048)
+    assert result.status == "SUCCESS", result.summary
+    grid = TileGrid(WIDTH, HEIGHT, TILE, OVERLAP, chunk_size(TILE, OVERLAP, 2048))
+    assert grid.chunks_x == 3  # chunks of 2112 px: the third starts at 4224, right of the ROI
+    assert result.images[0].chunks_read == 2 * grid.chunks_y
+    with rasterio.open(result.images[0].rasters[0]) as src:
+        assert src.nodata == 255
+        classes = src.read(1)
+    np.testing.assert_array_equal(classes[:, :3200], truth[:, :3200])
+    assert (classes[:, 3200:] == 255).all()
+    half = shapely.box(0, 0, 3200, HEIGHT)
+    polygons = pixel_polygons(result.features)
+    inside = {name: shapely.intersection(truth_polygon(shape), half) for name, shape in SHAPES.items()
+              if shapely.intersects(truth_polygon(shape), half)}
+    assert len(polygons) == len(inside) == 6  # disc-4032 lies outside; strip-h is cut at x = 3200
+    for name, clipped in inside.items():
+        best = max(polygons, key=lambda p, t=clipped: iou(p, t))
+        assert iou(best, clipped) >= 0.99, name
+    assert max(shapely.bounds(np.array(polygons))[:, 2]) == 3200

@@ -22,6 +22,7 @@ import numpy as np
 import rasterio
 import rasterio.errors
 import rasterio.shutil
+import rasterio.windows
 from rasterio.rpc import RPC
 
 from pipeline.io import ImageInfo
@@ -79,49 +80,49 @@ def overview_layout(bounds: tuple[int, int, int, int], image_size: tuple[int, in
     return layout
 
 
-def part_array(bands: np.ndarray, bounds: tuple[int, int, int, int],
-               image_size: tuple[int, int]) -> np.ndarray:
-    """A chunk's part: its bands, and right of them its share of each overview level (nearest
-    samples: a class id is never averaged), see :func:`overview_layout`."""
-    count, height, width = bands.shape
-    layout = overview_layout(bounds, image_size)
-    extra = max((ix1 - ix0 for _, (ix0, _, ix1, _), _ in layout), default=0)
-    if not extra:
-        return bands
-    out = np.zeros((count, height, width + extra), bands.dtype)
-    out[:, :, :width] = bands
+def _take(samples: np.ndarray) -> slice | np.ndarray:
+    """``samples`` (evenly spaced but maybe the last) as a slice where they are evenly spaced."""
+    if len(samples) > 1 and (np.diff(samples) == samples[1] - samples[0]).all():
+        return slice(int(samples[0]), int(samples[-1]) + 1, int(samples[1] - samples[0]))
+    return samples
+
+
+def part_pieces(bands: np.ndarray, bounds: tuple[int, int, int, int], image_size: tuple[int, int]
+                ) -> tuple[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]]:
+    """A chunk's part: its bands at ``(0, 0)``, and right of them its share of each overview
+    level (nearest samples: a class id is never averaged; see :func:`overview_layout`);
+    the part's ``(width, height)`` and its pieces with their ``(left, top)``."""
+    _, height, width = bands.shape
+    pieces = [(bands, (0, 0))]
     iw, ih = image_size
-    for factor, (ix0, iy0, ix1, iy1), (left, top) in layout:
-        rows = _samples(ih, factor)[iy0:iy1] - bounds[1]
-        cols = _samples(iw, factor)[ix0:ix1] - bounds[0]
-        out[:, top:top + iy1 - iy0, left:left + ix1 - ix0] = bands[:, rows][:, :, cols]
-    return out
+    extra = 0
+    for factor, (ix0, iy0, ix1, iy1), (left, top) in overview_layout(bounds, image_size):
+        if ix1 <= ix0 or iy1 <= iy0:
+            continue
+        rows = _take(_samples(ih, factor)[iy0:iy1] - bounds[1])
+        cols = _take(_samples(iw, factor)[ix0:ix1] - bounds[0])
+        pieces.append((np.ascontiguousarray(bands[:, rows][:, :, cols]), (left, top)))
+        extra = max(extra, ix1 - ix0)
+    return (width + extra, height), pieces
 
 
-def write_tiff(path: str | Path, bands: np.ndarray) -> None:
-    """``bands`` as a tiled GeoTIFF without georeferencing (ZSTD level 1: 15x faster than
-    DEFLATE level 1 on class rasters, and smaller)."""
-    count, height, width = bands.shape
+def write_tiff(path: str | Path, size: tuple[int, int], pieces: list[tuple[np.ndarray, tuple[int, int]]]
+               ) -> None:
+    """``pieces`` (arrays at their ``(left, top)``) as a ``size`` tiled GeoTIFF without
+    georeferencing, zero elsewhere (ZSTD level 1: 15x faster than DEFLATE level 1 on class
+    rasters, and smaller)."""
+    width, height = size
+    count, dtype = pieces[0][0].shape[0], pieces[0][0].dtype
     tiled = height >= 16 and width >= 16
     profile: dict[str, Any] = {"driver": "GTiff", "width": width, "height": height, "count": count,
-                               "dtype": bands.dtype.name, "compress": "ZSTD", "zstd_level": 1,
-                               "tiled": tiled}
+                               "dtype": dtype.name, "compress": "ZSTD", "zstd_level": 1, "tiled": tiled}
     if tiled:
         profile.update(blockxsize=min(BLOCK, 16 * (width // 16)), blockysize=min(BLOCK, 16 * (height // 16)))
     with rasterio.Env(GDAL_NUM_THREADS="1"), warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # parts: pixels only
         with rasterio.open(path, "w", **profile) as dst:
-            dst.write(bands)
-
-
-def write_part(directory: str | Path, chunk: tuple[int, int], bands: np.ndarray,
-               bounds: tuple[int, int, int, int], image_size: tuple[int, int]) -> str:
-    """Write one chunk's :func:`part_array` as ``part-<row>-<col>.tif`` (atomic rename)."""
-    path = Path(directory) / f"part-{chunk[0]:05d}-{chunk[1]:05d}.tif"
-    staged = path.with_suffix(".partial.tif")
-    write_tiff(staged, part_array(bands, bounds, image_size))
-    os.replace(staged, path)
-    return str(path)
+            for array, (left, top) in pieces:
+                dst.write(array, window=rasterio.windows.Window(left, top, array.shape[2], array.shape[1]))
 
 
 def _geo_xml(info: ImageInfo) -> str:
