@@ -1,12 +1,16 @@
-"""Raster output: each chunk task writes its window as a tiled GeoTIFF *part*; one task then
-mosaics the parts (a VRT) into a Cloud-Optimized GeoTIFF with GDAL's COG driver.
+"""Raster output: each chunk task writes its window as a tiled GeoTIFF *part* (ZSTD), with its
+share of every overview level beside it; one task then mosaics the parts (a VRT whose overviews
+are VRTs of the parts' overview shares) into a Cloud-Optimized GeoTIFF with GDAL's COG driver,
+which copies those overviews rather than computing them.
 
 The COG is in the image's grid: its CRS and geotransform, or its RPCs (RPC images) or GCPs.
 Band 1 is the class id (with a colour table where it is the only band; class names in the band's metadata as
 ``CLASS_NAMES`` (JSON) and ``CLASS_<id>=<name>``, and as the band's category names in the
 sidecar-free VRT); optional bands 2.. are each class's score (uint8, 0..255 for 0..1, same
-dtype as band 1). Internal 512-pixel tiles, DEFLATE, overviews by ``MODE`` resampling (a class
-id is never averaged). Written to a temporary name beside the final one and renamed.
+dtype as band 1). Pixels outside a regionOfInterest have the dtype's largest class id, the COG's
+nodata where it has no score bands (:func:`nodata_value`). Internal 512-pixel tiles, DEFLATE,
+overviews of nearest samples (a class id is never averaged; :func:`overview_layout`). Written to
+a temporary name beside the final one and renamed.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ tile row, not a data exchange) and stitches:
 - ``CORE``: each pixel's scores are those of the one tile whose ownership core (the ownership
   rule's cores: from the middle of one overlap to the middle of the next) holds its centre.
 
-Class ids are the argmax of the stitched scores (the lowest class on a tie). The tiles covering
+Class ids are the argmax of the stitched scores (the lowest class on a tie). A per-pixel
+segmenter (:attr:`~pipeline.segmentation.contract.Segmenter.per_pixel`) answers the chunk's own
+pixels in one call instead: every tile would say the same of a pixel, so stitching gives it back. The tiles covering
 a pixel and the order in which they are summed (row-major) do not depend on the chunks, so the
 result is the same, bit for bit, for any chunk size.
 """
