@@ -180,3 +180,63 @@ def test_a_failed_image_is_one_line_on_stderr(case: str, tmp_path: Path) -> None
     assert summary["images"][0]["reason"] == summary["reason"]
     if case == "bad NITF":  # --debug shows more (GDAL's warnings)
         assert "CPLE_" in _run_cli(tmp_path, image, "--debug").stderr
+
+
+# ---------------------------------------------------------------- start-up
+#: modules that no --help needs (each costs 0.1-0.4 s to import)
+HEAVY = ("numpy", "rasterio", "dask", "distributed", "geopandas", "pandas", "matplotlib", "boto3")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["worker", "--help"]])
+def test_help_imports_no_stage_or_dask(argv: list[str]) -> None:
+    code = ("import sys\nfrom pipeline.cli import main\nrc = main(sys.argv[1:])\n"
+            f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 []"
+    assert "usage: model-runner" in proc.stdout
+
+
+def test_job_pixels_counts_local_and_synthetic_images_only(tmp_path) -> None:
+    from pipeline.cli import job_pixels
+    from pipeline.demo import write_scene
+
+    scene = write_scene(tmp_path / "s.tif", size=300, count=2)
+
+    def request(*urls: str) -> ImageRequest:
+        return ImageRequest.parse({"jobId": "px", "imageUrls": list(urls),
+                                   "imageProcessor": {"name": "null", "type": "BUILTIN"}})
+
+    assert job_pixels(request(str(scene.path), "synthetic://500x200")) == 300 * 300 + 500 * 200
+    assert job_pixels(request(str(scene.path), "s3://bucket/image.tif")) is None
+    assert job_pixels(request(str(tmp_path / "missing.tif"))) is None
+
+
+def test_small_job_runs_in_process_with_the_results_of_worker_processes(tmp_path) -> None:
+    """A 1024² job with the default cluster runs on threads in the CLI's process (no dashboard,
+    no worker process) and writes the same features as on a worker process (``--workers 1``),
+    every planted object once."""
+    import numpy as np
+
+    from pipeline.demo import match_truth, write_scene
+
+    scene = write_scene(tmp_path / "scene.tif", size=1024, count=20)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({
+        "jobId": "small", "imageUrls": [str(scene.path)],
+        "imageProcessor": {"name": "bright-objects", "type": "BUILTIN"}}))
+    found = {}
+    for name, flags in (("threads", []), ("process", ["--workers", "1"])):
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(request), "--no-progress",
+                               "--output-dir", str(tmp_path / name), *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert ("threads in this process" in proc.stderr) == (name == "threads"), proc.stderr
+        assert ("dashboard http://" in proc.stderr) == (name == "process"), proc.stderr
+        collection = json.loads((tmp_path / name / "small.geojson").read_text())
+        found[name] = sorted((f["properties"]["imageBBox"], f["geometry"]["coordinates"])
+                             for f in collection["features"])
+    assert found["threads"] == found["process"]
+    boxes = np.array([box for box, _ in found["threads"]], dtype=float)
+    assert match_truth(boxes, scene.truth) == (len(scene.truth), 0, 0)

@@ -342,3 +342,21 @@ def test_readme_lists_every_permission_dask_cloudprovider_needs_for_ecs() -> Non
     assert len(actions) > 20
     missing = [a for a in actions if tuple(a.split(":")) not in listed]
     assert not missing, f"README 'Running on AWS' lacks {missing}"
+
+
+def test_a_small_job_gets_a_cluster_in_this_process_and_a_larger_one_worker_processes() -> None:
+    from graphs.cluster import SMALL_JOB_PIXELS, dashboard_link, default_workers
+
+    with connect("local", job_pixels=SMALL_JOB_PIXELS) as client:
+        (pid,) = client.run(os.getpid).values()
+        (threads,) = client.nthreads().values()
+        assert pid == os.getpid() and threads == default_workers()
+        assert dashboard_link(client) is None
+        assert client.submit(sum, [1, 2, 3]).result() == 6
+    # more pixels, or workers asked for: worker processes, with a dashboard on 127.0.0.1
+    for kwargs in ({"job_pixels": SMALL_JOB_PIXELS + 1},
+                   {"job_pixels": 1, "workers": 1}):
+        with connect("local", **kwargs) as client:
+            pids = set(client.run(os.getpid).values())
+            assert pids and os.getpid() not in pids
+            assert str(dashboard_link(client)).startswith("http://127.0.0.1:")
