@@ -109,7 +109,7 @@ def baseline(url: str, options: dict[str, str], chunk: int) -> float:
     import rasterio
     from rasterio.windows import Window
 
-    from pipeline.io import gdal_env, gdal_path
+    from pipeline.reading import gdal_env, gdal_path
 
     began = time.perf_counter()
     with gdal_env(url, options), rasterio.open(gdal_path(url)) as src:
@@ -162,7 +162,7 @@ def main() -> None:
     from benchmarks.bench_throughput import write_cog
     from graphs.cluster import connect
     from graphs.image_job import plan_image, run_job
-    from pipeline.io import read_options
+    from pipeline.reading import read_options
     from pipeline.request import ImageRequest
     from tests.conftest import free_port
 

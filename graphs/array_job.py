@@ -24,9 +24,9 @@ from graphs.image_job import ChunkModel
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
 from pipeline.infer import ChunkResult
-from pipeline.io import AffineSensorModel, PixelSensorModel, SensorModel
 from pipeline.merge import border_mask, distill, settled
 from pipeline.models import ModelError, ModelSpec
+from pipeline.sensor_models import AffineSensorModel, PixelSensorModel, SensorModel
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, FIXED_STRIDE, TileGrid, chunk_size
 
 

@@ -32,30 +32,27 @@ from pipeline.detections import Detections
 from pipeline.failures import one_line
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import ChunkResult, detect_chunk
-from pipeline.io import (
-    ImageError,
-    ImageInfo,
-    RasterSource,
-    RPCSensorModel,
-    SensorModel,
-    describe,
-    footprint,
-    gdal_error_line,
-    image_segments,
-    range_adjustment,
-    read_options,
-    read_window,
-    sensor_model,
-    split_segment,
-)
 from pipeline.merge import border_mask, distill, settled
 from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
 from pipeline.nitf import source_metadata
+from pipeline.range_stats import range_adjustment
+from pipeline.reading import (
+    ImageError,
+    ImageInfo,
+    RasterSource,
+    describe,
+    gdal_error_line,
+    image_segments,
+    read_options,
+    read_window,
+    split_segment,
+)
 from pipeline.redact import public_url, redact
 from pipeline.request import ImageRequest, S3Output
 from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels
 from pipeline.security import work_prefix
+from pipeline.sensor_models import RPCSensorModel, SensorModel, footprint, sensor_model
 from pipeline.sinks import Sink, with_image_shapes
 from pipeline.tiling import (
     DEFAULT_CHUNK_TARGET,
@@ -71,7 +68,7 @@ log = logging.getLogger(__name__)
 
 
 class WindowSource(Protocol):
-    """What a chunk task reads its pixels from: a file (:class:`~pipeline.io.RasterSource`)
+    """What a chunk task reads its pixels from: a file (:class:`~pipeline.reading.RasterSource`)
     or a generated image (:class:`~pipeline.synthetic.SyntheticSource`)."""
 
     @property
@@ -90,7 +87,7 @@ class ImagePlan:
     sensor_model: SensorModel
     #: GDAL options for every read of this image (endpoint, credentials: never logged)
     read_options: dict[str, str] = field(default_factory=dict, repr=False)
-    #: the resolved rangeAdjustment and its parameters (see ``pipeline.io.range_adjustment``)
+    #: the resolved rangeAdjustment and its parameters (see ``pipeline.range_stats.range_adjustment``)
     range_adjustment: dict[str, Any] = field(default_factory=lambda: {"type": "NONE"})
     #: the regionOfInterest in pixels, and which chunks touch it (None: the whole image)
     roi: Any = None
@@ -257,7 +254,7 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
     """:func:`plan_image` in this process, or on a worker when ``url`` is in S3 and this process
     has no AWS credentials of its own (the workers sign with theirs; a plan holds no secret)."""
     from pipeline import aws
-    from pipeline.io import in_s3
+    from pipeline.reading import in_s3
     from pipeline.stac import image_metadata
 
     if client is not None and in_s3(url) and not aws.has_credentials():

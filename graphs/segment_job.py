@@ -40,10 +40,10 @@ from pipeline import events as ev
 from pipeline.aws import GdalOptions
 from pipeline.failures import is_permanent
 from pipeline.geolocate import empty_features, to_features
-from pipeline.io import ImageError, RasterSource, gdal_error_line
 from pipeline.models import ModelError, ModelSpec
 from pipeline.parts import PartStore, S3Storage, open_storage
 from pipeline.parts import _chunk_name as chunk_name
+from pipeline.reading import ImageError, RasterSource, gdal_error_line
 from pipeline.request import ImageRequest, SegmentationOptions
 from pipeline.segmentation.models import check_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections

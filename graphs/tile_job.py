@@ -39,10 +39,10 @@ from pipeline.detections import Detections
 from pipeline.failures import one_line
 from pipeline.geolocate import empty_features, to_features
 from pipeline.infer import predict
-from pipeline.io import AffineSensorModel
 from pipeline.models import ModelSpec, check_model, load_model
 from pipeline.redact import public_url
 from pipeline.request import ImageProcessor, Output, RequestError, StrictDocument
+from pipeline.sensor_models import AffineSensorModel
 
 log = logging.getLogger(__name__)
 

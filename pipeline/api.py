@@ -24,13 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import io
+from pipeline import reading
 from pipeline.geolocate import to_features
 from pipeline.infer import detect_chunk
-from pipeline.io import describe, read_window, sensor_model
 from pipeline.merge import distill
 from pipeline.models import ModelError, ModelSpec, check_model
+from pipeline.reading import describe, read_window
 from pipeline.request import DistillationAlgorithm, ImageRequest, RequestError
+from pipeline.sensor_models import sensor_model
 from pipeline.tiling import FIXED_STRIDE, TileGrid, chunk_size
 
 ModelLike = ModelSpec | dict[str, Any] | str
@@ -43,14 +44,14 @@ def open_image(url: str, chunks: int | tuple[int, int] = 4096, **options: Any) -
     """The image at ``url`` (a path, ``s3://``, ``NITF_IM:<n>:<url>`` or ``synthetic://``) as a
     lazily chunked ``xarray.DataArray`` ``(band, y, x)`` with ``.attrs["info"]`` (the header) and
     ``.attrs["sensor_model"]``. ``chunks`` is the chunk side in pixels or ``(rows, cols)``;
-    ``options`` go to :func:`pipeline.io.open_image` (for example ``role=``, ``elevation=``)."""
+    ``options`` go to :func:`pipeline.reading.open_image` (for example ``role=``, ``elevation=``)."""
     if url.startswith("synthetic://"):
         from pipeline import synthetic
 
         return synthetic.open_image(url, chunks)
-    import rioxarray  # noqa: F401 - registers the ``.rio`` accessor that io.open_image uses
+    import rioxarray  # noqa: F401 - registers the ``.rio`` accessor that reading.open_image uses
 
-    return io.open_image(url, chunks, **options)
+    return reading.open_image(url, chunks, **options)
 
 
 def as_request(request: ImageRequest | dict[str, Any] | str | Path) -> ImageRequest:

@@ -1,6 +1,6 @@
 """Which failures a retry cannot change, told by the exception's type (never by its text).
 
-Permanent: an image that cannot be opened or read (:class:`~pipeline.io.ImageError`: not
+Permanent: an image that cannot be opened or read (:class:`~pipeline.reading.ImageError`: not
 found, not an image, an unsupported driver such as a disguised VRT, a regionOfInterest that
 misses the image), a source or destination the allow-list refuses
 (:class:`~pipeline.security.AccessDenied`) and an invalid request
@@ -13,7 +13,7 @@ bounded number of times.
 
 from __future__ import annotations
 
-from pipeline.io import ImageError
+from pipeline.reading import ImageError
 from pipeline.request import RequestError
 from pipeline.security import AccessDenied
 

@@ -32,8 +32,8 @@ import shapely
 from pipeline import antimeridian
 from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
-from pipeline.io import SensorModel
 from pipeline.redact import public_url
+from pipeline.sensor_models import SensorModel
 from pipeline.sinks import _json_default
 
 # Box corners in the order NW, NE, SE, SW (pixel frame), closed.

@@ -18,7 +18,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from pipeline.io import ImageError, gdal_env, gdal_path
+from pipeline.reading import ImageError, gdal_env, gdal_path
 from pipeline.security import open_raster
 
 log = logging.getLogger(__name__)

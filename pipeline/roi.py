@@ -9,7 +9,8 @@ import numpy as np
 import shapely
 
 from pipeline.detections import Detections
-from pipeline.io import ImageError, SensorModel
+from pipeline.reading import ImageError
+from pipeline.sensor_models import SensorModel
 from pipeline.tiling import TileGrid
 
 #: boundary vertices (about) per ROI before it is mapped through a sensor model

@@ -35,7 +35,7 @@ from pipeline.failures import one_line
 if TYPE_CHECKING:
     import pystac
 
-    from pipeline.io import ImageInfo
+    from pipeline.reading import ImageInfo
     from pipeline.request import ImageRequest, StacSearch
     from pipeline.security import AllowList
 
@@ -519,7 +519,7 @@ def job_stac(job_id: str, summary: dict[str, Any], formats: tuple[str, ...]) -> 
     """The STAC Collection of a finished job and one Item per image that did not fail.
 
     Each Item's geometry is the image's processed footprint (``summary["images"][k]
-    ["footprint"]``, from :func:`pipeline.io.footprint`; null for an image without
+    ["footprint"]``, from :func:`pipeline.sensor_models.footprint`; null for an image without
     georeferencing), its assets the job's feature files in ``formats`` (shared by the job's
     images: select an image's features by ``image_url``) and summary, its ``derived_from`` link
     the STAC Item the image came from (:func:`source_item`). Hrefs are relative: the files sit

@@ -6,8 +6,8 @@ pixels in every ``spacing × spacing`` cell of a lattice, at a seeded position i
 cell (``spacing=0``: no objects). It is georeferenced in EPSG:4326 from ``origin=lon,lat``
 with ``gsd`` degrees per pixel (``gsd=0``: pixel coordinates only).
 
-:func:`describe` and :func:`open_image` have the interface of :mod:`pipeline.io`'s: an
-:class:`~pipeline.io.ImageInfo` header and a lazily chunked ``xarray.DataArray``
+:func:`describe` and :func:`open_image` have the interface of :mod:`pipeline.reading`'s: an
+:class:`~pipeline.reading.ImageInfo` header and a lazily chunked ``xarray.DataArray``
 ``(band, y, x)`` whose chunks are rendered independently wherever they are computed.
 :class:`SyntheticSource` renders any window in the job's chunk tasks (the same per-chunk path
 as a file's windowed reads). :func:`truth` gives the exact object boxes in a window (for tests).
@@ -23,7 +23,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from pipeline.io import ImageError, ImageInfo, sensor_model
+from pipeline.reading import ImageError, ImageInfo
+from pipeline.sensor_models import sensor_model
 
 SCHEME = "synthetic://"
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -118,7 +119,7 @@ class SyntheticImage:
     def render(self, window: tuple[int, int, int, int]) -> np.ndarray:
         """The pixels ``(bands, rows, cols)`` of ``window`` ``(x0, y0, x1, y1)``."""
         x0, y0, x1, y1 = window
-        # band-last storage (a transposed view), like pipeline.io.RasterSource.read
+        # band-last storage (a transposed view), like pipeline.reading.RasterSource.read
         pixels = np.full((y1 - y0, x1 - x0, self.bands), self.background, dtype=self.dtype)
         pixels = pixels.transpose(2, 0, 1)
         boxes = self.boxes(window)
@@ -172,7 +173,7 @@ def truth(url: str, window: tuple[int, int, int, int] | None = None) -> np.ndarr
 
 @dataclass(frozen=True)
 class SyntheticSource:
-    """A picklable window reader of a synthetic image, like :class:`pipeline.io.RasterSource`:
+    """A picklable window reader of a synthetic image, like :class:`pipeline.reading.RasterSource`:
     each read renders its window (plus whatever halo it asks for) on the fly."""
 
     url: str
@@ -194,7 +195,7 @@ def _render_block(image: SyntheticImage, block_info: dict[Any, Any] | None = Non
 
 def open_image(url: str, chunks: int | tuple[int, int] = 4096) -> Any:
     """The synthetic image as a lazily chunked ``xarray.DataArray`` ``(band, y, x)``, with
-    ``.attrs["info"]`` and ``.attrs["sensor_model"]`` like :func:`pipeline.io.open_image`."""
+    ``.attrs["info"]`` and ``.attrs["sensor_model"]`` like :func:`pipeline.reading.open_image`."""
     import dask.array as da
     import xarray as xr
 

@@ -105,10 +105,10 @@ def _boxes(result) -> np.ndarray:
 def test_expired_credentials_are_renewed_and_the_call_sent_again(proxies, scene, moto_endpoint) -> None:
     """Without renewal ahead of expiry (the default 15-minute margin on an hour's session), a
     read and a model call that AWS refuses as expired renew the session and succeed."""
-    from pipeline.io import RasterSource, describe, read_options
     from pipeline.models import ModelSpec, clear_cache, load_model
     from pipeline.models.builtin import bright_objects
     from pipeline.models.endpoint import resolve_model
+    from pipeline.reading import RasterSource, describe, read_options
 
     proxy, _ = proxies
     url = _bucket(moto_endpoint, scene, "expiry-retried")

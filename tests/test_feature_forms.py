@@ -20,11 +20,11 @@ from rasterio.transform import from_origin
 import pipeline
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
-from pipeline.io import AffineSensorModel
 from pipeline.merge import soft_nms
 from pipeline.models.results import parse_feature_collection, to_feature_collection
 from pipeline.nitf import source_metadata
 from pipeline.request import ImageRequest, KinesisOutput, LocalOutput, RequestError, S3Output
+from pipeline.sensor_models import AffineSensorModel
 from pipeline.sinks import KinesisSink, LocalSink, S3Sink, make_sink, write_geojson, write_parquet
 
 # 1e-4° pixels from (10°E, 50°N): lon = 10 + x·1e-4, lat = 50 − y·1e-4 (x, y: pixel corners)
@@ -356,7 +356,7 @@ def test_parts_of_different_shapes_concatenate_into_one_output_parquet(found: An
 
 def test_osml_heights_follow_the_sensor_model() -> None:
     from pipeline.geolocate import ground_height
-    from pipeline.io import PixelSensorModel, RPCSensorModel
+    from pipeline.sensor_models import PixelSensorModel, RPCSensorModel
 
     assert ground_height(RPCSensorModel({"height_off": 1104.25})) == 1104.25  # OSML: HEIGHT_OFF
     assert ground_height(RPCSensorModel({"height_off": 1104.25}, height=12.5)) == 12.5

@@ -10,7 +10,8 @@ from rasterio.transform import from_origin
 
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
-from pipeline.io import AffineSensorModel, PixelSensorModel, describe, sensor_model
+from pipeline.reading import describe
+from pipeline.sensor_models import AffineSensorModel, PixelSensorModel, sensor_model
 from tests.conftest import shared_file
 
 CRS_4326 = CRS.from_epsg(4326)

@@ -10,8 +10,9 @@ import rasterio
 import shapely
 
 from graphs.image_job import image_urls, run_job
-from pipeline.io import describe, dynamic_range, range_adjustment, sample_pixels
 from pipeline.nitf import source_metadata
+from pipeline.range_stats import dynamic_range, range_adjustment, sample_pixels
+from pipeline.reading import describe
 from pipeline.request import ImageRequest
 from tests.conftest import shared_file
 

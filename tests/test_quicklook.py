@@ -14,8 +14,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from pipeline.cli import main
-from pipeline.io import ImageError
 from pipeline.quicklook import feature_boxes, quicklook, read_overview
+from pipeline.reading import ImageError
 from tests.conftest import shared_file
 
 

@@ -13,9 +13,10 @@ from rasterio.transform import RPCTransformer
 from graphs.image_job import plan_image, run_job
 from pipeline.demo import write_scene
 from pipeline.detections import Detections
-from pipeline.io import AffineSensorModel, ImageError, describe, sensor_model
+from pipeline.reading import ImageError, describe
 from pipeline.request import ImageRequest
 from pipeline.roi import chunk_mask, keep_in_roi, roi_pixels
+from pipeline.sensor_models import AffineSensorModel, sensor_model
 from pipeline.tiling import TileGrid
 from tests.conftest import shared_file
 

@@ -14,16 +14,16 @@ from rasterio.rpc import RPC
 from rasterio.transform import RPCTransformer, from_origin
 
 from graphs.image_job import run_job
-from pipeline.io import (
+from pipeline.nitf import chip_transform, rpc_from_tre_xml
+from pipeline.reading import describe
+from pipeline.request import ImageRequest
+from pipeline.sensor_models import (
     AffineSensorModel,
     GCPSensorModel,
     PixelSensorModel,
     RPCSensorModel,
-    describe,
     sensor_model,
 )
-from pipeline.nitf import chip_transform, rpc_from_tre_xml
-from pipeline.request import ImageRequest
 from tests.conftest import shared_file
 
 EARTH = 6_371_008.8

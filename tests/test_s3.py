@@ -21,7 +21,7 @@ from graphs.image_job import run_job
 from pipeline import aws
 from pipeline.aws import SECRET_KEYS, SIGNER_OPTION
 from pipeline.demo import match_truth, write_scene
-from pipeline.io import ImageError, describe, open_image, read_options
+from pipeline.reading import ImageError, describe, open_image, read_options
 from pipeline.request import ImageRequest
 from pipeline.sinks import S3Sink, make_sink
 from tests.conftest import free_port
@@ -158,7 +158,7 @@ def test_reads_are_ranged_not_whole_file_downloads(scene, tmp_path, dask_client,
     chunk of nine fetches a fraction of the object."""
     import urllib.request
 
-    from pipeline.io import sensor_model
+    from pipeline.sensor_models import sensor_model
 
     (tmp_path / "bucket").mkdir()
     big = write_scene(tmp_path / "big.tif", size=1500, count=40, tile_size=256, overlap=48, seed=3)

@@ -14,8 +14,8 @@ import pytest
 from graphs.image_job import chunk_results, model_spec, plan_image, run_job
 from pipeline import synthetic
 from pipeline.detections import Detections
-from pipeline.io import ImageError
 from pipeline.merge import distill
+from pipeline.reading import ImageError
 from pipeline.request import ImageRequest
 
 URL = "synthetic://2600x2100?spacing=160&size=12&seed=3"
@@ -237,7 +237,7 @@ def test_file_reads_are_band_last_cached_and_see_a_replaced_file(tmp_path) -> No
 
     import rasterio
 
-    from pipeline.io import RasterSource, read_options
+    from pipeline.reading import RasterSource, read_options
 
     path = tmp_path / "image.tif"
 
@@ -267,7 +267,7 @@ def test_workers_cap_gdal_block_cache(tmp_path, dask_client) -> None:
 
     import rasterio
 
-    from pipeline.io import BLOCK_CACHE_BYTES, RasterSource, read_options
+    from pipeline.reading import BLOCK_CACHE_BYTES, RasterSource, read_options
 
     if "GDAL_CACHEMAX" in os.environ:
         pytest.skip("GDAL_CACHEMAX is set by the environment")

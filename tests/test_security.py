@@ -224,7 +224,7 @@ def test_gdal_lists_no_directory_and_probes_no_sidecars(tmp_path: Path) -> None:
     from rasterio.io import MemoryFile
     from rasterio.transform import from_origin
 
-    from pipeline.io import describe
+    from pipeline.reading import describe
 
     with MemoryFile() as memory:
         with memory.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8", crs="EPSG:4326",
@@ -297,7 +297,7 @@ def test_a_job_never_opens_an_image_that_points_elsewhere(
 ) -> None:
     """A VRT in disguise (NITF or GeoTIFF name) whose sources are a URL and a local file outside
     the roots: the header read that plans every image refuses it, one line, nothing fetched."""
-    from pipeline.io import ImageError, describe
+    from pipeline.reading import ImageError, describe
 
     url, hits = counting_server
     secret = tmp_path / "outside" / "secret.tif"
@@ -682,7 +682,7 @@ def test_assumed_role_credentials_never_show(aws: str) -> None:
     import json
 
     from pipeline import aws as aws_module
-    from pipeline.io import read_options
+    from pipeline.reading import read_options
 
     credentials = aws_module.assume_role("arn:aws:iam::123456789012:role/image-reader", purpose="t")
     secrets = [credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]]
@@ -716,8 +716,9 @@ def test_an_sts_failure_is_one_line(aws: str) -> None:
 def test_every_pixel_read_opens_image_drivers_only(tmp_path, monkeypatch) -> None:
     # a VRT (it could point anywhere) is refused by the window read, the DRA sample and the
     # quick look alike, not only by the header read; allowed when the drivers list VRT
-    from pipeline.io import ImageError, describe, read_window, sample_pixels
     from pipeline.quicklook import read_overview
+    from pipeline.range_stats import sample_pixels
+    from pipeline.reading import ImageError, describe, read_window
 
     tif = tmp_path / "real.tif"
     with rasterio.open(tif, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint16") as dst:

@@ -13,7 +13,7 @@ from pyproj import CRS
 
 from pipeline.detections import Detections
 from pipeline.geolocate import to_features
-from pipeline.io import AffineSensorModel, PixelSensorModel
+from pipeline.sensor_models import AffineSensorModel, PixelSensorModel
 from pipeline.sinks import write_geojson, write_parquet
 
 

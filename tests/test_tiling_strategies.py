@@ -291,7 +291,8 @@ def test_queue_worker_gives_unnamed_requests_osml_tiling(scene, queues, tmp_path
 def test_roi_grid_covers_the_rois_rounded_bounds_as_osml(tmp_path) -> None:
     import shapely
 
-    from pipeline.io import describe, sensor_model
+    from pipeline.reading import describe
+    from pipeline.sensor_models import sensor_model
 
     path, _ = _scene(tmp_path / "roi.tif", 902, 695, 256, 48, 10_000)
     model = sensor_model(describe(str(path)))

@@ -145,7 +145,7 @@ def test_an_open_image_rpc_array_keeps_its_sensor_model() -> None:
     """An unsliced ``open_image`` array of an RPC GeoTIFF (uint16, no CRS):
     the same features as the URL form, geolocated through the RPC; sliced, it has pixels only."""
     from pipeline.api import open_image
-    from pipeline.io import PixelSensorModel, RPCSensorModel
+    from pipeline.sensor_models import PixelSensorModel, RPCSensorModel
     from tests.conftest import shared_file
 
     path = shared_file("geotiff/geocal_pan_rpc.tif")

@@ -23,7 +23,7 @@ from rasterio import features
 from scipy import ndimage
 
 from pipeline.detections import Detections, model_extras
-from pipeline.io import SensorModel
+from pipeline.sensor_models import SensorModel
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 

@@ -29,7 +29,7 @@ import rasterio.shutil
 import rasterio.windows
 from rasterio.rpc import RPC
 
-from pipeline.io import ImageInfo
+from pipeline.reading import ImageInfo
 
 BLOCK = 512
 #: a distinct colour per class (class 0, the background, is transparent black)
