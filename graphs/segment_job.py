@@ -139,11 +139,10 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
         model = time.perf_counter()
         outcome.tiles, outcome.failed_tiles = stitched.tiles, stitched.failed_tiles
         classes, scores = stitched.classes, stitched.scores
-        if inside is not None:  # outside the ROI: nodata, no score
-            outside = ~inside
-            classes[outside] = nodata
+        if inside is not None:  # outside the ROI: nodata, no score (a model's answer may be read-only)
+            classes = np.where(inside, classes, nodata).astype(dtype, copy=False)
             if scores is not None:
-                scores[:, outside] = 0
+                scores[:, ~inside] = 0
     name = chunk_name(job.image, (row, col))
     storage = work_storage(job.parts, job.parts_role, job.s3_endpoint) if job.parts is not None else None
     if storage is not None:
