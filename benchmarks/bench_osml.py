@@ -361,9 +361,9 @@ def main() -> None:
     parser.add_argument("--no-osml", action="store_true", help="run our side only")
     args = parser.parse_args()
     print(f"bench_osml: {args.size}² COG, centerpoint over HTTP, tiles 1024/50 {args.tile_format}, "
-          f"S3 output to moto, {args.jobs} jobs per process, {args.rounds} rounds, {os.cpu_count()} cores",
+          f"S3 output to moto, jobs per process {args.jobs}, rounds {args.rounds}, {os.cpu_count()} cores",
           flush=True)
-    python, why = (None, "not run (--no-osml)") if args.no_osml else osml_python(args.osml_python)
+    python, why = (None, "--no-osml") if args.no_osml else osml_python(args.osml_python)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         cog = write_cog(tmp / "bench.tif", args.size)
@@ -379,7 +379,7 @@ def main() -> None:
             sides["osml"] = ([str(python), str(HERE / "osml" / "drive_osml.py"), "--jobs", str(args.jobs),
                               "--timeout", str(args.timeout)], {}, collect_osml)
         else:
-            print(f"osml: cannot run here: {why}", flush=True)
+            print(f"osml: not run: {why}", flush=True)
         runs: dict[str, list[SideRun]] = {side: [] for side in sides}
         try:
             for k in range(1, args.rounds + 1):
