@@ -233,7 +233,6 @@ class AllowList:
         """
         import requests
 
-        from pipeline.redact import redact
 
         current = url.split(":", 2)[2] if _NITF_SEGMENT.match(url) else url
         for _ in range(MAX_REDIRECTS + 1):
@@ -248,14 +247,21 @@ class AllowList:
             location = response.headers.get("Location")
             if not response.is_redirect or not location:
                 return url
-            target = urljoin(current, location)
-            try:
-                self.check_source(target, field)
-            except AccessDenied as exc:
-                raise AccessDenied(f"{field}: redirected to {redact(target)}, which is refused "
-                                   f"({str(exc).split(': ', 1)[-1]})") from None
-            current = target
+            current = self.check_redirect(current, location, field)
         raise AccessDenied(f"{field}: more than {MAX_REDIRECTS} redirects")
+
+    def check_redirect(self, current: str, location: str, field: str = "imageUrls") -> str:
+        """The absolute target of a redirect from ``current`` to ``location``, checked with
+        :meth:`check_source`; :class:`AccessDenied` names the (redacted) target."""
+        from pipeline.redact import redact
+
+        target = urljoin(current, location)
+        try:
+            self.check_source(target, field)
+        except AccessDenied as exc:
+            raise AccessDenied(f"{field}: redirected to {redact(target)}, which is refused "
+                               f"({str(exc).split(': ', 1)[-1]})") from None
+        return target
 
     def check_request_redirects(self, request: Any) -> None:
         """:meth:`check_redirects` for every image URL of ``request`` (worker mode)."""

@@ -117,7 +117,7 @@ def _read_http(url: str, allow: AllowList | None, field: str, headers: dict[str,
     import requests
 
     from pipeline.redact import public_url
-    from pipeline.security import MAX_REDIRECTS, AccessDenied, read_response
+    from pipeline.security import MAX_REDIRECTS, read_response
 
     current = url
     for _ in range(MAX_REDIRECTS + 1):
@@ -129,14 +129,8 @@ def _read_http(url: str, allow: AllowList | None, field: str, headers: dict[str,
                 raise StacError(f"HTTP {response.status_code} from {public_url(current)}")
             return read_response(response, MAX_STAC_BYTES, deadline=60.0, what="STAC document").decode()
         response.close()
-        target = urljoin(current, location)
-        if allow is not None:
-            try:
-                allow.check_source(target, field)
-            except AccessDenied as exc:
-                raise AccessDenied(f"{field}: redirected to {public_url(target)}, which is refused "
-                                   f"({str(exc).split(': ', 1)[-1]})") from None
-        current = target
+        current = (urljoin(current, location) if allow is None
+                   else allow.check_redirect(current, location, field))
     raise StacError(f"more than {MAX_REDIRECTS} redirects from {public_url(url)}")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -118,10 +119,10 @@ server.serve_forever()
 """
 
 
-@pytest.fixture(scope="module")
-def http_root(catalog_dir: Path) -> Iterator[str]:
-    """The catalog directory served over HTTP on 127.0.0.1 (a process of its own)."""
-    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(catalog_dir)], stdout=subprocess.PIPE,
+@contextlib.contextmanager
+def served(root: Path) -> Iterator[str]:
+    """``root`` served over HTTP (with ranges) on 127.0.0.1, by a process of its own."""
+    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(root)], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert server.stdout is not None
@@ -129,6 +130,13 @@ def http_root(catalog_dir: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def http_root(catalog_dir: Path) -> Iterator[str]:
+    """The catalog directory served over HTTP on 127.0.0.1 (a process of its own)."""
+    with served(catalog_dir) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ names that never carry a presigned query."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import pipeline
 from pipeline.demo import match_truth, write_scene
 from pipeline.request import ImageRequest
 from pipeline.stac import AssetMetadata, expand_request, image_metadata, item_array, resolve
-from tests.test_stac import RANGE_SERVER
+from tests.test_stac import served
 
 TILE, OVERLAP, SIZE = 256, 48, 512
 #: the scene's georeferencing (UTM 17N, 0.5 m), given only by the Items for the bare files
@@ -109,14 +107,8 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def http_root(scene: dict[str, Any]) -> Iterator[str]:
-    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(scene["root"])],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        yield f"http://127.0.0.1:{int(server.stdout.readline())}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with served(scene["root"]) as root:
+        yield root
 
 
 def request(**extra: Any) -> ImageRequest:
