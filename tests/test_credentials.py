@@ -284,7 +284,8 @@ def test_no_secret_in_the_scheduler_or_the_graph(proxies, scene, moto_endpoint, 
     the presigned URL's signature and key id."""
     import cloudpickle
 
-    from graphs.image_job import chunk_results, model_spec, plan_image, prepare_model
+    from graphs.image_job import chunk_results, model_spec, plan_image
+    from graphs.model_targets import prepare_model
 
     proxy, _ = proxies
     url = _bucket(moto_endpoint, scene, "graph-secrets")
