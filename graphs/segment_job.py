@@ -487,12 +487,13 @@ def cli_run(request: ImageRequest, cluster: str, workers: int | None, chunk_targ
     import sys
 
     from graphs.cluster import ClusterError, connect
-    from pipeline.cli import EXIT_FAILED, EXIT_OK, UsageError, _progress
+    from pipeline.cli import EXIT_FAILED, EXIT_OK, UsageError, _progress, job_pixels
 
     if request.segmentation is None:
         request = request.model_copy(update={"segmentation": SegmentationOptions()})
-    try:
-        with connect(cluster, workers) as client:
+    try:  # a small job in this process, as the image CLI's (graphs.cluster.SMALL_JOB_PIXELS)
+        pixels = job_pixels(request) if cluster == "local" and workers is None else None
+        with connect(cluster, workers, job_pixels=pixels) as client:
             result = run_segmentation(request, client, progress=_progress(progress),
                                       chunk_target=chunk_target or DEFAULT_CHUNK_TARGET)
     except (ClusterError, ModelError) as exc:

@@ -334,7 +334,12 @@ def test_text_probability_as_segmentation(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- pipeline.run and the CLI
 def test_pipeline_run_and_cli_run_segmentation(planted: tuple[Path, np.ndarray], tmp_path: Path,
-                                               dask_client: Any, capsys: pytest.CaptureFixture[str]) -> None:
+                                               dask_client: Any, capsys: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``--workers 1``: a worker process; without it, the small job runs on threads in this
+    process (as the image CLI's small jobs): the same raster either way."""
+    import logging
+
     from pipeline.cli import main
 
     request = job(str(planted[0]), tmp_path / "api", job_id="api")
@@ -351,3 +356,11 @@ def test_pipeline_run_and_cli_run_segmentation(planted: tuple[Path, np.ndarray],
     with rasterio.open(tmp_path / "cli" / "cli.planted.classes.tif") as cog:
         np.testing.assert_array_equal(cog.read(1), planted[1])
     assert "cli.planted.classes.tif" in capsys.readouterr().out
+    assert not any("threads in this process" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="graphs.cluster"):
+        code = main(["run", str(path), "--segment", "--no-progress",
+                     "--output-dir", str(tmp_path / "threads")])
+    assert code == 0, capsys.readouterr().err
+    assert any("threads in this process" in r.getMessage() for r in caplog.records)
+    with rasterio.open(tmp_path / "threads" / "cli.planted.classes.tif") as cog:
+        np.testing.assert_array_equal(cog.read(1), planted[1])

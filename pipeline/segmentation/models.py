@@ -28,18 +28,31 @@ from pipeline.segmentation.contract import NPY_TYPE, Segmenter, decode_array
 def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = False) -> np.ndarray:
     """Class ids (``H × W`` uint8, 1 = bright) or uint8 scores (``2 × H × W``)."""
     bright = np.empty(tile.shape[:2], np.bool_)
-    rows = 32  # a slab of rows at a time: its uint16 sums stay in the CPU's cache (2x faster)
-    total = np.empty((rows, tile.shape[1]), np.uint16)
-    for y in range(0, tile.shape[0], rows):
-        slab = tile[y:y + rows]
-        out = bright[y:y + rows]
-        if tile.shape[2] < 3:
-            np.greater_equal(slab[..., 0], threshold, out=out)
-            continue
-        part = total[:len(slab)]  # the mean of bands 1-3 >= threshold, as an exact integer sum
-        np.add(slab[..., 0], slab[..., 1], out=part, dtype=np.uint16)
-        part += slab[..., 2]
-        np.greater_equal(part, 3 * threshold, out=out)
+    height, width, count = tile.shape
+    rows = 16  # a slab of rows at a time: its uint16 sums stay in the CPU's cache (2x faster)
+    if count < 3:
+        for y in range(0, height, rows):
+            np.greater_equal(tile[y:y + rows, :, 0], threshold, out=bright[y:y + rows])
+    elif tile.dtype.itemsize == 1 and tile.strides[1:] == (count, 1) and width:
+        # band-last rows (as read): the sum of each run of 3 bytes over a row's bytes, taken at
+        # every pixel's first band; contiguous adds, 1.4x faster than adding strided bands
+        flat = np.lib.stride_tricks.as_strided(tile, (height, width * count), (tile.strides[0], 1))
+        wide = np.empty((rows, width * count), np.uint16)
+        total = np.empty((rows, width * count - 2), np.uint16)
+        for y in range(0, height, rows):
+            slab, part = wide[:min(rows, height - y)], total[:min(rows, height - y)]
+            np.copyto(slab, flat[y:y + rows])
+            np.add(slab[:, :-2], slab[:, 1:-1], out=part)
+            part += slab[:, 2:]
+            np.greater_equal(part[:, ::count], 3 * threshold, out=bright[y:y + rows])
+    else:
+        total = np.empty((rows, width), np.uint16)
+        for y in range(0, height, rows):
+            slab = tile[y:y + rows]
+            part = total[:len(slab)]  # the mean of bands 1-3 >= threshold, as an exact integer sum
+            np.add(slab[..., 0], slab[..., 1], out=part, dtype=np.uint16)
+            part += slab[..., 2]
+            np.greater_equal(part, 3 * threshold, out=bright[y:y + rows])
     if not scores:
         return bright.view(np.uint8)
     return np.stack([~bright, bright]).astype(np.uint8) * np.uint8(255)

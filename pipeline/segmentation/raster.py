@@ -232,7 +232,7 @@ def write_cog(parts: Parts, info: ImageInfo, count: int, dtype: str, class_names
     try:
         with rasterio.Env(GDAL_CACHEMAX=256, GDAL_NUM_THREADS="ALL_CPUS"):
             rasterio.shutil.copy(str(vrt), str(staged), driver="COG", BLOCKSIZE=BLOCK,
-                                 COMPRESS="DEFLATE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
+                                 COMPRESS="ZSTD", LEVEL=1, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
         os.replace(staged, destination)
     finally:
         for leftover in (vrt, staged, staged.with_suffix(".tif.aux.xml"),
