@@ -50,6 +50,15 @@ def array_bits(array: Any) -> int | None:
     return getattr(info, "bits", None)
 
 
+def array_nodata(array: Any) -> float | None:
+    """The array's nodata as rioxarray declares it (``.rio.nodata``: its ``_FillValue``, or NaN
+    where ``.rio.encoded_nodata`` says it was masked), if any. As in a URL job, such pixels are 0
+    in the model's tiles (:class:`graphs.image_job.ChunkModel`; NaN pixels are left as they are)."""
+    rio = getattr(array, "rio", None)
+    nodata = rio.nodata if rio is not None else None
+    return None if nodata is None else float(nodata)
+
+
 def as_pixels(array: Any) -> da.Array:
     """The pixels of a ``(band, y, x)`` or ``(y, x)`` DataArray (or array) as a dask array
     ``(bands, height, width)``."""
@@ -122,11 +131,12 @@ def _detect_block(block: np.ndarray, model: ChunkModel, algorithm: Any,
 
 
 def chunk_detections(pixels: da.Array, spec: ModelSpec, grid: TileGrid, *, range_adjustment: str = "NONE",
-                     bits: int | None = None, algorithm: Any = None) -> da.Array:
-    """Lazy ``(chunks_y, chunks_x)`` object array of each chunk's ``(result, final, waiting)``."""
+                     bits: int | None = None, algorithm: Any = None, nodata: float | None = None) -> da.Array:
+    """Lazy ``(chunks_y, chunks_x)`` object array of each chunk's ``(result, final, waiting)``;
+    ``nodata`` pixels are 0 in the model's tiles."""
     laid_out = with_halo(pixels, grid)
-    model = ChunkModel(grid, spec, range_adjustment, bits)
-    token = tokenize(laid_out.name, grid, spec.key, range_adjustment, algorithm)
+    model = ChunkModel(grid, spec, range_adjustment, bits, nodata=nodata)
+    token = tokenize(laid_out.name, grid, spec.key, range_adjustment, algorithm, nodata)
     return da.map_blocks(_detect_block, laid_out, model=model, algorithm=algorithm, drop_axis=0,
                          chunks=((1,) * grid.chunks_y, (1,) * grid.chunks_x), dtype=object,
                          meta=np.empty((0, 0), dtype=object), name=f"detect-array-{token}")
@@ -160,7 +170,7 @@ def array_job(array: Any, spec: ModelSpec, *, tile_size: int = 1024, overlap: in
     grid = TileGrid(width, height, tile_size, overlap, chunk_size(tile_size, overlap, chunk_target),
                     tiling.upper())
     chunks = chunk_detections(pixels, spec, grid, range_adjustment=range_adjustment.upper(),
-                              bits=array_bits(array), algorithm=algorithm)
+                              bits=array_bits(array), algorithm=algorithm, nodata=array_nodata(array))
     name = image_url or str(getattr(array, "name", None) or "array")
     return dask.delayed(reduce_chunks, pure=True)(
         chunks.to_delayed().ravel().tolist(), array_sensor_model(array), algorithm, name, job_id)

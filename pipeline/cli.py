@@ -35,6 +35,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers_and_progress(command: argparse.ArgumentParser, cluster: bool = False,
+                          progress: bool = True) -> None:
+    """The options that the job commands share: ``--workers``, and ``--cluster`` (a local
+    cluster or a scheduler address) and ``--no-progress`` where asked for."""
+    if cluster:
+        command.add_argument("--cluster", default="local",
+                             help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
+    command.add_argument("--workers", type=_positive, default=None,
+                         help="LocalCluster worker processes (default: one per core)")
+    if progress:
+        command.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _strategy(text: str) -> str:
     """A ``--tiling`` value, checked when given (so that ``--help`` imports no stage)."""
     from pipeline.tiling import STRATEGIES
@@ -88,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'local' (default: a LocalCluster), a scheduler address tcp://HOST:PORT, "
                      "a profile of configs/clusters (gpu-local, address, ecs-fargate, ec2, ...) "
                      "or a profile file")
-    run.add_argument("--workers", type=_positive, default=None,
-                     help="LocalCluster worker processes (default: one per core)")
     run.add_argument("--chunk-size", type=_positive, default=None, metavar="PIXELS",
                      help="target side of a chunk, the unit of work and of resume (default 4096; "
                      "rounded to whole tile strides)")
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a LOCAL output writing DIR/<jobId>.geojson, .parquet, .summary.json")
     run.add_argument("--quicklook", default=None, metavar="PNG",
                      help="write an overview of the first image with the detections drawn")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _workers_and_progress(run)
     run.add_argument("--segment", action="store_true",
                      help="run the model as a segmenter (the request's segmentation options, or "
                      "the defaults): a class COG per image and class polygons")
@@ -116,19 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_positive, default=4096, help="scene side in pixels (4096)")
     demo.add_argument("--objects", type=_positive, default=150, help="objects to plant (150)")
     demo.add_argument("--output-dir", default="demo-output", help="where to write (demo-output)")
-    demo.add_argument("--workers", type=_positive, default=None,
-                      help="LocalCluster worker processes (default: one per core)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _workers_and_progress(demo)
     worker = commands.add_parser(
         "worker", help="run ImageRequest messages from an SQS queue (OSML-compatible)",
         description="Long-poll an SQS queue for OSML ImageRequest messages, run each as a job, "
         "publish status to SNS. SIGTERM/SIGINT: stop taking messages, release the current one.")
     worker.add_argument("--queue-url", required=True, help="the SQS queue of image requests")
     worker.add_argument("--status-topic-arn", default=None, help="SNS topic for status messages")
-    worker.add_argument("--cluster", default="local",
-                        help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
-    worker.add_argument("--workers", type=_positive, default=None,
-                        help="LocalCluster worker processes (default: one per core)")
+    _workers_and_progress(worker, cluster=True, progress=False)
     worker.add_argument("--max-jobs", type=_positive, default=None,
                         help="exit after handling this many messages")
     worker.add_argument("--exit-when-idle", action="store_true",
@@ -174,11 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiles.add_argument("--tiles-per-task", type=_positive, default=None, help="tiles per task (64)")
     tiles.add_argument("--resume", action="store_true",
                        help="reuse the finished parts of an earlier run of the same job")
-    tiles.add_argument("--cluster", default="local",
-                       help="'local' (default: a LocalCluster) or a scheduler address tcp://HOST:PORT")
-    tiles.add_argument("--workers", type=_positive, default=None,
-                       help="LocalCluster worker processes (default: one per core)")
-    tiles.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _workers_and_progress(tiles, cluster=True)
     serve = commands.add_parser(
         "serve-model", help="serve a built-in model over HTTP (SageMaker container contract)",
         description="Serve a built-in model on GET /ping and POST /invocations, the SageMaker "

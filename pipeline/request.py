@@ -103,52 +103,60 @@ DEFAULT_FORMATS: tuple[Format, ...] = ("geojson", "parquet")
 FeatureForm = Literal["RFC7946", "OSML"]
 
 
+def _exactly_one(first: Any, second: Any, message: str) -> None:
+    """A ``ValueError(message)`` unless exactly one of the two is given (not None)."""
+    if (first is None) == (second is None):
+        raise ValueError(message)
+
+
 def _lower_formats(value: Any) -> Any:
     if isinstance(value, str):
         value = [value]
     return [v.lower() if isinstance(v, str) else v for v in value]
 
 
-class LocalOutput(_Strict):
+class _Output(_Strict):
+    """What every output has: its ``type`` and how its features are written."""
+
+    type: str
+    feature_form: FeatureForm | None = None
+
+    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
+
+
+class _FileOutput(_Output):
+    """An output of files: ``<jobId>.geojson|.parquet|.summary.json`` (``formats``)."""
+
+    formats: tuple[Format, ...] = DEFAULT_FORMATS
+    #: our extension: also write a STAC Item per image and a Collection (``pipeline.stac``)
+    stac: bool = False
+
+    _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
+
+
+class LocalOutput(_FileOutput):
     """Write ``<path>/<jobId>.geojson|.parquet|.summary.json`` on the local file system."""
 
     type: Literal["LOCAL"] = "LOCAL"
     path: str
-    formats: tuple[Format, ...] = DEFAULT_FORMATS
-    feature_form: FeatureForm | None = None
-    #: our extension: also write a STAC Item per image and a Collection (``pipeline.stac``)
-    stac: bool = False
-
-    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
-    _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
 
 
-class S3Output(_Strict):
+class S3Output(_FileOutput):
     """Write ``s3://<bucket>/<prefix>/<jobId>.geojson|.parquet|.summary.json``."""
 
     type: Literal["S3"] = "S3"
     bucket: str
     prefix: str = ""
-    formats: tuple[Format, ...] = DEFAULT_FORMATS
     role: str | None = None
-    feature_form: FeatureForm | None = None
-    #: our extension: also write a STAC Item per image and a Collection (``pipeline.stac``)
-    stac: bool = False
-
-    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
-    _normalise_formats = field_validator("formats", mode="before")(_lower_formats)
 
 
-class KinesisOutput(_Strict):
+class KinesisOutput(_Output):
     """Put GeoJSON FeatureCollections of at most ``batchSize`` features on a Kinesis stream."""
 
     type: Literal["KINESIS"] = "KINESIS"
     stream: str
     batch_size: int = Field(default=1000, gt=0)
     role: str | None = None
-    feature_form: FeatureForm | None = None
-
-    _normalise_type = field_validator("type", "feature_form", mode="before")(_upper)
 
 
 def _output_kind(value: Any) -> str | None:
@@ -193,8 +201,7 @@ class Elevation(_Strict):
 
     @model_validator(mode="after")
     def _one_of(self) -> Elevation:
-        if (self.constant is None) == (self.dem is None):
-            raise ValueError("give exactly one of constant (metres) or dem (a DEM URL)")
+        _exactly_one(self.constant, self.dem, "give exactly one of constant (metres) or dem (a DEM URL)")
         return self
 
 
@@ -223,8 +230,8 @@ class StacSearch(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> StacSearch:
-        if (self.url is None) == (self.catalog is None):
-            raise ValueError("give exactly one of url (a STAC API) or catalog (a static catalog.json)")
+        _exactly_one(self.url, self.catalog,
+                     "give exactly one of url (a STAC API) or catalog (a static catalog.json)")
         return self
 
 

@@ -111,10 +111,11 @@ def test_clipped_array_against_shifted_truth(scene: Any) -> None:
 
 def test_reprojected_array_against_projected_truth(scene: Any) -> None:
     """Reproject to Web Mercator (nearest): each object is found once, its centre where pyproj
-    puts the truth centre, within a pixel of the new grid."""
+    puts the truth centre, within a pixel of the new grid. The objects are 255, rioxarray's
+    default nodata for uint8, so the border is declared 0 (nodata is masked)."""
     from rasterio.enums import Resampling
 
-    mercator = open_cog(scene).rio.reproject("EPSG:3857", resampling=Resampling.nearest).chunk(
+    mercator = open_cog(scene).rio.reproject("EPSG:3857", resampling=Resampling.nearest, nodata=0).chunk(
         {"y": 400, "x": 400})
     found = pipeline.detect(mercator, "bright-objects", tile_size=TILE, overlap=OVERLAP, compute=True)
     truth = scene.truth
@@ -161,3 +162,41 @@ def test_an_open_image_rpc_array_keeps_its_sensor_model() -> None:
     assert shapely.equals_exact(found.geometry.values, expected.geometry.values, tolerance=1e-12).all()
     assert isinstance(array_sensor_model(image), RPCSensorModel)
     assert isinstance(array_sensor_model(image[:, 10:, 10:]), PixelSensorModel)
+
+
+def _bordered(nodata_attr: bool) -> tuple[Any, np.ndarray]:
+    """A 3-band uint8 UTM array: background 40, objects 230 at known boxes, and a 255 nodata
+    corner (``x + y < 150``, as a reprojection leaves) declared as ``.rio.nodata`` or a bare
+    ``_FillValue`` attr."""
+    pixels = np.full((3, 700, 900), 40, dtype=np.uint8)
+    truth = np.array([[150, 120, 170, 136], [400, 300, 431, 311], [820, 640, 840, 690], [100, 60, 110, 70]])
+    for x0, y0, x1, y1 in truth:
+        pixels[:, y0:y1, x0:x1] = 230
+    rows, cols = np.mgrid[:700, :900]
+    pixels[:, rows + cols < 150] = 255
+    ox, oy = DEMO_ORIGIN
+    array = xr.DataArray(pixels, dims=("band", "y", "x"),
+                         coords={"y": oy - (np.arange(700) + 0.5) * DEMO_RESOLUTION,
+                                 "x": ox + (np.arange(900) + 0.5) * DEMO_RESOLUTION}).chunk(
+        {"band": -1, "y": 256, "x": 256}).rio.write_crs(DEMO_CRS)
+    if nodata_attr:
+        array.attrs["_FillValue"] = 255
+    else:
+        array = array.rio.write_nodata(255)
+    return array, truth
+
+
+@pytest.mark.parametrize("nodata_attr", [False, True])
+def test_dataarray_nodata_is_zero_in_the_tiles(nodata_attr: bool) -> None:
+    """A 255 nodata corner (``rio.reproject`` declares 255 on uint8) is 0 in the model's tiles:
+    the bright-objects model finds exactly the planted objects, not the corner; without the
+    declaration the corner is found too (the same pixels: the test can fail)."""
+    array, truth = _bordered(nodata_attr)
+    settings = {"tile_size": TILE, "overlap": OVERLAP, "compute": True}
+    found = pipeline.detect(array, "bright-objects", **settings)
+    assert match_truth(boxes_of(found), truth) == (len(truth), 0, 0)
+    np.testing.assert_array_equal(boxes_of(by_box(found)), truth[np.lexsort(truth.T[::-1])])
+    undeclared = array.rio.write_nodata(None)
+    undeclared.attrs.pop("_FillValue", None)
+    bright = boxes_of(pipeline.detect(undeclared, "bright-objects", **settings))
+    assert match_truth(bright, truth) == (len(truth), 0, 1) and [0, 0, 150, 150] in bright.tolist()

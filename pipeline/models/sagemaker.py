@@ -53,6 +53,26 @@ def check_parameters(spec: ModelSpec, allowed: tuple[str, ...]) -> dict[str, str
     return {k: str(v) for k, v in spec.parameters.items() if k in allowed}
 
 
+def invoke_parameters(spec: ModelSpec, allowed: tuple[str, ...], content_type: str) -> dict[str, Any]:
+    """The keyword arguments of every invoke call: the pass-through parameters, with
+    ``ContentType`` (the tile format's) and ``Accept`` (JSON) where not given."""
+    extra: dict[str, Any] = check_parameters(spec, allowed)
+    extra.setdefault("ContentType", content_type)
+    extra.setdefault("Accept", "application/json")
+    return extra
+
+
+def validate_endpoint(spec: ModelSpec, allowed: tuple[str, ...]) -> None:
+    """The checks of every SageMaker target: the common ones and the pass-through keys."""
+    validate_common(spec)
+    check_parameters(spec, allowed)
+
+
+def runtime_options(spec: ModelSpec) -> dict[str, Any]:
+    """Region and endpoint URLs, the ``sagemaker-runtime`` one from ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``."""
+    return aws_options(spec, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME")
+
+
 #: the endpoint tag that declares how many requests one instance takes at once (OSML 3)
 INSTANCE_CONCURRENCY_TAG = "osml:instance-concurrency"
 
@@ -147,11 +167,9 @@ class SageMakerEndpoint(EndpointAdapter):
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self.extra: dict[str, Any] = check_parameters(spec, PASS_THROUGH)
+        self.extra = invoke_parameters(spec, PASS_THROUGH, self.content_type)
         if spec.options.get("targetVariant"):  # the variant the job's capacity was sized for
             self.extra.setdefault("TargetVariant", spec.options["targetVariant"])
-        self.extra.setdefault("ContentType", self.content_type)
-        self.extra.setdefault("Accept", "application/json")
         self.client = boto_client("sagemaker-runtime", spec, self.policy, self.cap)
         self.send_slot = SlotAtSend(self.slots)
         self.send_slot.register(self.client, "before-send.sagemaker-runtime.InvokeEndpoint")
@@ -172,13 +190,12 @@ class SageMakerEndpoint(EndpointAdapter):
 
 
 def validate(spec: ModelSpec) -> None:
-    validate_common(spec)
-    check_parameters(spec, PASS_THROUGH)
+    validate_endpoint(spec, PASS_THROUGH)
 
 
 def resolve(spec: ModelSpec) -> ModelSpec:
     """Runtime URL, region and the concurrency cap (in the client)."""
-    spec = with_options(spec, **aws_options(spec, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"))
+    spec = with_options(spec, **runtime_options(spec))
     cap = concurrency_parameter(spec)
     if cap is not None:
         return with_options(spec, maxConcurrency=cap)

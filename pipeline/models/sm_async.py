@@ -31,15 +31,13 @@ from pipeline.models.base import ModelAdapter, ModelError, ModelSpec
 from pipeline.models.endpoint import (
     EndpointAdapter,
     _outcome,
-    aws_options,
     boto_client,
     classify_boto_error,
     concurrency_parameter,
-    validate_common,
     with_options,
 )
 from pipeline.models.retry import METRICS, call_with_retries
-from pipeline.models.sagemaker import check_parameters, endpoint_capacity
+from pipeline.models.sagemaker import endpoint_capacity, invoke_parameters, runtime_options, validate_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +80,7 @@ class AsyncEndpoint(EndpointAdapter):
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self.extra: dict[str, Any] = check_parameters(spec, PASS_THROUGH)
-        self.extra.setdefault("ContentType", self.content_type)
-        self.extra.setdefault("Accept", "application/json")
+        self.extra = invoke_parameters(spec, PASS_THROUGH, self.content_type)
         self.bucket, self.prefix = _s3(str(spec.parameters.get("s3InputLocation", "")),
                                        "imageProcessorParameters.s3InputLocation")
         self.poll_timeout = float(spec.parameters.get("pollTimeout", 300))
@@ -230,8 +226,7 @@ def cleanup_pending() -> int:
 
 
 def validate(spec: ModelSpec) -> None:
-    validate_common(spec)
-    check_parameters(spec, PASS_THROUGH)
+    validate_endpoint(spec, PASS_THROUGH)
     _s3(str(spec.parameters.get("s3InputLocation", "")), "imageProcessorParameters.s3InputLocation")
     policy = str(spec.parameters.get("cleanupPolicy", "immediate")).lower()
     if policy not in CLEANUP_POLICIES:
@@ -245,7 +240,7 @@ def validate(spec: ModelSpec) -> None:
 
 
 def resolve(spec: ModelSpec) -> ModelSpec:
-    options = aws_options(spec, "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME")
+    options = runtime_options(spec)
     options["s3Url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     spec = with_options(spec, **options)
     cap = concurrency_parameter(spec) or endpoint_capacity(spec, choose=False).requests
