@@ -31,7 +31,7 @@ from pipeline.aws import GdalOptions, split_s3_url
 from pipeline.detections import Detections
 from pipeline.failures import one_line
 from pipeline.geolocate import empty_features, to_features
-from pipeline.infer import ChunkResult, detect_chunk
+from pipeline.infer import ChunkResult, TileTally, detect_chunk
 from pipeline.merge import border_mask, distill, settled
 from pipeline.metrics import StageTimer
 from pipeline.models import ModelSpec, check_model
@@ -132,17 +132,13 @@ class ImagePlan:
 
 
 @dataclass
-class ImageOutcome:
-    """What happened to one image."""
+class ImageOutcome(TileTally):
+    """What happened to one image (its tiles' tally summed over its chunks)."""
 
     url: str
     status: str = ev.SUCCESS
     reason: str | None = None
     plan: ImagePlan | None = None
-    tiles: int = 0
-    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
-    raw_detections: int = 0
-    dropped_detections: int = 0
     before_merge: int = 0
     after_merge: int = 0
     timer: StageTimer = field(default_factory=StageTimer)
@@ -265,7 +261,8 @@ def plan_where_readable(client: Any, request: ImageRequest, url: str,
 
 
 def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUNK_TARGET,
-               read_with: dict[str, str] | None = None, metadata: Any = None) -> ImagePlan:
+               read_with: dict[str, str] | None = None, metadata: Any = None,
+               sample: bool = True) -> ImagePlan:
     """Read the header of ``url`` and lay out its tile grid (raises :class:`ImageError`).
 
     Resolves, once per image: the read options (endpoint, region, ``imageReadRole``), the
@@ -273,7 +270,8 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
     also proves the pixels readable) and the region of interest's chunks. ``read_with``: read
     options resolved elsewhere (by a client that plans on a worker). ``metadata``: the image's
     STAC :class:`~pipeline.stac.AssetMetadata` (default: from the job's STAC expansion), laid
-    over the header by :func:`pipeline.stac.resolve`.
+    over the header by :func:`pipeline.stac.resolve`. ``sample=False`` leaves out
+    :func:`sample_pixels` (for a caller that reads the pixels next and samples if that fails).
     """
     from pipeline.stac import image_metadata, resolve
 
@@ -301,10 +299,19 @@ def plan_image(request: ImageRequest, url: str, chunk_target: int = DEFAULT_CHUN
         adjustment = {"type": request.range_adjustment or "NONE", "requested": request.range_adjustment}
     else:
         adjustment = range_adjustment(request.range_adjustment, info, options)
-        if adjustment["type"] != "DRA":  # unreadable pixels fail here, in one line
-            x, y = (int(v) for v in roi.bounds[:2]) if roi is not None else (0, 0)
-            read_window(url, (x, y, x + 1, y + 1), options)
-    return ImagePlan(url, info, grid, model, options, adjustment, roi, mask, stac or None)
+    plan = ImagePlan(url, info, grid, model, options, adjustment, roi, mask, stac or None)
+    if sample:
+        sample_pixels(plan)
+    return plan
+
+
+def sample_pixels(plan: ImagePlan) -> None:
+    """Read one pixel (the regionOfInterest's corner) of a file: unreadable pixels fail the
+    plan here, in one line (raises). The DRA's statistics have sampled them already."""
+    if synthetic.is_synthetic(plan.url) or plan.range_adjustment["type"] == "DRA":
+        return
+    x, y = (int(v) for v in plan.roi.bounds[:2]) if plan.roi is not None else (0, 0)
+    read_window(plan.url, (x, y, x + 1, y + 1), plan.read_options)
 
 
 def tile_grid(request: ImageRequest, width: int, height: int,
@@ -348,50 +355,72 @@ class ChunkModel:
         return result
 
 
-def _read_pixels_task(
-    _: np.ndarray,
-    source: WindowSource,
-    grid: TileGrid,
-    block_info: dict[Any, Any] | None = None,
-) -> np.ndarray:
-    """Read (or render) one chunk's window: a 1 × 1 object array of ``(pixels, read seconds)``,
-    or of the one-line reason why the read failed (the chunk's tiles then fail with it)."""
-    assert block_info is not None
-    row, col = block_info[0]["chunk-location"]
+def read_chunk(source: WindowSource, grid: TileGrid, row: int, col: int) -> tuple[np.ndarray, float] | str:
+    """Read (or render) chunk ``(row, col)``'s window: ``(pixels, read seconds)``, or the
+    one-line reason why the read failed (the chunk's tiles then fail with it)."""
     x0, y0, x1, y1 = grid.chunk_window(row, col)
-    out = np.empty((1, 1), dtype=object)
     began = time.perf_counter()
     try:
-        out[0, 0] = (source.read((x0, y0, x1, y1)), time.perf_counter() - began)
+        return source.read((x0, y0, x1, y1)), time.perf_counter() - began
     except rasterio.errors.RasterioIOError as exc:
-        out[0, 0] = f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
+        return f"cannot read pixels {x0},{y0},{x1},{y1} of {source.url}: {gdal_error_line(exc)}"
+
+
+def detect_read(read: tuple[np.ndarray, float] | str, model: ChunkModel, row: int, col: int) -> ChunkResult:
+    """Detect in the pixels that :func:`read_chunk` read: the chunk's :class:`ChunkResult`
+    (every tile failed with the read's reason if it failed)."""
+    if isinstance(read, str):
+        return ChunkResult.failed((row, col), model.grid.chunk_tiles(row, col), read)
+    pixels, read_seconds = read
+    began = time.perf_counter()
+    result = model.detect(pixels, row, col)
+    result.read_seconds = read_seconds
+    result.task_seconds = read_seconds + time.perf_counter() - began
+    return result
+
+
+def _one(value: Any) -> np.ndarray:
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = value
     return out
+
+
+def _read_pixels_task(_: np.ndarray, source: WindowSource, grid: TileGrid,
+                      block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    """:func:`read_chunk` as a block task: a 1 × 1 object array of what it gave."""
+    assert block_info is not None
+    return _one(read_chunk(source, grid, *block_info[0]["chunk-location"]))
 
 
 def _detect_pixels_task(read: np.ndarray, model: ChunkModel,
                         block_info: dict[Any, Any] | None = None) -> np.ndarray:
-    """Detect in the pixels that :func:`_read_pixels_task` read: a 1 × 1 object array of the
-    chunk's :class:`ChunkResult`."""
+    """:func:`detect_read` as a block task: a 1 × 1 object array of the :class:`ChunkResult`."""
     assert block_info is not None
-    row, col = block_info[0]["chunk-location"]
-    out = np.empty((1, 1), dtype=object)
-    if isinstance(read[0, 0], str):
-        out[0, 0] = ChunkResult.failed((row, col), model.grid.chunk_tiles(row, col), read[0, 0])
-        return out
-    pixels, read_seconds = read[0, 0]
-    began = time.perf_counter()
-    out[0, 0] = model.detect(pixels, row, col)
-    out[0, 0].read_seconds = read_seconds
-    out[0, 0].task_seconds = read_seconds + time.perf_counter() - began
-    return out
+    return _one(detect_read(read[0, 0], model, *block_info[0]["chunk-location"]))
 
 
-def _read_chunk_task(chunk_index: np.ndarray, source: WindowSource, model: ChunkModel,
+def _read_chunk_task(_: np.ndarray, source: WindowSource, model: ChunkModel,
                      block_info: dict[Any, Any] | None = None) -> np.ndarray:
     """Read (or render) one chunk's window, its tiles and halo, and detect in it: both halves
     in one task, so that no pixels move between workers."""
-    pixels = _read_pixels_task(chunk_index, source, model.grid, block_info)
-    return _detect_pixels_task(pixels, model, block_info)
+    assert block_info is not None
+    row, col = block_info[0]["chunk-location"]
+    return _one(detect_read(read_chunk(source, model.grid, row, col), model, row, col))
+
+
+def chunk_inputs(plan: ImagePlan, spec: ModelSpec, client: Any = None) -> tuple[WindowSource, ChunkModel]:
+    """What every chunk task of ``plan``'s image reads from and detects with (see
+    :func:`chunk_results`; ``client``: the cluster for :func:`task_url`)."""
+    info = plan.info
+    adjustment = plan.range_adjustment
+    stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
+    source: WindowSource
+    if synthetic.is_synthetic(plan.url):
+        source = synthetic.SyntheticSource(plan.url)
+    else:
+        source = RasterSource(task_url(plan.url, client), (info.bands, info.height, info.width),
+                              np.dtype(info.dtype), GdalOptions(plan.read_options))
+    return source, ChunkModel(plan.grid, spec, adjustment["type"], info.bits, stretch, plan.roi, info.nodata)
 
 
 def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec, client: Any = None) -> da.Array:
@@ -408,22 +437,15 @@ def chunk_results(plan: ImagePlan, request: ImageRequest, spec: ModelSpec, clien
     grid = plan.grid
     info = plan.info
     adjustment = plan.range_adjustment
-    stretch = (adjustment["low"], adjustment["high"]) if "low" in adjustment else None
     name = f"detect-{plan.url.split('?', 1)[0].rsplit('/', 1)[-1]}"  # never a presigned query
     roi_wkt = plan.roi.wkt if plan.roi is not None else None
-    source: WindowSource
-    if synthetic.is_synthetic(plan.url):
-        source = synthetic.SyntheticSource(plan.url)
-    else:
-        source = RasterSource(task_url(plan.url, client), (info.bands, info.height, info.width),
-                              np.dtype(info.dtype), GdalOptions(plan.read_options))
+    source, model = chunk_inputs(plan, spec, client)
     # one element per chunk, one chunk per element: map_blocks over it runs a task per chunk
     # and hands it its (row, col) in block_info (the element's value is never read)
     # (named, so that dask does not tokenise it by pickling np.zeros: ~0.5 ms an image)
     token = tokenize(plan.url, grid, spec.key, adjustment, roi_wkt, info.nodata)
     chunk_index_grid = da.zeros((grid.chunks_y, grid.chunks_x), chunks=1, dtype=np.uint8,
                                 name=f"chunk-index-{token}")
-    model = ChunkModel(grid, spec, adjustment["type"], info.bits, stretch, plan.roi, info.nodata)
     results_meta = {"dtype": object, "meta": np.empty((0, 0), dtype=object)}
     resources = spec.options.get("resources")
     if not resources:
@@ -592,9 +614,7 @@ def settle_chunk(outcome: ImageOutcome, result: ChunkResult, request: ImageReque
     classes = _class_counts(merged)
     outcome.classes.update(classes)
     outcome.border.append(waiting)
-    outcome.failed_tiles.extend(result.failed_tiles)
-    outcome.raw_detections += result.raw_detections
-    outcome.dropped_detections += result.dropped_detections
+    outcome.add(result)
     outcome.before_merge += len(detections)
     outcome.after_merge += len(features)
     outcome.timer.add("model", result.model_seconds)
@@ -614,8 +634,8 @@ def border_pass(outcome: ImageOutcome, request: ImageRequest) -> gpd.GeoDataFram
         merged = distill(waiting, request.distillation)
     outcome.border.clear()
     outcome.classes.update(_class_counts(merged))
-    with outcome.timer.stage("geolocate"):
-        features = _image_features(outcome, merged, request)
+    with outcome.timer.stage("geolocate"):  # most images leave nothing at their borders
+        features = _image_features(outcome, merged, request) if len(merged) else _NO_FEATURES
     outcome.after_merge += len(features)
     return features
 

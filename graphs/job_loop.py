@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from graphs.image_job import (
     ProgressFactory,
     _future_error,
     border_pass,
+    chunk_inputs,
     chunk_results,
+    detect_read,
     done_marker,
     finish_image,
     ground_in_mixed_jobs,
@@ -42,6 +45,8 @@ from graphs.image_job import (
     model_spec,
     plan_image,
     plan_where_readable,
+    read_chunk,
+    sample_pixels,
     settle_chunk,
     work_location,
     worker_seconds,
@@ -53,7 +58,7 @@ from pipeline.detections import Detections
 from pipeline.failures import is_permanent, one_line
 from pipeline.geolocate import empty_features
 from pipeline.infer import ChunkResult
-from pipeline.models import check_model
+from pipeline.models import ModelSpec, check_model
 from pipeline.parts import PartStore, fingerprint
 from pipeline.reading import ImageError, read_options
 from pipeline.redact import public_url
@@ -80,16 +85,51 @@ class PlanFailed:
         return cls(reason, is_permanent(exc))
 
 
+#: what a plan task computed of its image's one chunk: its result, or why the task failed
+Computed = ChunkResult | str | None
+
+
 def timed_plan(request: ImageRequest, url: str, chunk_target: int, read_with: dict[str, str] | None,
-               metadata: Any = None) -> tuple[ImagePlan | PlanFailed, float]:
+               metadata: Any = None, spec: ModelSpec | None = None
+               ) -> tuple[ImagePlan | PlanFailed, float, Computed]:
     """:func:`~graphs.image_job.plan_image` (or why it failed) and the seconds it took: a task
-    on a worker (``metadata``: the image's STAC metadata, which only the client's expansion has)."""
+    on a worker (``metadata``: the image's STAC metadata, which only the client's expansion has).
+
+    Given the model ``spec``, an image of one chunk (a small image; in its regionOfInterest) is
+    also read and detected in by this task (:func:`~graphs.image_job.read_chunk`), as its chunk
+    task would: one task and one round trip per small image instead of two, and no graph to
+    build for it. The third value is that chunk's result, or the one line why computing it
+    raised (None: not computed)."""
     began = time.perf_counter()
-    try:
-        plan: ImagePlan | PlanFailed = plan_image(request, url, chunk_target, read_with, metadata)
+    try:  # the pixels are sampled below, where the chunk is not read here
+        plan: ImagePlan | PlanFailed = plan_image(request, url, chunk_target, read_with, metadata,
+                                                  sample=False)
+        seconds = time.perf_counter() - began
+        if not (spec is not None and isinstance(plan, ImagePlan) and one_chunk(plan)):
+            if isinstance(plan, ImagePlan):
+                sample_pixels(plan)
+            return plan, time.perf_counter() - began, None
     except Exception as exc:  # noqa: BLE001 - the image fails, not the job
-        plan = PlanFailed.of(exc)
-    return plan, time.perf_counter() - began
+        return PlanFailed.of(exc), time.perf_counter() - began, None
+    computed: Computed
+    try:
+        source, model = chunk_inputs(plan, spec)
+        read = read_chunk(source, plan.grid, 0, 0)
+        if isinstance(read, str):  # as a plan's sample read would have failed, it fails the plan
+            try:
+                sample_pixels(plan)
+            except Exception as exc:  # noqa: BLE001 - the image fails, not the job
+                return PlanFailed.of(exc), seconds, None
+        computed = detect_read(read, model, 0, 0)
+    except Exception as exc:  # noqa: BLE001 - the chunk fails as its own task would
+        computed = one_line(exc)
+    return plan, seconds, computed
+
+
+def one_chunk(plan: ImagePlan) -> bool:
+    """Whether ``plan``'s image is one chunk, to compute (in its regionOfInterest)."""
+    grid = plan.grid
+    return grid.chunks_x * grid.chunks_y == 1 and (plan.chunk_mask is None or bool(plan.chunk_mask[0, 0]))
 
 
 def plans_on_cluster(urls: list[str]) -> bool:
@@ -131,6 +171,8 @@ class JobLoop:
         self.outcomes: list[ImageOutcome] = []
         self.futures: dict[Any, Chunk] = {}
         self.queued: deque[tuple[int, ImageOutcome, tuple[int, int], Any]] = deque()
+        #: chunks that their plan task computed, to settle first (see :func:`timed_plan`)
+        self.ready: list[tuple[int, ImageOutcome, tuple[int, int], ChunkResult | str]] = []
         self.arrivals: Any = None
         self.resumed_tiles = self.resumed_chunks = 0
         self.timed: list[ChunkResult] = []  # this run's chunk results, for their worker seconds
@@ -180,8 +222,10 @@ class JobLoop:
                 except ImageError as exc:
                     self._plan_failed(self.outcomes[index], PlanFailed.of(exc))
                     continue
+                # a small image is computed by its plan task, unless resumed or pinned
+                spec = None if self.windowed or self.store.finished(index) else self.spec
                 future = client.submit(timed_plan, shared, url, self.chunk_target, options,
-                                       image_metadata(request.job_id, url), pure=False,
+                                       image_metadata(request.job_id, url), spec, pure=False,
                                        key=f"plan-{index}-{request.job_id}-{time.time_ns()}")
                 remote[future] = index
         on_cluster = set(remote.values())
@@ -199,9 +243,9 @@ class JobLoop:
         for future, value in as_completed(list(remote), with_results=True, raise_errors=False):
             index = remote.pop(future)
             future.release()
-            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], ImagePlan):
+            if isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], ImagePlan):
                 self._planned(index, *value)
-            elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], PlanFailed):
+            elif isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], PlanFailed):
                 self.outcomes[index].timer.add("plan", value[1])
                 self._plan_failed(self.outcomes[index], value[0])
             else:  # the task itself failed (a lost worker)
@@ -213,10 +257,17 @@ class JobLoop:
         outcome.status, outcome.reason, outcome.permanent = ev.FAILED, failed.reason, failed.permanent
         self.bus.emit(ev.FAILED, self.request.job_id, outcome.url, failed.reason)
 
-    def _planned(self, index: int, plan: ImagePlan, seconds: float) -> None:
-        """Image ``index`` is planned (in ``seconds``): resume it, queue its chunks to compute."""
+    def _planned(self, index: int, plan: ImagePlan, seconds: float, computed: Computed = None) -> None:
+        """Image ``index`` is planned (in ``seconds``): resume it, queue its chunks to compute
+        (or, ``computed`` by its plan task, to settle)."""
         outcome = self.outcomes[index]
         outcome.timer.add("plan", seconds)
+        if computed is not None:
+            outcome.plan = plan
+            outcome.tiles = tiles_in(plan.chunk_mask, plan.grid)
+            self.resume(index, outcome)  # nothing: a resumed image is not computed by its plan
+            self.ready.append((index, outcome, (0, 0), computed))
+            return
         with outcome.timer.stage("plan"):
             try:
                 results = chunk_results(plan, self.request, self.spec, self.client)
@@ -265,8 +316,9 @@ class JobLoop:
         self.timeline = [(round(time.perf_counter() - self.began, 3), done_tiles)]
         self.submit(self.window(self.client) if self.windowed else 0)
         self.arrivals = as_completed(list(self.futures), with_results=True, raise_errors=False)
-        for future, value in self.arrivals:
-            result = self.settle(future, value)
+        ready = ((None, value) for value in self.ready)
+        for future, value in chain(ready, self.arrivals):
+            result = self.settle(future, value) if future is not None else self._settle(*value)
             done_tiles += result.tiles
             found += len(result.detections)
             self.timeline.append((round(time.perf_counter() - self.began, 3), done_tiles))
@@ -281,20 +333,26 @@ class JobLoop:
         """One chunk's result (or failure): reduced (:func:`~graphs.image_job.settle_chunk`)
         and written to the part store; the next queued chunk is submitted in its place."""
         index, outcome, chunk = self.futures.pop(future)
-        plan = outcome.plan
-        assert plan is not None
-        if isinstance(value, np.ndarray):
-            # the chunk's result, even if the worker that held it has died since (the future
-            # then reads "lost" or "pending" while the scheduler recomputes a key we have)
-            result: ChunkResult = value[0, 0]
-            self.timed.append(replace(result, detections=Detections()))  # its seconds only
-        else:
-            reason = _future_error(value)
-            log.warning("chunk %s of %s failed: %s", chunk, outcome.url, reason)
-            result = ChunkResult.failed(chunk, plan.grid.chunk_tiles(*chunk), reason)
         future.release()
         if self.queued:  # the next chunk takes the place of this one
             self.arrivals.update(self.submit(1))
+        # the chunk's result, even if the worker that held it has died since (the future
+        # then reads "lost" or "pending" while the scheduler recomputes a key we have)
+        return self._settle(index, outcome, chunk, value[0, 0] if isinstance(value, np.ndarray)
+                            else _future_error(value))
+
+    def _settle(self, index: int, outcome: ImageOutcome, chunk: tuple[int, int],
+                value: ChunkResult | str) -> ChunkResult:
+        """Chunk ``chunk`` of image ``index`` computed (or the one line why it failed):
+        reduced and written to the part store."""
+        plan = outcome.plan
+        assert plan is not None
+        if isinstance(value, ChunkResult):
+            result = value
+            self.timed.append(replace(result, detections=Detections()))  # its seconds only
+        else:
+            log.warning("chunk %s of %s failed: %s", chunk, outcome.url, value)
+            result = ChunkResult.failed(chunk, plan.grid.chunk_tiles(*chunk), value)
         features, waiting, classes = settle_chunk(outcome, result, self.request)
         with outcome.timer.stage("write"):
             self.store.write_chunk(

@@ -25,20 +25,35 @@ log = logging.getLogger(__name__)
 TILE_RETRIES = 1
 
 
+@dataclass(kw_only=True)
+class TileTally:
+    """Tiles and what the model made of them: of a chunk (:class:`ChunkResult`) or, summed over
+    its chunks, of an image (``graphs.image_job.ImageOutcome``)."""
+
+    tiles: int = 0
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    #: detections the model gave, and those dropped past ``pipeline.security.cap_detections``
+    raw_detections: int = 0
+    dropped_detections: int = 0
+
+    def add(self, other: TileTally) -> None:
+        """Count ``other``'s failed tiles and detections in (not its tiles: an image knows
+        its tiles from its plan)."""
+        self.failed_tiles.extend(other.failed_tiles)
+        self.raw_detections += other.raw_detections
+        self.dropped_detections += other.dropped_detections
+
+
 @dataclass
-class ChunkResult:
+class ChunkResult(TileTally):
     """What one chunk produced: owned detections in full-image pixels, and its tile tally."""
 
     chunk: tuple[int, int]
     detections: Detections = field(default_factory=Detections)
-    tiles: int = 0
-    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     model_seconds: float = 0.0
     read_seconds: float = 0.0
     #: wall seconds of the whole chunk task on its worker (read, tiles, model, answers)
     task_seconds: float = 0.0
-    raw_detections: int = 0
-    dropped_detections: int = 0
 
     @classmethod
     def failed(cls, chunk: tuple[int, int], windows: np.ndarray, reason: str) -> ChunkResult:
@@ -110,12 +125,16 @@ def detect_chunk(
         return result
     cores = grid.cores(windows)
     model = load_model(spec)
+    reads_pixels = getattr(model, "reads_pixels", True)  # False: the null model, tiles not cut
     batch_size = spec.batch_size or model.batch_size
     parts = []
     for start, stop in batches(windows, batch_size, by_row=model.tile_views, tile_size=grid.tile_size):
         batch_windows = windows[start:stop]
-        tiles = cut_tiles(pixels, origin, batch_windows, grid.tile_size, view=model.tile_views)
-        tiles = to_uint8(tiles, range_adjustment, bits)
+        if reads_pixels:
+            tiles = cut_tiles(pixels, origin, batch_windows, grid.tile_size, view=model.tile_views)
+            tiles = to_uint8(tiles, range_adjustment, bits)
+        else:
+            tiles = np.zeros((stop - start, 0, 0, len(pixels)), np.uint8)
         offsets = batch_windows[:, :2]
         began = time.perf_counter()
         outputs = predict(spec, tiles, offsets)

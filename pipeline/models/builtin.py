@@ -182,6 +182,16 @@ class BuiltinModel(ModelAdapter):
         return results
 
 
+class NullModel(BuiltinModel):
+    """``null``: no detections. It reads no pixels, so its tiles are not cut (an empty
+    ``N × 0 × 0 × C`` batch): a job of it costs the reads and the pipeline only."""
+
+    reads_pixels = False
+
+    def __init__(self) -> None:
+        super().__init__(lambda tile, offset: Detections())
+
+
 def _number(params: dict[str, Any], key: str, default: float) -> float:
     try:
         return float(params.get(key, default))
@@ -215,7 +225,7 @@ def create(spec: ModelSpec, random_ids: bool = False) -> BuiltinModel:
     params = spec.model_parameters
     name = spec.name.lower()
     if name == "null":
-        return BuiltinModel(lambda tile, offset: Detections())
+        return NullModel()
     if name == "centerpoint":
         fraction = _number(params, "bboxPercentage", 0.1)
         segmentation = _flag(params, "segmentation", True)
