@@ -129,10 +129,14 @@ def main() -> None:
     from pipeline.geolocate import to_features
     from pipeline.merge import nms
     from pipeline.plots import write_summary_charts
-    from pipeline.reading import describe
+    from pipeline.reading import cap_block_cache, describe
     from pipeline.request import ImageRequest
     from pipeline.sensor_models import sensor_model
 
+    # Before anything touches GDAL, as in a worker: GDAL's default block cache (5% of RAM) kept
+    # ~0.9 GiB of the COG written below in this process, counted in the peak RSS (2.23 GiB
+    # against 1.31 GiB, 16384², 2 workers).
+    cap_block_cache()
     print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; "
           f"pixels from {REAL_TILE.name if REAL_TILE.exists() else 'a generated texture'}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +213,8 @@ def main() -> None:
             merge.append(time.perf_counter() - began)
         print(f"geolocate 26,000 boxes: {summary(geo, digits=3)}; NMS: {summary(merge, digits=3)} "
               f"({len(kept)} kept)")
-    print(f"peak RSS of client + cluster processes: {rss.peak / 2**30:.2f} GiB; "
+    print(f"peak RSS of client + cluster processes: {rss.peak / 2**30:.2f} GiB (the client "
+          f"{rss.start / 2**30:.2f} GiB before its cluster started); "
           f"load average at end {os.getloadavg()[0]:.2f}")
 
 
