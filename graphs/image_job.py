@@ -731,8 +731,13 @@ def submission_window(client: Any) -> int:
     """Chunks a job keeps in flight when its pixels are read apart from its model: twice the
     cluster's threads, and at least :data:`MIN_WINDOW` (so an adaptive cluster still sees work
     queued), which bounds the pixels that wait for the model to that many chunks."""
+    return max(MIN_WINDOW, 2 * total_threads(client))
+
+
+def total_threads(client: Any) -> int:
+    """The threads of ``client``'s cluster's workers."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    return max(MIN_WINDOW, 2 * sum(int(w.get("nthreads", 1)) for w in workers))
+    return sum(int(w.get("nthreads", 1)) for w in workers)
 
 
 def run_job(

@@ -48,6 +48,7 @@ from graphs.image_job import (
     read_chunk,
     sample_pixels,
     settle_chunk,
+    total_threads,
     work_location,
     worker_seconds,
 )
@@ -124,6 +125,27 @@ def timed_plan(request: ImageRequest, url: str, chunk_target: int, read_with: di
     except Exception as exc:  # noqa: BLE001 - the chunk fails as its own task would
         computed = one_line(exc)
     return plan, seconds, computed
+
+
+#: one image's arguments of :func:`timed_plan` in a :func:`timed_plans` task: url, read options,
+#: STAC metadata and model spec
+PlanArgs = tuple[str, dict[str, str] | None, Any, ModelSpec | None]
+#: images planned (and, small, computed) by one task at most: a task and its result cost the
+#: scheduler and this process ~1-2 ms each, as much as 5-10 % of a small image's reads
+MAX_PLAN_BATCH = 8
+
+
+def timed_plans(request: ImageRequest, images: list[PlanArgs], chunk_target: int
+                ) -> list[tuple[ImagePlan | PlanFailed, float, Computed]]:
+    """:func:`timed_plan` of each of ``images`` in turn: one task for a few images."""
+    return [timed_plan(request, url, chunk_target, options, metadata, spec)
+            for url, options, metadata, spec in images]
+
+
+def plan_batch_size(images: int, threads: int) -> int:
+    """Images per plan task: at most :data:`MAX_PLAN_BATCH`, and at least four tasks per
+    thread of the cluster (so that every thread has work until the end)."""
+    return max(1, min(MAX_PLAN_BATCH, images // (4 * max(threads, 1))))
 
 
 def one_chunk(plan: ImagePlan) -> bool:
@@ -210,9 +232,10 @@ class JobLoop:
         request, client = self.request, self.client
         urls = image_urls(request)
         self.outcomes = [ImageOutcome(url) for url in urls]
-        remote: dict[Any, int] = {}  # plan future → image index
+        remote: dict[Any, list[int]] = {}  # plan future → its images' indices
         if plans_on_cluster(urls):
             shared = client.scatter(request, hash=False)  # once, and never in a task spec
+            planned: list[tuple[int, PlanArgs]] = []
             for index, url in enumerate(urls):
                 if public_url(url) != url:
                     continue
@@ -224,11 +247,15 @@ class JobLoop:
                     continue
                 # a small image is computed by its plan task, unless resumed or pinned
                 spec = None if self.windowed or self.store.finished(index) else self.spec
-                future = client.submit(timed_plan, shared, url, self.chunk_target, options,
-                                       image_metadata(request.job_id, url), spec, pure=False,
-                                       key=f"plan-{index}-{request.job_id}-{time.time_ns()}")
-                remote[future] = index
-        on_cluster = set(remote.values())
+                planned.append((index, (url, options, image_metadata(request.job_id, url), spec)))
+            size = plan_batch_size(len(planned), total_threads(client))
+            for start in range(0, len(planned), size):
+                batch = planned[start:start + size]
+                key = f"plan-{batch[0][0]}-{request.job_id}-{time.time_ns()}"
+                future = client.submit(timed_plans, shared, [args for _, args in batch], self.chunk_target,
+                                       pure=False, key=key)
+                remote[future] = [index for index, _ in batch]
+        on_cluster = {index for indices in remote.values() for index in indices}
         for index, outcome in enumerate(self.outcomes):
             if outcome.status == ev.FAILED or index in on_cluster:
                 continue
@@ -240,17 +267,20 @@ class JobLoop:
                 self._plan_failed(outcome, PlanFailed.of(exc))
                 continue
             self._planned(index, plan, time.perf_counter() - began)
-        for future, value in as_completed(list(remote), with_results=True, raise_errors=False):
-            index = remote.pop(future)
+        for future, values in as_completed(list(remote), with_results=True, raise_errors=False):
+            indices = remote.pop(future)
             future.release()
-            if isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], ImagePlan):
-                self._planned(index, *value)
-            elif isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], PlanFailed):
-                self.outcomes[index].timer.add("plan", value[1])
-                self._plan_failed(self.outcomes[index], value[0])
-            else:  # the task itself failed (a lost worker)
-                reason = f"cannot plan image: {_future_error(value)}"
-                self._plan_failed(self.outcomes[index], PlanFailed(reason, False))
+            if not (isinstance(values, list) and len(values) == len(indices)):
+                # the task itself failed (a lost worker): each of its images with its reason
+                values = [f"cannot plan image: {_future_error(values)}"] * len(indices)
+            for index, value in zip(indices, values, strict=True):
+                if isinstance(value, str):
+                    self._plan_failed(self.outcomes[index], PlanFailed(value, False))
+                elif isinstance(value[0], ImagePlan):
+                    self._planned(index, *value)
+                else:
+                    self.outcomes[index].timer.add("plan", value[1])
+                    self._plan_failed(self.outcomes[index], value[0])
         ground_in_mixed_jobs(self.outcomes)
 
     def _plan_failed(self, outcome: ImageOutcome, failed: PlanFailed) -> None:

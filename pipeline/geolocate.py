@@ -33,7 +33,7 @@ from pipeline import antimeridian
 from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
 from pipeline.redact import public_url
-from pipeline.sensor_models import SensorModel
+from pipeline.sensor_models import WGS84, SensorModel
 from pipeline.sinks import _json_default
 
 # Box corners in the order NW, NE, SE, SW (pixel frame), closed.
@@ -168,7 +168,7 @@ def to_features(
         columns[key] = [value] * n
     for key, value in (feature_properties or {}).items():
         columns[key] = [value] * n
-    crs = "EPSG:4326" if model.georeferenced else None
+    crs = WGS84 if model.georeferenced else None  # a CRS object: no parse per frame
     bbox_given = np.array([(e or {}).get("bbox", True) for e in detections.extras], dtype=bool)
     if model.georeferenced:
         corners = ground[:, :4]
@@ -232,7 +232,7 @@ def _columns(detections: Detections, rings: np.ndarray, shapes: np.ndarray, imag
 
 def empty_features(georeferenced: bool = True) -> gpd.GeoDataFrame:
     """A GeoDataFrame with the feature columns and no rows."""
-    crs = "EPSG:4326" if georeferenced else None
+    crs = WGS84 if georeferenced else None
     columns: dict[str, Any] = {name: [] for name in FEATURE_COLUMNS}
     columns.update(_ground=gpd.GeoSeries([], crs=crs), _bbox=[], _shape=np.zeros(0, dtype=bool))
     return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
