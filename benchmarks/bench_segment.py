@@ -55,7 +55,7 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
     from benchmarks.bench_throughput import raw_read, write_cog
     from graphs.cluster import connect
     from graphs.image_job import plan_image
-    from graphs.segment_job import run_segmentation
+    from graphs.segment_job import chunk_bounds, run_segmentation
     from pipeline.reading import cap_block_cache
     from pipeline.segmentation.stitch import covering_tiles, read_window
 
@@ -69,8 +69,9 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
         windows = []
         for r in range(grid.chunks_y):
             for c in range(grid.chunks_x):
-                bounds = grid.chunk_bounds(r, c)
-                windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
+                bounds = chunk_bounds(grid, r, c)  # the job's chunks, on the COG's block grid
+                if bounds[2] > bounds[0] and bounds[3] > bounds[1]:
+                    windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
         raw: list[float] = []
         jobs: list[list[float]] = [[] for _ in VARIANTS]
         last: list[Any] = []

@@ -47,7 +47,7 @@ from pipeline.reading import ImageError, RasterSource, gdal_error_line
 from pipeline.request import ImageRequest, SegmentationOptions
 from pipeline.segmentation.models import check_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
-from pipeline.segmentation.raster import band_data, part_pieces, write_cog, write_tiff
+from pipeline.segmentation.raster import alignment, band_data, part_pieces, snap_bounds, write_cog, write_tiff
 from pipeline.segmentation.stitch import class_dtype, covering_tiles, read_window, stitch_chunk
 from pipeline.sinks import make_sink, upload
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, to_uint8
@@ -102,13 +102,22 @@ def roi_inside(roi: Any, bounds: tuple[int, int, int, int]) -> np.ndarray:
                                     transform=Affine.translation(x0, y0)))
 
 
+def chunk_bounds(grid: TileGrid, row: int, col: int) -> tuple[int, int, int, int]:
+    """The pixels of a segmentation chunk: the grid's chunk snapped to the COG's block grid
+    (:func:`~pipeline.segmentation.raster.snap_bounds`), so that its task encodes whole COG
+    tiles; may be empty."""
+    return snap_bounds(grid.chunk_bounds(row, col), (grid.width, grid.height), alignment(grid.chunk))
+
+
 def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
     """One chunk: read, segment, stitch, write its part, vectorise its regions. A chunk that
     misses the regionOfInterest is not read: its part is nodata."""
     grid = job.grid
-    bounds = grid.chunk_bounds(row, col)
+    bounds = chunk_bounds(grid, row, col)
     mode = job.options.stitch
     outcome = ChunkOutcome((row, col), bounds)
+    if bounds[2] <= bounds[0] or bounds[3] <= bounds[1]:  # snapped away: its neighbours own it
+        return outcome
     began = time.perf_counter()
     width, height = bounds[2] - bounds[0], bounds[3] - bounds[1]
     dtype = class_dtype(job.n_classes)
@@ -392,7 +401,7 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
                for r, c in chunks if (r, c) not in finished]
     bar = None
     if job.progress:
-        bar = job.progress(sum(len(covering_tiles(grid, grid.chunk_bounds(r, c), options.stitch))
+        bar = job.progress(sum(len(covering_tiles(grid, chunk_bounds(grid, r, c), options.stitch))
                                for r, c in counted))
     parts: list[tuple[tuple[int, int, int, int], str]] = []
     regions: list[Regions] = []
@@ -400,7 +409,7 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         outcome.chunks_resumed += 1
         outcome.tiles += record["tiles"]
         if record.get("part"):
-            parts.append((grid.chunk_bounds(row, col), record["part"]))
+            parts.append((chunk_bounds(grid, row, col), record["part"]))
         if record.get("border") and options.polygons and store is not None:
             regions.append(load_regions(store.storage.local(record["border"])))
         if bar is not None:
