@@ -77,7 +77,9 @@ def run(
 
     ``request`` is an :class:`ImageRequest`, a dict in OSML's camelCase wire format, or the path
     of a JSON/YAML request file. ``client`` is a ``distributed.Client``; without one a
-    LocalCluster of ``workers`` processes is started for the job and closed after it.
+    LocalCluster of ``workers`` processes is started for the job and closed after it (without
+    ``workers``, a job of local images of at most 4096² pixels in all runs on a cluster in this
+    process, as the CLI's does).
     ``output_dir`` adds a LOCAL output (GeoJSON, GeoParquet, summary JSON and chart PNG); a
     request without outputs still returns its features. ``progress`` shows a tqdm bar of tiles.
     ``tiling`` (``FIXED_STRIDE`` or ``VARIABLE_OVERLAP``) overrides the request's
@@ -102,8 +104,11 @@ def run(
     bar = _progress_bar if progress else None
     if client is not None:
         result = run_job(request, client, progress=bar)
-    else:
-        with connect("local", workers) as local:
+    else:  # a small job runs in this process, as the CLI's does (graphs.cluster.SMALL_JOB_PIXELS)
+        from pipeline.cli import job_pixels
+
+        pixels = job_pixels(request) if workers is None else None
+        with connect("local", workers, job_pixels=pixels) as local:
             result = run_job(request, local, progress=bar)
     if request.segmentation is None:
         write_summary_charts(request, result)

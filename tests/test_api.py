@@ -301,3 +301,13 @@ def test_explore_refuses_pixel_features_and_missing_folium(monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "folium", None)
     with pytest.raises(ImportError, match="explore\\(\\) needs folium: pip install folium mapclassify"):
         explore(pixels)
+
+
+def test_run_without_a_client_runs_a_small_job_in_this_process(scene: Any, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="graphs.cluster")
+    result = pipeline.run(job(scene), output_dir=tmp_path)  # one image of at most 4096², as the CLI's
+    assert result.status == "SUCCESS"
+    assert match_truth(boxes_of(result.features), scene.truth) == (len(scene.truth), 0, 0)
+    started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LocalCluster")]
+    assert len(started) == 1 and "threads in this process" in started[0], started
