@@ -80,6 +80,68 @@ def test_score_bands_of_class_ids_are_their_one_hot() -> None:
     np.testing.assert_array_equal(lazy.sums, lazy.counts)
 
 
+def test_threshold_is_the_exact_mean_of_bands_1_to_3_for_every_layout() -> None:
+    """The band-last fast path (contiguous byte runs), strided views and other dtypes agree
+    with an integer sum in Python's own arithmetic."""
+    rng = np.random.default_rng(1)
+    for shape in [(37, 53, 3), (40, 40, 4), (17, 1, 3), (5, 9, 1), (3, 3, 2)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        planar = np.moveaxis(np.ascontiguousarray(np.moveaxis(pixels, -1, 0)), 0, -1)
+        for threshold in (0, 100, 128.5, 255):
+            value = pixels[..., 0].astype(int) if shape[2] < 3 else pixels[..., :3].astype(int).sum(-1) / 3
+            want = (value >= threshold).astype(np.uint8)
+            for tile, expected in ((pixels, want), (pixels[2:, 1:], want[2:, 1:]), (planar, want),
+                                   (pixels.astype(np.uint16), want)):
+                np.testing.assert_array_equal(threshold_answer(tile, threshold), expected)
+
+
+@pytest.mark.parametrize(("edges", "bigtiff"), [((1024, 2048), False), ((1024, 2048), True),
+                                                ((700, 1900), False)])
+def test_cog_laid_out_from_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 edges: tuple[int, int], bigtiff: bool) -> None:
+    """Parts on the block grid (their tiles copied) or off it (mosaicked and encoded by the COG
+    task), classic TIFF or BigTIFF: a COG by GDAL's own layout check and rio-cogeo's, with
+    the pixels, nearest-sample overviews, score bands, georeferencing and metadata."""
+    from pipeline.reading import ImageInfo
+    from pipeline.segmentation import raster
+
+    if bigtiff:
+        monkeypatch.setattr(raster, "BIGTIFF_PAYLOAD", 0)
+    width, height = 3000, 2100
+    classes = (np.random.default_rng(0).random((height, width)) > 0.7).astype(np.uint8)
+    info = ImageInfo("x", width, height, 3, "uint8", 512, 512, None, None, "EPSG:32617",
+                     (0.5, 0.0, 400000.0, 0.0, -0.5, 3700000.0), "GTiff")
+    parts = []
+    xs, ys = (0, *edges, width), (0, edges[0], height)
+    for i in range(3):
+        for j in range(2):
+            bounds = (xs[i], ys[j], xs[i + 1], ys[j + 1])
+            bands = raster.band_data(classes[ys[j]:ys[j + 1], xs[i]:xs[i + 1]], None, True, 2)
+            size, pieces = raster.part_pieces(bands, bounds, (width, height))
+            raster.write_tiff(tmp_path / f"part{i}{j}.tif", size, pieces)
+            parts.append((bounds, str(tmp_path / f"part{i}{j}.tif")))
+    cog = raster.write_cog(parts, info, 3, "uint8", ("background", "bright"), tmp_path / "out" / "c.tif")
+    assert cog_validate(cog)[0], cog_validate(cog)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.tif"]
+    with open(cog, "rb") as raw:
+        assert raw.read(4) == (b"II+\0" if bigtiff else b"II*\0")
+    with rasterio.open(cog) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.compression.name == "zstd" and src.block_shapes[0] == (512, 512)
+        assert src.crs.to_epsg() == 32617 and src.transform == Affine(*info.transform)
+        assert src.descriptions == ("class", "score:background", "score:bright")
+        assert json.loads(src.tags(1)["CLASS_NAMES"]) == ["background", "bright"]
+        np.testing.assert_array_equal(src.read(1), classes)
+        np.testing.assert_array_equal(src.read(3), classes * 255)
+        assert src.overviews(1) == [2, 4, 8]
+        for f in src.overviews(1):
+            rows = np.minimum(np.arange(-(-height // f)) * f + f // 2, height - 1)
+            cols = np.minimum(np.arange(-(-width // f)) * f + f // 2, width - 1)
+            overview = src.read(out_shape=(3, len(rows), len(cols)))
+            np.testing.assert_array_equal(overview[0], classes[rows][:, cols])
+            np.testing.assert_array_equal(overview[2], classes[rows][:, cols] * 255)
+
+
 @pytest.mark.parametrize("content_type", [NPY_TYPE, PNG_TYPE, TIFF_TYPE])
 def test_encoded_answers_round_trip(content_type: str) -> None:
     rng = np.random.default_rng(0)

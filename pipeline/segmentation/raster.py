@@ -213,6 +213,8 @@ _SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12
 _OVERVIEW_TAGS = {258, 259, 262, 277, 284, 317, 320, 338, 339, 42113}
 #: tags of the layout, written for each IFD
 _LAYOUT_TAGS = {254, 256, 257, 273, 278, 279, 322, 323, 324, 325}
+#: compressed tiles past which the COG is a BigTIFF (a classic TIFF's offsets end at 4 GiB)
+BIGTIFF_PAYLOAD = 2**32 - 2**26
 Entry = tuple[int, int, bytes]  # TIFF type, count, value bytes (little-endian)
 
 
@@ -336,7 +338,7 @@ def _write_layout(path: Path, ghost: bytes, main: dict[int, Entry], size: tuple[
     ``BLOCK_TRAILER``), row by row."""
     width, height = size
     payload = sum(len(t) + 8 for level in levels for row in level for t in row)
-    big = payload > 2**32 - 2**26  # BigTIFF past ~4 GB, as BIGTIFF=IF_SAFER would
+    big = payload > BIGTIFF_PAYLOAD
     offset_kind, inline, entry_size, word = (16, 8, 20, "<Q") if big else (4, 4, 12, "<I")
     ifds: list[dict[int, Entry]] = []
     for index, level in enumerate(levels):
@@ -417,11 +419,13 @@ def write_cog(parts: Parts, info: ImageInfo, count: int, dtype: str, class_names
     size = (info.width, info.height)
     work = destination.with_suffix(".partial")
     work.mkdir(exist_ok=True)
-    try:
-        ghost, main = _template(info, count, dtype, class_names, work)
-        loaded = [(bounds, _Tiles(Path(path).read_bytes()), path) for bounds, path in parts]
-        levels = [_level_tiles(loaded, level, size, count, dtype)
-                  for level in [None, *range(len(overview_factors(*size)))]]
+    try:  # one Env for every GDAL call (each would build an AWS session outside one)
+        with rasterio.Env(GDAL_NUM_THREADS="1"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # the parts
+            ghost, main = _template(info, count, dtype, class_names, work)
+            loaded = [(bounds, _Tiles(Path(path).read_bytes()), path) for bounds, path in parts]
+            levels = [_level_tiles(loaded, level, size, count, dtype)
+                      for level in [None, *range(len(overview_factors(*size)))]]
         _write_layout(staged, ghost, main, size, levels)
         os.replace(staged, destination)
     finally:
