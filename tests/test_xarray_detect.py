@@ -153,7 +153,8 @@ def test_an_open_image_rpc_array_keeps_its_sensor_model() -> None:
     if not path.exists():
         pytest.skip("needs ../shared/data")
     image = open_image(str(path), chunks=64)
-    settings = {"tile_size": 64, "overlap": 16, "range_adjustment": "MINMAX", "parameters": {"threshold": 4}}
+    settings: dict[str, Any] = {"tile_size": 64, "overlap": 16, "range_adjustment": "MINMAX",
+                                "parameters": {"threshold": 4}}
     found = pipeline.detect(image, "bright-objects", image_url=str(path), compute=True, **settings)
     expected = pipeline.detect(str(path), "bright-objects", **settings)
     assert len(found) == len(expected) > 3
@@ -192,7 +193,7 @@ def test_dataarray_nodata_is_zero_in_the_tiles(nodata_attr: bool) -> None:
     the bright-objects model finds exactly the planted objects, not the corner; without the
     declaration the corner is found too (the same pixels: the test can fail)."""
     array, truth = _bordered(nodata_attr)
-    settings = {"tile_size": TILE, "overlap": OVERLAP, "compute": True}
+    settings: dict[str, Any] = {"tile_size": TILE, "overlap": OVERLAP, "compute": True}
     found = pipeline.detect(array, "bright-objects", **settings)
     assert match_truth(boxes_of(found), truth) == (len(truth), 0, 0)
     np.testing.assert_array_equal(boxes_of(by_box(found)), truth[np.lexsort(truth.T[::-1])])
