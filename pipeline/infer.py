@@ -149,6 +149,7 @@ def detect_chunk(
             found, dropped = cap_detections(Detections.coerce(output).finite())
             result.raw_detections += len(found)
             result.dropped_detections += dropped
-            parts.append(owned(found.shifted(window[0], window[1]), window, core, grid))
+            if len(found):  # most tiles find nothing (concat leaves empty parts out anyway)
+                parts.append(owned(found.shifted(window[0], window[1]), window, core, grid))
     result.detections = Detections.concat(parts)
     return result
