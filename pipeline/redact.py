@@ -168,9 +168,12 @@ def redact_obj(value: Any) -> Any:
             k: (MASK if isinstance(k, str) and _SECRET_KEY.search(k) and v else redact_obj(v))
             for k, v in value.items()
         }
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact_obj(v) for v in value)
+    if isinstance(value, (list, tuple)):  # numbers (most of a summary) pass as they are
+        return type(value)(v if v.__class__ in _PLAIN else redact_obj(v) for v in value)
     return value
+
+
+_PLAIN = frozenset({int, float, bool, type(None)})
 
 
 _SECRET_KEY = re.compile(r"secret|session_?token|security_?token|password|credentials?$", re.IGNORECASE)
