@@ -1,8 +1,9 @@
 """Segmentation job throughput and memory.
 
 1. ``throughput``: segmentation jobs (``threshold``, a trivial per-pixel model) over a
-   ``--size``² 3-band COG of real pixels against a raw windowed read+decode of the same chunk
-   windows (halos included) by a pool of ``--workers`` threads: BLEND and CORE stitching, each
+   ``--size``² 3-band COG of real pixels against a raw windowed read+decode of the job's own
+   chunk windows (no halo: the segmenter is per-pixel, see ``stitch.read_window``) by a pool
+   of ``--workers`` threads: BLEND and CORE stitching, each
    with the class COG alone and with the polygons too (:data:`VARIANTS`); each run's ratio is
    the raw read's time over the job's in the same round; medians and ranges of ``--repeat``
    rounds, after one warm-up job.
@@ -54,10 +55,11 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
     from benchmarks.bench_scale import PeakRSS
     from benchmarks.bench_throughput import raw_read, write_cog
     from graphs.cluster import connect
-    from graphs.image_job import plan_image
+    from graphs.image_job import model_spec, plan_image
     from graphs.segment_job import chunk_bounds, run_segmentation
     from pipeline.reading import cap_block_cache
-    from pipeline.segmentation.stitch import covering_tiles, read_window
+    from pipeline.segmentation.models import load_segmenter, resolve_segmenter
+    from pipeline.segmentation.stitch import answers_per_pixel, covering_tiles, read_window
 
     cap_block_cache()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,12 +68,15 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
                     for k, (_, options) in enumerate(VARIANTS)]
         plan = plan_image(requests[0], str(path))  # type: ignore[arg-type]
         grid = plan.grid
+        # the job's own read windows: a per-pixel segmenter's chunks read no halo
+        per_pixel = answers_per_pixel(load_segmenter(resolve_segmenter(model_spec(requests[0]))),  # type: ignore[arg-type]
+                                      plan.range_adjustment["type"])
         windows = []
         for r in range(grid.chunks_y):
             for c in range(grid.chunks_x):
                 bounds = chunk_bounds(grid, r, c)  # the job's chunks, on the COG's block grid
                 if bounds[2] > bounds[0] and bounds[3] > bounds[1]:
-                    windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds))
+                    windows.append(read_window(covering_tiles(grid, bounds, "BLEND"), bounds, per_pixel))
         raw: list[float] = []
         jobs: list[list[float]] = [[] for _ in VARIANTS]
         last: list[Any] = []

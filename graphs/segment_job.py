@@ -2,10 +2,11 @@
 chunk's part of the class raster and vectorise its regions; then one COG per image and the
 class polygons, dissolved across chunk seams, as the job's features.
 
-Each chunk task reads its own window (its pixels plus the halo its covering tiles reach into)
-as the detection job's tasks do: chunks exchange nothing but the pixels they both read, and a
-task holds one chunk at a time. What comes back to the client is small: the part's path and
-the chunk's regions (polygons with probability sums).
+Each chunk task reads its own window (its pixels plus the halo its covering tiles reach into;
+a per-pixel segmenter's chunk reads its pixels alone) as the detection job's tasks do: chunks
+exchange nothing but the pixels they both read, and a task holds one chunk at a time. What
+comes back to the client is small: the part's path and the chunk's regions (polygons with
+probability sums).
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ from pipeline.parts import PartStore, S3Storage, open_storage
 from pipeline.parts import _chunk_name as chunk_name
 from pipeline.reading import ImageError, RasterSource, gdal_error_line
 from pipeline.request import ImageRequest, SegmentationOptions
-from pipeline.segmentation.models import check_segmenter, resolve_segmenter
+from pipeline.segmentation.models import check_segmenter, load_segmenter, resolve_segmenter
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
 from pipeline.segmentation.raster import alignment, band_data, part_pieces, snap_bounds, write_cog, write_tiff
-from pipeline.segmentation.stitch import class_dtype, covering_tiles, read_window, stitch_chunk
+from pipeline.segmentation.stitch import (
+    answers_per_pixel,
+    class_dtype,
+    covering_tiles,
+    read_window,
+    stitch_chunk,
+)
 from pipeline.sinks import make_sink, upload
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, to_uint8
 
@@ -128,7 +135,9 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
         classes = np.full((height, width), nodata, dtype)
         read = model = time.perf_counter()
     else:
-        window = read_window(covering_tiles(grid, bounds, mode), bounds)
+        adjustment = "NONE" if job.stretch is not None else job.range_adjustment  # the image's DRA: once
+        per_pixel = answers_per_pixel(load_segmenter(job.spec), adjustment)
+        window = read_window(covering_tiles(grid, bounds, mode), bounds, per_pixel)
         try:
             pixels = job.source.read(window)
         except rasterio.errors.RasterioIOError as exc:
@@ -139,10 +148,8 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
             return outcome
         outcome.read = True
         read = time.perf_counter()
-        adjustment = job.range_adjustment
-        if job.stretch is not None:  # the image's DRA, once per chunk
+        if job.stretch is not None:
             pixels = np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), "DRA", job.bits, job.stretch), -1, 0)
-            adjustment = "NONE"
         stitched = stitch_chunk(pixels, window[:2], bounds, grid, job.spec, mode, adjustment, job.bits)
         del pixels
         model = time.perf_counter()

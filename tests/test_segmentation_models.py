@@ -80,6 +80,42 @@ def test_score_bands_of_class_ids_are_their_one_hot() -> None:
     np.testing.assert_array_equal(lazy.sums, lazy.counts)
 
 
+@pytest.mark.parametrize("pack_below", [0.5, 2.0])
+def test_packed_regions_are_the_regions_traced_in_the_chunk(monkeypatch: pytest.MonkeyPatch,
+                                                            pack_below: float) -> None:
+    """Regions traced in a canvas of their boxes (sparse classes; 2.0 forces it for dense ones
+    too) are the polygons ``rasterio.features.shapes`` traces over the whole chunk: rings
+    with islands in holes, regions touching only at corners, speckle, a chunk off the origin."""
+    from rasterio import features
+    from scipy import ndimage
+
+    from pipeline.segmentation import polygons
+
+    monkeypatch.setattr(polygons, "PACK_BELOW", pack_below)
+    rng = np.random.default_rng(7)
+    classes = (ndimage.uniform_filter(rng.random((300, 420)), 5) > 0.53).astype(np.uint8)
+    classes[40:140, 40:140] = 1
+    classes[60:120, 60:120] = 0
+    classes[80:100, 80:100] = 1  # an island in the ring's hole: its own region
+    classes[200:203, 300:303] = 2
+    classes[203:206, 303:306] = 2  # touches the one above at a corner only: two regions
+    origin = (1000, 3000)
+    regions = polygons.chunk_regions(classes, None, (*origin, origin[0] + 420, origin[1] + 300),
+                                     (5000, 5000), [0, 1, 2])
+    for k in (0, 1, 2):
+        mask = classes == k
+        labels, count = ndimage.label(mask, structure=polygons.FOUR_CONNECTED)
+        want = [shapely.geometry.shape(g) for g, _ in
+                features.shapes(labels, mask=mask, connectivity=4, transform=Affine.translation(*origin))]
+        got = regions.polygons[regions.class_index == k]
+        assert len(got) == count == len(want)
+        assert sorted(shapely.to_wkt(shapely.normalize(got)).tolist()) == \
+            sorted(shapely.to_wkt(shapely.normalize(np.array(want, dtype=object))).tolist())
+        np.testing.assert_array_equal(np.sort(regions.counts[regions.class_index == k]),
+                                      np.sort(np.bincount(labels[mask])[1:]))
+    assert (regions.class_index == 2).sum() == 2
+
+
 def test_threshold_is_the_exact_mean_of_bands_1_to_3_for_every_layout() -> None:
     """The band-last fast path (contiguous byte runs), strided views and other dtypes agree
     with an integer sum in Python's own arithmetic."""

@@ -13,12 +13,12 @@ mean probability inside, ``area_m2`` (WGS84, of the geolocated polygon) in
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import shapely
-from affine import Affine
 from rasterio import features
 from scipy import ndimage
 
@@ -64,25 +64,89 @@ def chunk_regions(classes: np.ndarray, scores: np.ndarray | None, bounds: tuple[
     ``scores`` None: the one-hot of ``classes``)."""
     x0, y0, x1, y1 = bounds
     width, height = image_size
-    transform = Affine.translation(x0, y0)
     parts = []
     for k in polygon_classes:
         mask = classes == k
         labels, count = ndimage.label(mask, structure=FOUR_CONNECTED)
         if not count:
             continue
-        inside = labels[mask]  # the class's pixels only: sparse classes cost little
+        flat = np.flatnonzero(mask)  # the class's pixels only: sparse classes cost little
+        rows, cols = np.divmod(flat, mask.shape[1])
+        inside = labels.ravel()[flat]
         counts = np.bincount(inside, minlength=count + 1)[1:]
         sums = (counts.astype(np.float64) if scores is None  # one-hot: probability 1 inside
-                else np.bincount(inside, weights=scores[k][mask], minlength=count + 1)[1:])
-        polygons = np.empty(count, dtype=object)
-        for geometry, label in features.shapes(labels, mask=mask, connectivity=4, transform=transform):
-            polygons[int(label) - 1] = shapely.geometry.shape(geometry)
+                else np.bincount(inside, weights=scores[k][rows, cols], minlength=count + 1)[1:])
+        polygons = region_polygons(labels, counts, rows, cols, inside, (x0, y0))
         box = shapely.bounds(polygons)
         seam = (((box[:, 0] <= x0) & (x0 > 0)) | ((box[:, 1] <= y0) & (y0 > 0))
                 | ((box[:, 2] >= x1) & (x1 < width)) | ((box[:, 3] >= y1) & (y1 < height)))
         parts.append(Regions(np.full(count, k), polygons, sums, counts, seam))
     return Regions.concat(parts)
+
+
+#: pack regions into a canvas while their boxes cover less than this share of the chunk
+PACK_BELOW = 0.5
+
+
+def region_polygons(labels: np.ndarray, counts: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                    inside: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+    """One polygon per label ``1 .. len(counts)`` of ``labels`` (4-connected regions of
+    ``counts`` pixels; ``rows``, ``cols``: the labelled pixels in row-major order, ``inside``
+    their labels), in pixels
+    from ``origin``. ``rasterio.features.shapes`` costs ~10 ns per pixel it scans, labelled or
+    not, so where the regions' boxes cover little of the chunk each region's box is copied
+    into a canvas of boxes side by side (:func:`shelf_pack`) and the canvas is traced instead:
+    a region's pixels, and so its rings, are the same in its box as in the chunk."""
+    count = len(counts)
+    order = np.argsort(inside, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    top, bottom = np.minimum.reduceat(rows[order], starts), np.maximum.reduceat(rows[order], starts) + 1
+    left, right = np.minimum.reduceat(cols[order], starts), np.maximum.reduceat(cols[order], starts) + 1
+    heights, widths = bottom - top, right - left
+    if int((heights * widths).sum()) >= PACK_BELOW * labels.size:
+        return traced(features.shapes(labels, mask=labels > 0, connectivity=4), count,
+                      np.zeros((count, 2)) - origin)
+    at_x, at_y, canvas_height = shelf_pack(widths, heights)
+    canvas = np.zeros((canvas_height, int((at_x + widths).max())), np.int32)
+    shift_x, shift_y = at_x - left, at_y - top  # chunk pixel + shift = canvas pixel, per region
+    canvas[rows + shift_y[inside - 1], cols + shift_x[inside - 1]] = inside
+    return traced(features.shapes(canvas, mask=canvas > 0, connectivity=4), count,
+                  np.column_stack([shift_x - origin[0], shift_y - origin[1]]))
+
+
+def traced(shapes: Iterable[tuple[dict[str, Any], float]], count: int, shifts: np.ndarray) -> np.ndarray:
+    """The polygons of ``rasterio.features.shapes`` (one per label ``1 .. count``), each moved
+    by minus its label's ``shifts`` row, built at once from their rings (``shapely.geometry.shape``
+    per polygon costs ~6x more)."""
+    rings: list[np.ndarray] = []
+    owners: list[int] = []
+    for geometry, label in shapes:
+        for ring in geometry["coordinates"]:
+            rings.append(np.asarray(ring, dtype=np.float64))
+            owners.append(int(label) - 1)
+    owner = np.asarray(owners, dtype=np.int64)
+    order = np.argsort(owner, kind="stable")  # by polygon, each polygon's shell first
+    sizes = np.array([len(r) for r in rings], dtype=np.int64)[order]
+    coords = np.concatenate([rings[k] for k in order.tolist()])
+    coords -= np.repeat(shifts[owner[order]], sizes, axis=0)
+    linear = shapely.linearrings(coords, indices=np.repeat(np.arange(len(order)), sizes))
+    polygons = np.empty(count, dtype=object)
+    polygons[:] = shapely.polygons(linear, indices=owner[order])
+    return polygons
+
+
+def shelf_pack(widths: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Places ``(x, y)`` for boxes side by side in shelves (tallest first) no wider than the
+    widest box or the square root of their total area, and the canvas height."""
+    shelf_width = max(int(widths.max()), int(np.sqrt(float((widths * heights).sum()))))
+    at_x, at_y = np.zeros(len(widths), np.int64), np.zeros(len(widths), np.int64)
+    x = y = shelf = 0
+    for k in np.argsort(-heights, kind="stable").tolist():
+        if x + widths[k] > shelf_width:
+            x, y, shelf = 0, y + shelf, 0
+        at_x[k], at_y[k] = x, y
+        x, shelf = x + int(widths[k]), max(shelf, int(heights[k]))
+    return at_x, at_y, y + shelf
 
 
 def dissolve(regions: Regions) -> Regions:

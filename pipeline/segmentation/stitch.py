@@ -64,12 +64,22 @@ def covering_tiles(grid: TileGrid, bounds: tuple[int, int, int, int], mode: str)
                     axis=1).astype(np.int64).reshape(-1, 4)
 
 
-def read_window(windows: np.ndarray, bounds: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """The pixels a chunk task reads: its bounds and every covering tile (the halo)."""
-    if not len(windows):
+def read_window(windows: np.ndarray, bounds: tuple[int, int, int, int],
+                per_pixel: bool = False) -> tuple[int, int, int, int]:
+    """The pixels a chunk task reads: its bounds and every covering tile (the halo); its
+    bounds alone for a per-pixel answer (:func:`answers_per_pixel`: no pixel's answer needs
+    its neighbours, so a halo would only be decoded and dropped)."""
+    if per_pixel or not len(windows):
         return bounds
     return (min(bounds[0], int(windows[:, 0].min())), min(bounds[1], int(windows[:, 1].min())),
             max(bounds[2], int(windows[:, 2].max())), max(bounds[3], int(windows[:, 3].max())))
+
+
+def answers_per_pixel(segmenter: Any, range_adjustment: str) -> bool:
+    """Whether a chunk is segmented in one call over its own pixels: a per-pixel segmenter
+    (:attr:`~pipeline.segmentation.contract.Segmenter.per_pixel`) whose tiles are not
+    range-adjusted one by one (``DRA`` per tile would make a pixel's answer depend on its tile)."""
+    return bool(segmenter.per_pixel) and range_adjustment != "DRA"
 
 
 @dataclass
@@ -109,7 +119,7 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
                  grid: TileGrid, spec: ModelSpec, mode: str = BLEND, range_adjustment: str = "NONE",
                  bits: int | None = None) -> Stitched:
     """Segment and stitch the pixels of ``bounds``; ``pixels`` (``bands × h × w`` from
-    full-image ``origin``) hold :func:`read_window` of them."""
+    full-image ``origin``) hold :func:`read_window` of them (per pixel: ``bounds`` alone will do)."""
     segmenter = load_segmenter(spec)
     names = tuple(segmenter.class_names)
     k = len(names)
@@ -117,7 +127,7 @@ def stitch_chunk(pixels: np.ndarray, origin: tuple[int, int], bounds: tuple[int,
     h, w = by1 - by0, bx1 - bx0
     windows = covering_tiles(grid, bounds, mode)
     dtype = class_dtype(k)
-    if segmenter.per_pixel and range_adjustment != "DRA" and len(windows):  # DRA: per tile
+    if answers_per_pixel(segmenter, range_adjustment) and len(windows):
         return _per_pixel(segmenter, pixels, origin, bounds, windows, range_adjustment, bits)
     classes = np.zeros((h, w), dtype)
     # CORE with class-id answers copies the ids: no scores unless a tile answers scores
