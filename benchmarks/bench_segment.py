@@ -2,8 +2,8 @@
 
 1. ``throughput``: segmentation jobs (``threshold``, a trivial per-pixel model) over a
    ``--size``² 3-band COG of real pixels against a raw windowed read+decode of the job's own
-   chunk windows (no halo: the segmenter is per-pixel, see ``stitch.read_window``) by a pool
-   of ``--workers`` threads: BLEND and CORE stitching, each
+   chunk windows (no halo, band by band: the segmenter is per-pixel, see ``stitch.read_window``)
+   by a pool of ``--workers`` threads: BLEND and CORE stitching, each
    with the class COG alone and with the polygons too (:data:`VARIANTS`); each run's ratio is
    the raw read's time over the job's in the same round; medians and ranges of ``--repeat``
    rounds, after one warm-up job.
@@ -83,7 +83,7 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
         with PeakRSS() as rss, connect("local", workers) as client:
             run_segmentation(requests[0], client)  # type: ignore[arg-type]  # warm up
             for _ in range(repeat):
-                raw.append(raw_read(path, windows, workers, plan.read_options))
+                raw.append(raw_read(path, windows, workers, plan.read_options, band_last=not per_pixel))
                 last = []
                 for times, request in zip(jobs, requests, strict=True):
                     began = time.perf_counter()

@@ -72,11 +72,12 @@ def write_cog(path: Path, size: int, block: int = 512) -> Path:
 
 
 def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int,
-             options: dict[str, str]) -> float:
+             options: dict[str, str], band_last: bool = True) -> float:
     """Seconds to read and decode ``windows`` with ``threads`` threads, one dataset each, with
     what the pipeline's chunk reads get: its GDAL options (``GDAL_NUM_THREADS`` and the rest,
     entered per read as ``RasterSource`` does), this process's block cache capped like a
-    worker's (``cap_block_cache``) and the same band-last buffer (``RasterSource.read``)."""
+    worker's (``cap_block_cache``) and the same buffer layout (``RasterSource.read``: band-last,
+    or band by band where ``band_last`` is False)."""
     import threading
 
     from pipeline.reading import cap_block_cache, rasterio_env
@@ -89,7 +90,9 @@ def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int,
             if not hasattr(local, "src"):
                 local.src = rasterio.open(path)
             x0, y0, x1, y1 = window
-            out = np.empty((y1 - y0, x1 - x0, local.src.count), dtype=local.src.dtypes[0]).transpose(2, 0, 1)
+            shape = (y1 - y0, x1 - x0, local.src.count) if band_last else (local.src.count, y1 - y0, x1 - x0)
+            out = np.empty(shape, dtype=local.src.dtypes[0])
+            out = out.transpose(2, 0, 1) if band_last else out
             local.src.read(window=Window(x0, y0, x1 - x0, y1 - y0), out=out)
 
     began = time.perf_counter()

@@ -139,7 +139,7 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
         per_pixel = answers_per_pixel(load_segmenter(job.spec), adjustment)
         window = read_window(covering_tiles(grid, bounds, mode), bounds, per_pixel)
         try:
-            pixels = job.source.read(window)
+            pixels = job.source.read(window, band_last=not per_pixel)  # per pixel: whole bands
         except rasterio.errors.RasterioIOError as exc:
             reason = f"cannot read pixels {window} of {job.source.url}: {gdal_error_line(exc)}"
             windows = covering_tiles(grid, bounds, mode)

@@ -182,8 +182,9 @@ class SyntheticSource:
     def image(self) -> SyntheticImage:
         return SyntheticImage.parse(self.url)
 
-    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
-        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)``."""
+    def read(self, window: tuple[int, int, int, int], band_last: bool = True) -> np.ndarray:
+        """Pixels ``(bands, rows, cols)`` of ``(x0, y0, x1, y1)`` (in whatever layout the
+        rendering gives: ``band_last`` is a file's choice)."""
         return self.image.render(window)
 
 

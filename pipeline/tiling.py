@@ -412,9 +412,10 @@ def to_uint8(
     if pixels.dtype == np.uint8 and range_adjustment != "DRA":
         return pixels
     if range_adjustment == "DRA":
-        bands = pixels.reshape(-1, pixels.shape[-1]).T if pixels.ndim >= 2 else pixels.reshape(1, -1)
-        low, high = stretch if stretch is not None else range_stats.dynamic_range(bands)
-        return range_stats.stretch(pixels, low, high)
+        if stretch is None:
+            bands = pixels.reshape(-1, pixels.shape[-1]).T if pixels.ndim >= 2 else pixels.reshape(1, -1)
+            stretch = range_stats.dynamic_range(bands)
+        return range_stats.stretch(pixels, *stretch)
     if range_adjustment == "MINMAX":
         return range_stats.stretch(pixels, 0.0, _top(pixels, bits))
     return range_stats.stretch(pixels, 0.0, 255.0)
