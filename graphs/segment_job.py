@@ -338,6 +338,7 @@ def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = 
     Status events go to ``bus`` (STARTED, each image's, the job's)."""
     from graphs.image_job import work_location
     from pipeline.parts import fingerprint
+    from pipeline.segmentation import raster
 
     bus = bus or ev.EventBus()
     options = request.segmentation or SegmentationOptions()
@@ -348,7 +349,8 @@ def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = 
     if (options.raster and outputs) or resume:
         where, role = work_location(request)
         location = str(where)
-        store = PartStore(where, request.job_id, fingerprint(request.to_wire(), chunk_target),
+        store = PartStore(where, request.job_id, fingerprint(request.to_wire(), chunk_target, "segmentation",
+                                                             raster.PART_FORMAT),
                           resume=resume, role=role)
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
     job = _Job(request, client, spec, options, class_names, polygon_classes, outputs, store,

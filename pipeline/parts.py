@@ -43,11 +43,12 @@ class ResumeError(RuntimeError):
     """A work directory that cannot be resumed; ``str()`` is one line."""
 
 
-def fingerprint(request_wire: dict[str, Any], chunk_target: int) -> str:
-    """What must not change between a run and its resume: everything but the outputs."""
+def fingerprint(request_wire: dict[str, Any], chunk_target: int, *formats: object) -> str:
+    """What must not change between a run and its resume: everything but the outputs, the
+    chunk layout and the versions of the part files (``formats``)."""
     kept = {k: v for k, v in request_wire.items()
             if k not in ("outputs", "outputBucket", "outputPrefix", "jobName", "jobArn")}
-    text = json.dumps([kept, chunk_target, CHUNK_LAYOUT], sort_keys=True, default=str)
+    text = json.dumps([kept, chunk_target, CHUNK_LAYOUT, *formats], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

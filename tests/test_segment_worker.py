@@ -108,8 +108,12 @@ def test_queue_worker_runs_a_segmentation_job(planted: tuple[Path, np.ndarray], 
 
 
 def test_failed_chunks_resume_from_parts_in_s3(planted: tuple[Path, np.ndarray], aws: str,
-                                               tmp_path: Path, dask_client: Any) -> None:
+                                               tmp_path: Path, dask_client: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
+
+    from pipeline.parts import ResumeError
+    from pipeline.segmentation import raster
 
     url, truth = planted
     boto3.client("s3").create_bucket(Bucket="seg-resume")
@@ -125,6 +129,9 @@ def test_failed_chunks_resume_from_parts_in_s3(planted: tuple[Path, np.ndarray],
     finished = [k for k in parts if k.startswith("seg/resumed.parts/manifest/")]  # chunk records
     assert "seg/resumed.parts/manifest.json" in parts and 0 < len(finished) < computed
     flag.unlink()
+    with monkeypatch.context() as patched, pytest.raises(ResumeError, match="cannot resume"):
+        patched.setattr(raster, "PART_FORMAT", raster.PART_FORMAT + 1)  # parts of another format
+        run_segmentation(request, dask_client, chunk_target=448, resume=True)
     second = run_segmentation(request, dask_client, chunk_target=448, resume=True)
     assert second.status == "SUCCESS", second.summary
     image = second.images[0]
