@@ -291,17 +291,22 @@ def check_request(request: ImageRequest) -> tuple[ModelSpec, tuple[str, ...], tu
 
 
 def save_regions(regions: Regions, path: Path) -> None:
-    """A chunk's regions as an ``.npz`` (polygons as hex WKB: no pickles)."""
+    """A chunk's regions as an ``.npz``, the polygons as their WKB bytes end to end and each
+    one's length (no pickles; hex WKB in a unicode array was 8x the bytes and half the
+    chunk's polygon time)."""
+    wkb = shapely.to_wkb(regions.polygons)
     with open(path, "wb") as out:
-        wkb = np.asarray(shapely.to_wkb(regions.polygons, hex=True), dtype=str)
         np.savez(out, class_index=regions.class_index, sums=regions.sums, counts=regions.counts,
-                 seam=regions.seam, polygons=wkb)
+                 seam=regions.seam, wkb=np.frombuffer(b"".join(wkb), np.uint8),
+                 wkb_sizes=np.fromiter(map(len, wkb), np.int64, len(wkb)))
 
 
 def load_regions(path: Path) -> Regions:
     """What :func:`save_regions` wrote."""
     with np.load(path, allow_pickle=False) as data:
-        polygons = np.asarray(shapely.from_wkb(data["polygons"]), dtype=object)
+        blob, ends = data["wkb"].tobytes(), np.cumsum(data["wkb_sizes"]).tolist()
+        polygons = np.empty(len(ends), dtype=object)
+        polygons[:] = shapely.from_wkb([blob[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)])
         return Regions(data["class_index"], polygons, data["sums"], data["counts"], data["seam"])
 
 

@@ -36,9 +36,10 @@ from rasterio.rpc import RPC
 from pipeline.reading import ImageInfo
 
 BLOCK = 512
-#: version of the parts (:func:`part_pieces`, :func:`write_tiff`) and of the chunks they cover
-#: (:func:`snap_bounds`): a resume keeps no part written in another format
-PART_FORMAT = 2
+#: version of the parts (:func:`part_pieces`, :func:`write_tiff`; the regions' ``.npz``,
+#: ``graphs.segment_job.save_regions``) and of the chunks they cover (:func:`snap_bounds`):
+#: a resume keeps no part written in another format
+PART_FORMAT = 3
 #: a distinct colour per class (class 0, the background, is transparent black)
 PALETTE = [(0, 0, 0, 0), (31, 119, 180, 255), (255, 127, 14, 255), (44, 160, 44, 255),
            (214, 39, 40, 255), (148, 103, 189, 255), (140, 86, 75, 255), (227, 119, 194, 255),
