@@ -34,7 +34,7 @@ from pipeline.bulk import no_cyclic_gc
 from pipeline.detections import Detections
 from pipeline.redact import public_url
 from pipeline.sensor_models import WGS84, SensorModel
-from pipeline.sinks import _json_default
+from pipeline.sinks import _json_default, geojson_dicts
 
 # Box corners in the order NW, NE, SE, SW (pixel frame), closed.
 _CORNERS = np.array([[0, 1], [2, 1], [2, 3], [0, 3], [0, 1]])
@@ -204,10 +204,9 @@ def _columns(detections: Detections, rings: np.ndarray, shapes: np.ndarray, imag
     ]
     properties: list[str | None] = [None] * n
     if len(shapes):
-        texts = iter(shapely.to_geojson(shapes).tolist())
-        for k, shape in enumerate(detections.shapes):
-            if shape is not None:
-                geometries[k] = json.loads(next(texts))
+        rows = np.flatnonzero(detections.shaped).tolist()
+        for k, geometry in zip(rows, geojson_dicts(shapes), strict=True):
+            geometries[k] = geometry
     taken = taken | set(FEATURE_COLUMNS)  # the model's properties never shadow ours
     for k, extra in enumerate(detections.extras):
         if extra is None:
