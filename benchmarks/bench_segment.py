@@ -5,7 +5,7 @@
    chunk windows (no halo, band by band: the segmenter is per-pixel, see ``stitch.read_window``)
    by a pool of ``--workers`` threads: BLEND and CORE stitching, each
    with the class COG alone and with the polygons too (:data:`VARIANTS`); each run's ratio is
-   the raw read's time over the job's in the same round, each read cold (:func:`cold`);
+   the raw read's time over the job's in the same round, each read cold (``bench_throughput.cold``);
    medians and ranges of ``--repeat`` rounds, after one warm-up job.
 2. ``memory``: peak RSS of the client plus every cluster process for segmentation jobs over
    ``synthetic://`` images of ``--sizes`` (default 10k² and 40k²; one bright square per 256 px
@@ -51,18 +51,9 @@ def segmentation_request(url: str, out: Path, job_id: str, tile: int, overlap: i
     })
 
 
-def cold(path: Path) -> None:
-    """A new modification time for ``path``: workers keep their datasets open between jobs
-    (``pipeline.reading``), and GDAL's block cache would serve a job the blocks its worker
-    decoded in the previous round (a 4096² chunk re-read in 0.012 instead of 0.10 CPU s); with
-    another mtime every read opens the file anew, cold, as a job over a new image does."""
-    stamp = time.time_ns()
-    os.utime(path, ns=(stamp, stamp))
-
-
 def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: int) -> None:
     from benchmarks.bench_scale import PeakRSS
-    from benchmarks.bench_throughput import raw_read, write_cog
+    from benchmarks.bench_throughput import cold, raw_read, write_cog
     from graphs.cluster import connect
     from graphs.image_job import model_spec, plan_image
     from graphs.segment_job import chunk_bounds, run_segmentation
