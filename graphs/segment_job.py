@@ -468,7 +468,7 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
     outcome.polygons = len(detections)
     return to_features(detections, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
                        feature_properties=request.merged_feature_properties,
-                       extra_columns=plan.feature_columns)
+                       extra_columns=plan.feature_columns, shape_geometries=True)
 
 
 def assemble_cog(location: str, role: str | None, endpoint: str | None,

@@ -371,11 +371,15 @@ def _part_batches(path: str | Path,
 
 
 def _columns_of(parts: Iterable[gpd.GeoDataFrame | str | Path],
-                rows: int = PART_BATCH_ROWS) -> Iterator[tuple[np.ndarray, dict[str, list[Any]]]]:
-    """Geometries and columns of frames (whole) and of GeoParquet part files (batch by batch)."""
+                rows: int | None = None) -> Iterator[tuple[np.ndarray, dict[str, list[Any]]]]:
+    """Geometries and columns of frames and of GeoParquet part files, ``rows`` (default
+    :data:`PART_BATCH_ROWS`) at a time (the Python values of a whole frame's nested columns
+    took several times its own memory)."""
+    rows = rows or PART_BATCH_ROWS
     for part in parts:
         if isinstance(part, gpd.GeoDataFrame):
-            yield _frame_columns(part)
+            for start in range(0, max(len(part), 1), rows):
+                yield _frame_columns(part.iloc[start:start + rows])
         else:
             yield from _part_batches(part, rows)
 

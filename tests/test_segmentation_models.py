@@ -249,7 +249,7 @@ def test_spacenet_polygons_geolocated_through_the_affine(tmp_path: Path, dask_cl
     to_lonlat = Transformer.from_crs(32616, 4326, always_xy=True)
     for geometry, pixels, props in zip(features.geometry, features["imageGeometry"],
                                        features["modelProperties"], strict=True):
-        ring = np.asarray(pixels["coordinates"][0], dtype=float)
+        ring = shapely.get_coordinates(shapely.get_exterior_ring(pixels))  # a segment's: shapely
         lon, lat = to_lonlat.transform(733601.0 + 0.5 * ring[:, 0], 3725139.0 - 0.5 * ring[:, 1])
         ground = np.asarray(shapely.get_coordinates(shapely.get_exterior_ring(geometry)))
         assert np.abs(np.sort(ground[:, 0]) - np.sort(lon)).max() < 1e-9
@@ -280,7 +280,7 @@ def test_rpc_nitf_raster_carries_rpcs_and_polygons_follow_the_rpc(tmp_path: Path
     assert len(features)
     with RPCTransformer(rpcs, RPC_HEIGHT=rpcs.height_off) as rpc:  # independently: GDAL's RPC
         for geometry, pixels in zip(features.geometry[:20], features["imageGeometry"][:20], strict=True):
-            ring = np.asarray(pixels["coordinates"][0], dtype=float)
+            ring = shapely.get_coordinates(shapely.get_exterior_ring(pixels))
             lon, lat = rpc.xy(ring[:, 1], ring[:, 0], offset="ul")
             ground = np.asarray(shapely.get_coordinates(shapely.get_exterior_ring(geometry)))
             assert np.abs(np.sort(ground[:, 0]) - np.sort(lon)).max() < 1e-7

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pytest
 import shapely
 from pyproj import CRS
 
@@ -84,6 +86,38 @@ def _ccw(ring: np.ndarray) -> bool:
 def _oriented(ring: np.ndarray, ccw: bool) -> np.ndarray:
     """RFC 7946's winding: the ring reversed (same first vertex) where it winds the other way."""
     return ring if _ccw(ring) == ccw else ring[::-1]
+
+
+def test_shape_geometries_and_batches_write_the_same_files(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame whose shaped rows hold shapely geometries (``shape_geometries``, a segmentation
+    job's) writes the bytes of the frame holding GeoJSON dicts, in every form, also one row per
+    batch; its GeoParquet holds the same table."""
+    from pipeline import sinks
+
+    shapes = [shapely.Polygon(SHELL, [HOLE]), shapely.Polygon(PLAIN), None]
+    boxes = [shapely.bounds(s).tolist() if s is not None else [200.0, 200.0, 210.0, 220.0] for s in shapes]
+    detections = Detections(boxes, [0.9, 0.8, 0.7], ["field", "roof", "car"], shapes)
+    model = AffineSensorModel(AFFINE, CRS.from_epsg(4326).to_wkt())
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    dicts = to_features(detections, model, image_url="s3://b/i.tif", job_id="j", inference_time=when)
+    geometries = to_features(detections, model, image_url="s3://b/i.tif", job_id="j", inference_time=when,
+                             shape_geometries=True)
+    assert geometries["imageGeometry"][0].equals(shapely.Polygon(SHELL, [HOLE]))
+    for form in ("RFC7946", "OSML"):
+        write_geojson(dicts, tmp_path / f"dicts.{form}.geojson", form=form)
+        write_geojson(geometries, tmp_path / f"geometries.{form}.geojson", form=form)
+        with monkeypatch.context() as patched:
+            patched.setattr(sinks, "PART_BATCH_ROWS", 1)
+            write_geojson(geometries, tmp_path / f"batched.{form}.geojson", form=form)
+        expected = (tmp_path / f"dicts.{form}.geojson").read_bytes()
+        assert (tmp_path / f"geometries.{form}.geojson").read_bytes() == expected
+        assert (tmp_path / f"batched.{form}.geojson").read_bytes() == expected
+    write_parquet(dicts, tmp_path / "dicts.parquet")
+    write_parquet(geometries, tmp_path / "geometries.parquet")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "geometries.parquet").equals(pq.read_table(tmp_path / "dicts.parquet"))
 
 
 def test_shaped_features_keep_their_polygons_through_every_output(tmp_path: Path) -> None:
