@@ -9,7 +9,8 @@
    medians and ranges of ``--repeat`` rounds, after one warm-up job.
 2. ``memory``: peak RSS of the client plus every cluster process for segmentation jobs over
    ``synthetic://`` images of ``--sizes`` (default 10k² and 40k²; one bright square per 256 px
-   cell, so tens of thousands of polygons at 40k²).
+   cell, so tens of thousands of polygons at 40k²), or with ``--real`` over COGs of real pixels
+   (``bench_throughput.write_cog``; 70,400 polygons of ~80 vertices at 40k²).
 
 Run: ``.venv/bin/python benchmarks/bench_segment.py [--size 8192] [--sizes 10240,40960]``
 """
@@ -109,16 +110,17 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
                   flush=True)
 
 
-def bench_memory(sizes: list[int], workers: int) -> None:
+def bench_memory(sizes: list[int], workers: int, real: bool = False) -> None:
     from benchmarks.bench_scale import PeakRSS
+    from benchmarks.bench_throughput import write_cog
     from graphs.cluster import connect
     from graphs.segment_job import run_segmentation
 
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in sizes:
-            request = segmentation_request(f"synthetic://{side}x{side}", Path(tmp) / "out",
-                                           f"mem-{side}", 1024, 50)
+            url = str(write_cog(Path(tmp) / f"real-{side}.tif", side)) if real else f"synthetic://{side}x{side}"
+            request = segmentation_request(url, Path(tmp) / "out", f"mem-{side}", 1024, 50)
             with PeakRSS() as rss, connect("local", workers) as client:
                 began = time.perf_counter()
                 result = run_segmentation(request, client)  # type: ignore[arg-type]
@@ -140,12 +142,15 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--overlap", type=int, default=50)
     parser.add_argument("--only", choices=["throughput", "memory"], default=None)
+    parser.add_argument("--real", action="store_true",
+                        help="memory over COGs of real pixels (polygons of ~80 vertices, written first: "
+                             "minutes at 40k²) instead of synthetic squares")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}")
     if args.only in (None, "throughput"):
         bench_throughput(args.size, args.workers, args.repeat, args.tile, args.overlap)
     if args.only in (None, "memory"):
-        bench_memory([int(s) for s in args.sizes.split(",")], args.workers)
+        bench_memory([int(s) for s in args.sizes.split(",")], args.workers, args.real)
 
 
 if __name__ == "__main__":
