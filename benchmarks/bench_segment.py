@@ -105,7 +105,7 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
             print(f"  {label}: ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}; "
                   f"goal >= 0.7), job {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f}); "
                   f"last run: chunks {seconds['chunks']:.2f} s, COG {seconds['raster']:.2f} s, "
-                  f"{len(result.features)} polygons; worker seconds "
+                  f"{result.feature_count} polygons; worker seconds "
                   + ", ".join(f"{k[7:]} {v:.2f}" for k, v in seconds.items() if k.startswith("worker_")),
                   flush=True)
 
@@ -123,11 +123,12 @@ def bench_memory(sizes: list[int], workers: int, real: bool = False) -> None:
             request = segmentation_request(url, Path(tmp) / "out", f"mem-{side}", 1024, 50)
             with PeakRSS() as rss, connect("local", workers) as client:
                 began = time.perf_counter()
-                result = run_segmentation(request, client)  # type: ignore[arg-type]
+                # as the CLI and the queue worker run it: the features go to the files only
+                result = run_segmentation(request, client, collect_features=False)  # type: ignore[arg-type]
                 seconds = time.perf_counter() - began
             assert result.status == "SUCCESS", result.summary
             peaks.append(rss.peak / 2**30)
-            print(f"memory {side}x{side}: {seconds:.1f} s, {len(result.features)} polygons, peak RSS of "
+            print(f"memory {side}x{side}: {seconds:.1f} s, {result.feature_count} polygons, peak RSS of "
                   f"client + cluster processes {peaks[-1]:.2f} GiB", flush=True)
     print(f"peak RSS {' / '.join(f'{p:.2f}' for p in peaks)} GiB; largest/smallest "
           f"{max(peaks) / min(peaks):.2f} (goal: < 2 GB at 40k², ratio < 1.3)")

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from pipeline.segmentation.stitch import (
     read_window,
     stitch_chunk,
 )
-from pipeline.sinks import make_sink, upload
+from pipeline.sinks import make_sink, upload, write_parquet
 from pipeline.tiling import DEFAULT_CHUNK_TARGET, TileGrid, to_uint8
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ class SegmentationResult:
     features: gpd.GeoDataFrame
     images: list[ImageSegmentation]
     outputs: list[str] = field(default_factory=list)
+    #: features written (``features`` holds them only where the job collected them)
+    feature_count: int = 0
 
     @property
     def status(self) -> str:
@@ -229,7 +232,7 @@ class SegmentationResult:
     @property
     def summary(self) -> dict[str, Any]:
         return {"jobId": self.job_id, "status": self.status, "reason": self.reason,
-                "classNames": list(self.class_names), "features": len(self.features), "outputs": self.outputs,
+                "classNames": list(self.class_names), "features": self.feature_count, "outputs": self.outputs,
                 "images": [{"url": i.url, "status": i.status, "reason": i.reason, "tiles": i.tiles,
                             "failedTiles": len(i.failed_tiles), "rasters": i.rasters,
                             "polygons": i.polygons, "chunksRead": i.chunks_read,
@@ -310,6 +313,53 @@ def load_regions(path: Path) -> Regions:
         return Regions(data["class_index"], polygons, data["sums"], data["counts"], data["seam"])
 
 
+class FeatureParts:
+    """An image's polygon features, written chunk by chunk as GeoParquet parts in ``directory``
+    as each chunk's regions arrive: a chunk's interior regions are whole, so they become
+    features at once; its seam regions wait for :meth:`finish`, which dissolves them. The
+    client holds one chunk's features and the seam regions, not the image's polygons (those are
+    kept too where ``keep``: a job that returns its features)."""
+
+    def __init__(self, directory: Path, job: _Job, plan: ImagePlan, index: int, when: datetime,
+                 keep: bool):
+        self.directory, self.job, self.plan, self.index, self.when = directory, job, plan, index, when
+        self.paths: list[Path] = []
+        self.frames: list[gpd.GeoDataFrame] = []
+        self.seams: list[Regions] = []
+        self.count = 0
+        self.keep = keep
+
+    def add(self, regions: Regions, chunk: tuple[int, int]) -> None:
+        """One chunk's regions (a resumed chunk's too)."""
+        self.seams.append(regions.select(regions.seam))
+        self._write(regions.select(~regions.seam), f"r{chunk[0]:05d}-c{chunk[1]:05d}")
+
+    def finish(self) -> list[Path]:
+        """The seam regions dissolved into whole ones and written; the parts in chunk order."""
+        self._write(dissolve(Regions.concat(self.seams)), "seams")
+        self.seams = []
+        return sorted(self.paths)
+
+    def _write(self, regions: Regions, key: str) -> None:
+        if not len(regions):
+            return
+        job, plan = self.job, self.plan
+        detections = to_detections(regions, job.class_names, plan.sensor_model, job.options.simplify,
+                                   job.options.min_area)
+        if not len(detections):
+            return
+        frame = to_features(detections, plan.sensor_model, image_url=plan.url, job_id=job.request.job_id,
+                            feature_properties=job.request.merged_feature_properties,
+                            extra_columns=plan.feature_columns, inference_time=self.when,
+                            shape_geometries=True)
+        path = self.directory / f"i{self.index:04d}-{key}.parquet"
+        write_parquet(frame, path)
+        self.paths.append(path)
+        self.count += len(frame)
+        if self.keep:
+            self.frames.append(frame)
+
+
 @dataclass
 class _Job:
     """One run's settings, shared by its images."""
@@ -325,6 +375,10 @@ class _Job:
     location: str | None
     role: str | None
     progress: Callable[[int], Any] | None
+    #: where the images' feature parts go (this process's disk) and whether the result keeps them
+    features_directory: Path | None = None
+    collect_features: bool = True
+    when: datetime | None = None
 
 
 def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = DEFAULT_CHUNK_TARGET,
@@ -358,27 +412,38 @@ def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = 
                                                              raster.PART_FORMAT),
                           resume=resume, role=role)
     bus.emit(ev.STARTED, request.job_id, message=f"{len(request.image_urls)} image(s)")
-    job = _Job(request, client, spec, options, class_names, polygon_classes, outputs, store,
-               location, role, progress)
-    frames: list[gpd.GeoDataFrame] = []
-    images: list[ImageSegmentation] = []
-    for index, url in enumerate(image_urls(request)):
-        outcome = ImageSegmentation(url)
-        images.append(outcome)
-        try:
-            plan = plan_where_readable(client, request, url, chunk_target)
-            frames.append(_segment_image(job, plan, index, outcome))
-        except (ImageError, ModelError, OSError) as exc:
-            outcome.status, outcome.reason = "FAILED", str(exc).strip().splitlines()[0]
-            outcome.permanent = is_permanent(exc)
-        bus.emit(outcome.status, request.job_id, url, outcome.reason or "",
-                 failedTiles=len(outcome.failed_tiles))
-    features = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
-                if frames else empty_features())
-    result = SegmentationResult(request.job_id, class_names, features, images)
-    if options.polygons and result.status != "FAILED":
-        for sink in sinks:
-            result.outputs += sink.write_features(request.job_id, features)
+    with tempfile.TemporaryDirectory(prefix="segment-features-") as features_directory:
+        job = _Job(request, client, spec, options, class_names, polygon_classes, outputs, store,
+                   location, role, progress, Path(features_directory), collect_features, datetime.now(UTC))
+        frames: list[gpd.GeoDataFrame] = []
+        parts: list[Path] = []
+        images: list[ImageSegmentation] = []
+        georeferenced = True
+        for index, url in enumerate(image_urls(request)):
+            outcome = ImageSegmentation(url)
+            images.append(outcome)
+            try:
+                plan = plan_where_readable(client, request, url, chunk_target)
+                georeferenced = georeferenced and plan.sensor_model.georeferenced
+                written = _segment_image(job, plan, index, outcome)
+                if written is not None:
+                    parts += written.finish()
+                    frames += written.frames
+                    outcome.polygons = written.count
+            except (ImageError, ModelError, OSError) as exc:
+                outcome.status, outcome.reason = "FAILED", str(exc).strip().splitlines()[0]
+                outcome.permanent = is_permanent(exc)
+            bus.emit(outcome.status, request.job_id, url, outcome.reason or "",
+                     failedTiles=len(outcome.failed_tiles))
+        empty = empty_features(georeferenced)
+        features = (gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+                    if frames else empty)
+        result = SegmentationResult(request.job_id, class_names, features, images,
+                                    feature_count=sum(i.polygons for i in images))
+        if options.polygons and result.status != "FAILED":
+            for sink in sinks:  # streamed from the parts: one part in memory at a time
+                result.outputs += (sink.write_feature_parts(request.job_id, parts) if parts
+                                   else sink.write_features(request.job_id, empty))
     for image in images:
         result.outputs += image.rasters
     summary = result.summary
@@ -386,16 +451,15 @@ def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = 
         result.outputs.append(sink.write_summary(request.job_id, summary))
     if store is not None and (result.status == "SUCCESS" or not store.records):
         store.remove()  # kept otherwise, for a resume
-    if not collect_features:
-        result.features = features.iloc[:0]
     why = result.reason
-    counted = f"{len(features)} polygons"
+    counted = f"{result.feature_count} polygons"
     bus.emit(result.status, request.job_id, message=why if result.status == "FAILED" and why else
              f"{counted}; {why}" if why else counted)
     return result
 
 
-def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegmentation) -> gpd.GeoDataFrame:
+def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegmentation) -> FeatureParts | None:
+    """One image's chunks and COG; its polygon features as they are written (None: no polygons)."""
     from distributed import as_completed
 
     began = time.perf_counter()
@@ -418,14 +482,16 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         bar = job.progress(sum(len(covering_tiles(grid, chunk_bounds(grid, r, c), options.stitch))
                                for r, c in counted))
     parts: list[tuple[tuple[int, int, int, int], str]] = []
-    regions: list[Regions] = []
+    assert job.features_directory is not None and job.when is not None
+    polygons = (FeatureParts(job.features_directory, job, plan, index, job.when, job.collect_features)
+                if options.polygons else None)
     for (row, col), record in finished.items():  # resumed: their parts and regions as they were
         outcome.chunks_resumed += 1
         outcome.tiles += record["tiles"]
         if record.get("part"):
             parts.append((chunk_bounds(grid, row, col), record["part"]))
-        if record.get("border") and options.polygons and store is not None:
-            regions.append(load_regions(store.storage.local(record["border"])))
+        if record.get("border") and polygons is not None and store is not None:
+            polygons.add(load_regions(store.storage.local(record["border"])), (row, col))
         if bar is not None:
             bar.update(record["tiles"])
     for future in as_completed(futures):
@@ -436,7 +502,8 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         outcome.chunks_read += chunk.read
         if chunk.part is not None:
             parts.append((chunk.bounds, chunk.part))
-        regions.append(chunk.regions)
+        if polygons is not None:
+            polygons.add(chunk.regions, chunk.chunk)  # while the other chunks are computed
         if store is not None and not chunk.failed_tiles:  # a chunk with failed tiles is redone
             record = {"image": index, "chunk": list(chunk.chunk), "part": chunk.part,
                       "border": chunk.regions_file, "tiles": chunk.tiles}
@@ -461,14 +528,7 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
             assemble_cog, job.location, job.role, aws.endpoint_url("s3"), sorted(parts), plan.info,
             count, dtype, job.class_names, name, job.outputs, pure=False).result()
     outcome.seconds["raster"] = time.perf_counter() - began - outcome.seconds["chunks"]
-    if not options.polygons or outcome.status == "FAILED":
-        return empty_features(plan.sensor_model.georeferenced)
-    detections = to_detections(dissolve(Regions.concat(regions)), job.class_names, plan.sensor_model,
-                               options.simplify, options.min_area)
-    outcome.polygons = len(detections)
-    return to_features(detections, plan.sensor_model, image_url=plan.url, job_id=request.job_id,
-                       feature_properties=request.merged_feature_properties,
-                       extra_columns=plan.feature_columns, shape_geometries=True)
+    return None if outcome.status == "FAILED" else polygons
 
 
 def assemble_cog(location: str, role: str | None, endpoint: str | None,
@@ -518,7 +578,8 @@ def cli_run(request: ImageRequest, cluster: str, workers: int | None, chunk_targ
         pixels = job_pixels(request) if cluster == "local" and workers is None else None
         with connect(cluster, workers, job_pixels=pixels) as client:
             result = run_segmentation(request, client, progress=_progress(progress),
-                                      chunk_target=chunk_target or DEFAULT_CHUNK_TARGET)
+                                      chunk_target=chunk_target or DEFAULT_CHUNK_TARGET,
+                                      collect_features=False)  # the features go to the files only
     except (ClusterError, ModelError) as exc:
         raise UsageError(str(exc)) from None
     for image in result.images:
