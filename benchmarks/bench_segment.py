@@ -110,16 +110,26 @@ def bench_throughput(size: int, workers: int, repeat: int, tile: int, overlap: i
                   flush=True)
 
 
+def written_apart(path: Path, size: int) -> str:
+    """``bench_throughput.write_cog`` in a process of its own: writing a 40k² COG left ~1 GiB
+    (GDAL's cache, freed pages not returned) in the process that measures."""
+    import subprocess
+
+    code = ("from pathlib import Path; from benchmarks.bench_throughput import write_cog; "
+            f"write_cog(Path({str(path)!r}), {size})")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    return str(path)
+
+
 def bench_memory(sizes: list[int], workers: int, real: bool = False) -> None:
     from benchmarks.bench_scale import PeakRSS
-    from benchmarks.bench_throughput import write_cog
     from graphs.cluster import connect
     from graphs.segment_job import run_segmentation
 
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in sizes:
-            url = str(write_cog(Path(tmp) / f"real-{side}.tif", side)) if real else f"synthetic://{side}x{side}"
+            url = written_apart(Path(tmp) / f"real-{side}.tif", side) if real else f"synthetic://{side}x{side}"
             request = segmentation_request(url, Path(tmp) / "out", f"mem-{side}", 1024, 50)
             with PeakRSS() as rss, connect("local", workers) as client:
                 began = time.perf_counter()
