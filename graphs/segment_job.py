@@ -375,10 +375,11 @@ class _Job:
     location: str | None
     role: str | None
     progress: Callable[[int], Any] | None
-    #: where the images' feature parts go (this process's disk) and whether the result keeps them
-    features_directory: Path | None = None
-    collect_features: bool = True
-    when: datetime | None = None
+    #: where the images' feature parts go (this process's disk), whether the result keeps the
+    #: features, and the job's inference time
+    features_directory: Path
+    collect_features: bool
+    when: datetime
 
 
 def run_segmentation(request: ImageRequest, client: Any, *, chunk_target: int = DEFAULT_CHUNK_TARGET,
@@ -482,7 +483,6 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         bar = job.progress(sum(len(covering_tiles(grid, chunk_bounds(grid, r, c), options.stitch))
                                for r, c in counted))
     parts: list[tuple[tuple[int, int, int, int], str]] = []
-    assert job.features_directory is not None and job.when is not None
     polygons = (FeatureParts(job.features_directory, job, plan, index, job.when, job.collect_features)
                 if options.polygons else None)
     for (row, col), record in finished.items():  # resumed: their parts and regions as they were
