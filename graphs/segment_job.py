@@ -482,14 +482,14 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
     if job.progress:
         bar = job.progress(sum(len(covering_tiles(grid, chunk_bounds(grid, r, c), options.stitch))
                                for r, c in counted))
-    parts: list[tuple[tuple[int, int, int, int], str]] = []
+    parts: list[tuple[tuple[int, int, int, int], Path]] = []  # each fetched as its chunk finishes
     polygons = (FeatureParts(job.features_directory, job, plan, index, job.when, job.collect_features)
                 if options.polygons else None)
     for (row, col), record in finished.items():  # resumed: their parts and regions as they were
         outcome.chunks_resumed += 1
         outcome.tiles += record["tiles"]
-        if record.get("part"):
-            parts.append((chunk_bounds(grid, row, col), record["part"]))
+        if record.get("part") and store is not None:
+            parts.append((chunk_bounds(grid, row, col), store.storage.local(record["part"])))
         if record.get("border") and polygons is not None and store is not None:
             polygons.add(load_regions(store.storage.local(record["border"])), (row, col))
         if bar is not None:
@@ -500,8 +500,8 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         outcome.tiles += chunk.tiles
         outcome.failed_tiles += chunk.failed_tiles
         outcome.chunks_read += chunk.read
-        if chunk.part is not None:
-            parts.append((chunk.bounds, chunk.part))
+        if chunk.part is not None and store is not None:  # fetched while the other chunks compute
+            parts.append((chunk.bounds, store.storage.local(chunk.part)))
         if polygons is not None:
             polygons.add(chunk.regions, chunk.chunk)  # while the other chunks are computed
         if store is not None and not chunk.failed_tiles:  # a chunk with failed tiles is redone
@@ -524,26 +524,26 @@ def _segment_image(job: _Job, plan: ImagePlan, index: int, outcome: ImageSegment
         name = raster_name(request.job_id, plan.url, index)
         count = 1 + (len(job.class_names) if options.score_bands else 0)
         dtype = np.dtype(class_dtype(len(job.class_names))).name
-        outcome.rasters = job.client.submit(
-            assemble_cog, job.location, job.role, aws.endpoint_url("s3"), sorted(parts), plan.info,
-            count, dtype, job.class_names, name, job.outputs, pure=False).result()
+        outcome.rasters = assemble_cog(sorted(parts), plan.info, count, dtype, job.class_names, name,
+                                       job.outputs)
     outcome.seconds["raster"] = time.perf_counter() - began - outcome.seconds["chunks"]
     return None if outcome.status == "FAILED" else polygons
 
 
-def assemble_cog(location: str, role: str | None, endpoint: str | None,
-                 parts: list[tuple[tuple[int, int, int, int], str]], info: Any, count: int, dtype: str,
+def assemble_cog(parts: list[tuple[tuple[int, int, int, int], Path]], info: Any, count: int, dtype: str,
                  class_names: tuple[str, ...], name: str, outputs: list[Any]) -> list[str]:
-    """On a worker: the parts (fetched from the work location) into one COG, copied to each
-    output; returns where it went."""
-    storage = work_storage(location, role, endpoint)
-    local = [(bounds, str(storage.local(part))) for bounds, part in parts]
+    """In the client, as it writes the features: the parts (this process's copies, fetched
+    from the work location as their chunks finished) laid out as one COG, copied to each
+    output; returns where it went. Laying out copies the tiles that the chunk tasks encoded
+    (a few ms at 8192²): on a worker it waited a round trip to the scheduler behind the last
+    chunk."""
     with tempfile.TemporaryDirectory(prefix="segment-cog-") as work:
-        cog = write_cog(local, info, count, dtype, class_names, Path(work) / name)
-        return _publish(Path(cog), name, outputs, endpoint)
+        cog = write_cog([(bounds, str(path)) for bounds, path in parts], info, count, dtype, class_names,
+                        Path(work) / name)
+        return _publish(Path(cog), name, outputs)
 
 
-def _publish(cog: Path, name: str, outputs: list[Any], endpoint: str | None) -> list[str]:
+def _publish(cog: Path, name: str, outputs: list[Any]) -> list[str]:
     """Copy the COG to each output: LOCAL by a temporary name and a rename, S3 by an upload
     that S3 shows only once it completes."""
     from pipeline.sinks import staged_file
@@ -558,7 +558,7 @@ def _publish(cog: Path, name: str, outputs: list[Any], endpoint: str | None) -> 
             written.append(str(final))
         else:
             key = f"{output.prefix.strip('/')}/{name}" if output.prefix.strip("/") else name
-            upload(s3_client(output.role, endpoint), cog, output.bucket, key)
+            upload(s3_client(output.role, None), cog, output.bucket, key)
             written.append(f"s3://{output.bucket}/{key}")
     return written
 

@@ -24,12 +24,17 @@ import numpy as np
 from pipeline.models.base import ModelError, ModelSpec
 from pipeline.segmentation.contract import NPY_TYPE, Segmenter, decode_array
 
+#: pixels of the slab that :func:`threshold_answer` sums at a time
+SLAB_PIXELS = 2**20
+
 
 def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = False) -> np.ndarray:
     """Class ids (``H × W`` uint8, 1 = bright) or uint8 scores (``2 × H × W``)."""
     bright = np.empty(tile.shape[:2], np.bool_)
     height, width, count = tile.shape
-    rows = 16  # a slab of rows at a time: its uint16 sums stay in the CPU's cache (2x faster)
+    # a slab of rows at a time, its uint16 sums in a buffer reused; with ~2**20 pixels a slab
+    # (256 rows of 4096) a 4096² chunk took 30% less time than with 16 rows (fewer numpy calls)
+    rows = max(1, SLAB_PIXELS // max(1, width))
     if count < 3:
         for y in range(0, height, rows):
             np.greater_equal(tile[y:y + rows, :, 0], threshold, out=bright[y:y + rows])
@@ -37,6 +42,7 @@ def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = Fa
         # band-last rows (as read): the sum of each run of 3 bytes over a row's bytes, taken at
         # every pixel's first band; contiguous adds, 1.4x faster than adding strided bands
         flat = np.lib.stride_tricks.as_strided(tile, (height, width * count), (tile.strides[0], 1))
+        rows = max(1, rows // count)
         wide = np.empty((rows, width * count), np.uint16)
         total = np.empty((rows, width * count - 2), np.uint16)
         for y in range(0, height, rows):
@@ -50,7 +56,8 @@ def threshold_answer(tile: np.ndarray, threshold: float = 128, scores: bool = Fa
         for y in range(0, height, rows):
             slab = tile[y:y + rows]
             part = total[:len(slab)]  # the mean of bands 1-3 >= threshold, as an exact integer sum
-            np.add(slab[..., 0], slab[..., 1], out=part, dtype=np.uint16)
+            np.copyto(part, slab[..., 0])  # then adds in place: faster than a casting np.add
+            part += slab[..., 1]
             part += slab[..., 2]
             np.greater_equal(part, 3 * threshold, out=bright[y:y + rows])
     if not scores:
