@@ -51,10 +51,12 @@ from pipeline.segmentation.models import check_segmenter, load_segmenter, resolv
 from pipeline.segmentation.polygons import Regions, chunk_regions, dissolve, to_detections
 from pipeline.segmentation.raster import alignment, band_data, part_pieces, snap_bounds, write_cog, write_tiff
 from pipeline.segmentation.stitch import (
+    Stitched,
     answers_per_pixel,
     class_dtype,
     covering_tiles,
     read_window,
+    segment_per_pixel,
     stitch_chunk,
 )
 from pipeline.sinks import make_sink, upload, write_parquet
@@ -117,6 +119,34 @@ def chunk_bounds(grid: TileGrid, row: int, col: int) -> tuple[int, int, int, int
     return snap_bounds(grid.chunk_bounds(row, col), (grid.width, grid.height), alignment(grid.chunk))
 
 
+def stitch_pixels(job: ChunkJob, bounds: tuple[int, int, int, int]) -> tuple[Stitched, float]:
+    """The chunk's stitched answer and the seconds it took to read its pixels (a read's
+    :class:`rasterio.errors.RasterioIOError` propagates). A per-pixel segmenter's chunk is read
+    and segmented slab by slab (:func:`~pipeline.segmentation.stitch.segment_per_pixel`), any
+    other's read with its halo, then its tiles stitched."""
+    grid, mode = job.grid, job.options.stitch
+    adjustment = "NONE" if job.stretch is not None else job.range_adjustment  # the image's DRA: once
+    per_pixel = answers_per_pixel(load_segmenter(job.spec), adjustment)
+
+    def pixels_of(area: tuple[int, int, int, int]) -> np.ndarray:
+        """``bands × rows × columns`` of ``area`` (per pixel: stored band by band), stretched
+        where the image's DRA is known."""
+        pixels = job.source.read(area, band_last=not per_pixel)
+        if job.stretch is None:
+            return pixels
+        return np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), "DRA", job.bits, job.stretch), -1, 0)
+
+    began = time.perf_counter()
+    if per_pixel:
+        stitched = segment_per_pixel(lambda top, bottom: pixels_of((bounds[0], top, bounds[2], bottom)),
+                                     bounds, grid, job.spec, mode, adjustment, job.bits)
+        return stitched, time.perf_counter() - began - stitched.model_seconds
+    window = read_window(covering_tiles(grid, bounds, mode), bounds)
+    pixels = pixels_of(window)
+    reading = time.perf_counter() - began
+    return stitch_chunk(pixels, window[:2], bounds, grid, job.spec, mode, adjustment, job.bits), reading
+
+
 def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
     """One chunk: read, segment, stitch, write its part, vectorise its regions. A chunk that
     misses the regionOfInterest is not read: its part is nodata."""
@@ -136,24 +166,17 @@ def segment_chunk(job: ChunkJob, row: int, col: int) -> ChunkOutcome:
         classes = np.full((height, width), nodata, dtype)
         read = model = time.perf_counter()
     else:
-        adjustment = "NONE" if job.stretch is not None else job.range_adjustment  # the image's DRA: once
-        per_pixel = answers_per_pixel(load_segmenter(job.spec), adjustment)
-        window = read_window(covering_tiles(grid, bounds, mode), bounds, per_pixel)
         try:
-            pixels = job.source.read(window, band_last=not per_pixel)  # per pixel: whole bands
+            stitched, reading = stitch_pixels(job, bounds)
         except rasterio.errors.RasterioIOError as exc:
-            reason = f"cannot read pixels {window} of {job.source.url}: {gdal_error_line(exc)}"
+            reason = f"cannot read pixels {bounds} of {job.source.url}: {gdal_error_line(exc)}"
             windows = covering_tiles(grid, bounds, mode)
             outcome.tiles = len(windows)
             outcome.failed_tiles = [{"window": [int(v) for v in w], "reason": reason} for w in windows]
             return outcome
-        outcome.read = True
-        read = time.perf_counter()
-        if job.stretch is not None:
-            pixels = np.moveaxis(to_uint8(np.moveaxis(pixels, 0, -1), "DRA", job.bits, job.stretch), -1, 0)
-        stitched = stitch_chunk(pixels, window[:2], bounds, grid, job.spec, mode, adjustment, job.bits)
-        del pixels
         model = time.perf_counter()
+        read = began + reading
+        outcome.read = True
         outcome.tiles, outcome.failed_tiles = stitched.tiles, stitched.failed_tiles
         classes, scores = stitched.classes, stitched.scores
         if inside is not None:  # outside the ROI: nodata, no score (a model's answer may be read-only)

@@ -116,6 +116,56 @@ def test_packed_regions_are_the_regions_traced_in_the_chunk(monkeypatch: pytest.
     assert (regions.class_index == 2).sum() == 2
 
 
+class SlabAnswers:
+    """A per-pixel model (bright = band 1 >= 100) that answers class ids for even rows of
+    origin and scores (uint8 0/255) for odd ones, and fails on a tile reaching row ``fail_at``."""
+
+    class_names = ("background", "bright")
+    per_pixel = True
+
+    def __init__(self, fail_at: int = -1):
+        self.fail_at = int(fail_at)
+
+    def __call__(self, tiles: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+        answers = []
+        for tile, (_, top) in zip(tiles, offsets, strict=True):
+            if top <= self.fail_at < top + tile.shape[0]:
+                raise ValueError("bad slab")
+            bright = (tile[..., 0] >= 100).astype(np.uint8)
+            answers.append(bright if top // 512 % 2 == 0 else np.stack([1 - bright, bright]) * 255)
+        return answers
+
+
+def test_per_pixel_chunks_are_read_and_segmented_slab_by_slab() -> None:
+    from pipeline.segmentation import stitch
+    from pipeline.tiling import TileGrid
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (3, 1300, 700), dtype=np.uint8)
+    bounds = (100, 150, 700, 1300)  # 1150 rows: slabs of 512, 512 and 126
+    grid = TileGrid(700, 1300, 256, 32, 4 * 224)
+    spec = ModelSpec("PYTHON", "tests.test_segmentation_models:SlabAnswers")
+    reads: list[tuple[int, int]] = []
+
+    def read_rows(top: int, bottom: int) -> np.ndarray:
+        reads.append((top, bottom))
+        return pixels[:, top:bottom, bounds[0]:bounds[2]]
+
+    result = stitch.segment_per_pixel(read_rows, bounds, grid, spec)
+    truth = (pixels[0, 150:1300, 100:700] >= 100).astype(np.uint8)
+    assert reads == [(150, 662), (662, 1174), (1174, 1300)] and not result.failed_tiles
+    np.testing.assert_array_equal(result.classes, truth)
+    assert result.scores is not None  # the middle slab answered scores: every row has them
+    np.testing.assert_array_equal(result.scores[1], truth.astype(np.float32))
+    np.testing.assert_array_equal(result.scores[0], 1 - truth.astype(np.float32))
+    assert result.tiles == len(stitch.covering_tiles(grid, bounds, "BLEND"))
+
+    failing = ModelSpec("PYTHON", "tests.test_segmentation_models:SlabAnswers", {"fail_at": 700})
+    failed = stitch.segment_per_pixel(read_rows, bounds, grid, failing)
+    assert len(failed.failed_tiles) == failed.tiles and "bad slab" in failed.failed_tiles[0]["reason"]
+    assert not failed.classes.any() and failed.scores is None
+
+
 def test_threshold_is_the_exact_mean_of_bands_1_to_3_for_every_layout() -> None:
     """The band-last fast path (contiguous byte runs), strided views and other dtypes agree
     with an integer sum in Python's own arithmetic."""
