@@ -3,10 +3,11 @@ chunk's part of the class raster and vectorise its regions; then one COG per ima
 class polygons, dissolved across chunk seams, as the job's features.
 
 Each chunk task reads its own window (its pixels plus the halo its covering tiles reach into;
-a per-pixel segmenter's chunk reads its pixels alone) as the detection job's tasks do: chunks
-exchange nothing but the pixels they both read, and a task holds one chunk at a time. What
-comes back to the client is small: the part's path and the chunk's regions (polygons with
-probability sums).
+a per-pixel segmenter's chunk reads its pixels alone, a slab of rows at a time) as the detection
+job's tasks do: chunks exchange nothing but the pixels they both read, and a task holds one chunk
+at a time. What comes back to the client is small: the part's path and the chunk's regions
+(polygons with probability sums). The client fetches each part as its chunk finishes and lays the
+image's COG out from them.
 """
 
 from __future__ import annotations

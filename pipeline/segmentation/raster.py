@@ -1,6 +1,6 @@
 """Raster output: each chunk task writes its window (snapped to the COG's block grid,
 :func:`snap_bounds`) as a tiled GeoTIFF *part* in the COG's own encoding (512-pixel tiles, ZSTD),
-with its share of every overview level beside it, each on the block grid too; one task then lays
+with its share of every overview level beside it, each on the block grid too; the client then lays
 the parts' compressed tiles out as a Cloud-Optimized GeoTIFF (:func:`write_cog`): a tile is
 encoded once, by the chunk task that owns it, while other chunks are still being read. Only the
 overview levels whose tiles span chunks (the smallest) are assembled and encoded there.

@@ -16,7 +16,8 @@ tile row, not a data exchange) and stitches:
 
 Class ids are the argmax of the stitched scores (the lowest class on a tie). A per-pixel
 segmenter (:attr:`~pipeline.segmentation.contract.Segmenter.per_pixel`) answers the chunk's own
-pixels in one call instead: every tile would say the same of a pixel, so stitching gives it back.
+pixels instead, a slab of rows per call (:func:`segment_per_pixel`): every tile would say the same
+of a pixel, so stitching gives it back.
 The tiles covering a pixel and the order in which they are summed (row-major) do not depend on
 the chunks, so the result is the same, bit for bit, for any chunk size.
 """
