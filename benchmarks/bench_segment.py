@@ -3,7 +3,9 @@
 1. ``throughput``: segmentation jobs (``threshold``, a trivial per-pixel model) over a
    ``--size``² 3-band COG of real pixels against a raw windowed read+decode of the job's own
    chunk windows (no halo, band by band: the segmenter is per-pixel, see ``stitch.read_window``)
-   by a pool of ``--workers`` threads: BLEND and CORE stitching, each
+   by a pool of ``--workers`` threads, each window read whole (the job reads it 512 rows at a
+   time, ``stitch.SLAB_ROWS``; read so, the raw read cost as much CPU or more: 108 against 104 ms
+   per 4096² window, so whole windows are the stricter baseline): BLEND and CORE stitching, each
    with the class COG alone and with the polygons too (:data:`VARIANTS`); each run's ratio is
    the raw read's time over the job's in the same round, each read cold (``bench_throughput.cold``);
    medians and ranges of ``--repeat`` rounds, after one warm-up job.
