@@ -87,13 +87,14 @@ def raw_read(path: Path, windows: list[tuple[int, int, int, int]], threads: int,
     what the pipeline's chunk reads get: its GDAL options (``GDAL_NUM_THREADS`` and the rest,
     entered per read as ``RasterSource`` does), this process's block cache capped like a
     worker's (``cap_block_cache``) and the same buffer layout (``RasterSource.read``: band-last,
-    or band by band where ``band_last`` is False)."""
+    or band by band with one GDAL thread where ``band_last`` is False)."""
     import threading
 
-    from pipeline.reading import cap_block_cache, rasterio_env
+    from pipeline.reading import band_sequential, cap_block_cache, rasterio_env
 
     cap_block_cache()
     local = threading.local()
+    options = options if band_last else band_sequential(options)  # as RasterSource.read does
 
     def read(window: tuple[int, int, int, int]) -> None:
         with rasterio_env(options):
